@@ -1,0 +1,456 @@
+"""Load and save OFA / SegOFA weights: fairseq ``.pt`` (OFA and IFSeg), the HF-port ``pytorch_model.bin``, and our
+own safetensors format (``ofa.md`` §10, ``ifseg.md`` §14).
+
+Untrusted pickles never run arbitrary code: ``.pt``/``.bin`` files are read with torch's weights-only unpickler and a
+short allow-list (``argparse.Namespace`` for fairseq's ``cfg``, numpy scalars); anything else is refused with
+:class:`UnsafeCheckpointError`. Deterministic buffers (bucket tables, index buffers) are never read from files: they
+are regenerated in code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import OFA, OFAConfig, SegOFA, build_model, get_config
+
+FORMAT_NAME = "ifseg_rt"
+FORMAT_VERSION = 1
+
+# buffers recomputed in code (accepted in files, never read)
+_REGENERATED = re.compile(
+    r"(^|\.)(version|token_rp_bucket|image_rp_bucket|seg_rp_bucket|image_position_idx|bin_id_offset|seg_id_offset"
+    r"|region_prefix|num_batches_tracked)$")
+# aliases of a canonical tensor: alias -> canonical
+_ALIASES = {
+    "decoder.embed_tokens.weight": "encoder.embed_tokens.weight",
+    "decoder.output_projection.weight": "encoder.embed_tokens.weight",
+    "encoder.embed_tokens_bag.weight": "encoder.embed_tokens.weight",
+    "decoder.seg_embed_tokens.weight": "encoder.seg_embed_tokens.weight",
+    "decoder.seg_projection.weight": "encoder.seg_embed_tokens.weight",
+}
+# HF-port key fragments -> fairseq (ofa.md §10.2); order matters (longest first)
+_HF_RENAMES = [
+    (re.compile(r"^(encoder\.layers\.\d+\.)self_attn_mid_layer_norm\."), r"\1attn_ln."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)self_attn_mid_layer_norm\."), r"\1self_attn_ln."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)cross_attn_mid_layer_norm\."), r"\1cross_attn_ln."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)cross_attn_layer_norm\."), r"\1encoder_attn_layer_norm."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)cross_attn\."), r"\1encoder_attn."),
+    (re.compile(r"^((?:en|de)coder\.layers\.\d+\.)ffn_layer_norm\."), r"\1ffn_layernorm."),
+]
+# the inverse, used to write HF-port files in tests and tools
+_FAIRSEQ_TO_HF = [
+    (re.compile(r"^(encoder\.layers\.\d+\.)attn_ln\."), r"\1self_attn_mid_layer_norm."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)self_attn_ln\."), r"\1self_attn_mid_layer_norm."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)cross_attn_ln\."), r"\1cross_attn_mid_layer_norm."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)encoder_attn_layer_norm\."), r"\1cross_attn_layer_norm."),
+    (re.compile(r"^(decoder\.layers\.\d+\.)encoder_attn\."), r"\1cross_attn."),
+    (re.compile(r"^((?:en|de)coder\.layers\.\d+\.)ffn_layernorm\."), r"\1ffn_layer_norm."),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (wrong format, keys, shapes, hash)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that references a global outside the allow-list; it was not executed."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Missing, unexpected or shape-mismatched keys between a checkpoint and the model."""
+
+    def __init__(self, source: str, missing: Sequence[str], unexpected: Sequence[str],
+                 mismatched: Sequence[Tuple[str, tuple, tuple]], show: int = 5):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        parts = [f"checkpoint {source} does not match the model:"]
+        if missing:
+            parts.append(f"  {len(missing)} missing key(s): " + ", ".join(missing[:show])
+                         + (" ..." if len(missing) > show else ""))
+        if unexpected:
+            parts.append(f"  {len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:show])
+                         + (" ..." if len(unexpected) > show else ""))
+        if mismatched:
+            parts.append(f"  {len(mismatched)} shape mismatch(es): " + ", ".join(
+                f"{k} file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:show])
+                         + (" ..." if len(mismatched) > show else ""))
+        super().__init__("\n".join(parts))
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    model: Union[OFA, SegOFA]
+    config: OFAConfig
+    kind: str  # "ofa" or "segofa"
+    source_format: str  # "fairseq", "hf", or "ifseg_rt"
+    path: str
+    sha256: Optional[str] = None
+    categories: Optional[List[str]] = None  # from the file's cfg / metadata, when it has them
+    prompt_prefix: Optional[str] = None
+    metadata: Dict[str, Any] = field(default_factory=dict)  # provenance and other stored fields
+
+
+# --- reading files ---------------------------------------------------------------------------------------------
+def _numpy_globals() -> list:
+    out: list = [np.dtype]
+    core = getattr(np, "_core", None) or getattr(np, "core")
+    out.append(core.multiarray.scalar)
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                                              "Int32DType", "BoolDType") if hasattr(dtypes, n)]
+    return out
+
+
+SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+
+
+def safe_torch_load(path: Union[str, Path]) -> Any:
+    """``torch.load`` with the weights-only unpickler and :data:`SAFE_GLOBALS`; refuses anything else."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"global[s]? (?:of )?'?([\w.]+)", msg)
+        what = m.group(1) if m else "a non-allow-listed object"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: its pickle references {what}, which is not on the allow-list "
+            f"(tensors, containers, argparse.Namespace, numpy scalars). The file was not executed. Only convert "
+            f"files you trust, e.g. re-save just the state_dict.") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {e}") from None
+
+
+def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _get(obj: Any, key: str, default=None):
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+# --- key normalisation and config inference --------------------------------------------------------------------
+def normalize_keys(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Strip a ``model.`` prefix and map HF-port names to fairseq names. Returns (state, "hf" | "fairseq")."""
+    keys = list(state)
+    if keys and all(k.startswith("model.") for k in keys):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    is_hf = any("_mid_layer_norm." in k or ".cross_attn." in k or "ffn_layer_norm." in k for k in state)
+    if not is_hf:
+        return dict(state), "fairseq"
+    out = {}
+    for k, v in state.items():
+        for pat, rep in _HF_RENAMES:
+            k2 = pat.sub(rep, k)
+            if k2 != k:
+                k = k2
+                break
+        out[k] = v
+    return out, "hf"
+
+
+def to_hf_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """fairseq names -> HF-port names (drops the ``version`` buffers the port does not have)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".version"):
+            continue
+        for pat, rep in _FAIRSEQ_TO_HF:
+            k2 = pat.sub(rep, k)
+            if k2 != k:
+                k = k2
+                break
+        out[k] = v
+    return out
+
+
+def _count_layers(state, prefix: str) -> int:
+    idx = {int(m.group(1)) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> Tuple[OFAConfig, Optional[int]]:
+    """Read the dimensions from tensor shapes. Returns (config, M or None for plain OFA)."""
+    def shape(key):
+        if key not in state:
+            raise CheckpointError(f"cannot infer the model size: key {key!r} is missing")
+        return tuple(state[key].shape)
+
+    rows, d = shape("encoder.embed_tokens.weight")
+    seg_key = next((k for k in ("encoder.seg_embed_tokens.weight", "decoder.seg_projection.weight",
+                                "decoder.seg_embed_tokens.weight") if k in state), None)
+    m = shape(seg_key)[0] if seg_key else None
+    heads = shape("encoder.layers.0.self_attn.c_attn")[0]
+    blocks = tuple(_count_layers(state, f"encoder.embed_images.layer{k}.") for k in (1, 2, 3))
+    img_rows = shape("encoder.embed_image_positions.weight")[0]
+    bucket = int(round(math.sqrt(img_rows - 1)))
+    kw = dict(
+        d_model=d, heads=heads, ffn_dim=shape("encoder.layers.0.fc1.weight")[0],
+        encoder_layers=_count_layers(state, "encoder.layers."), decoder_layers=_count_layers(state, "decoder.layers."),
+        resnet_layers=blocks, resnet_width=shape("encoder.embed_images.conv1.weight")[0],
+        vocab_size=rows - 1 if m is not None else rows, max_positions=shape("encoder.embed_positions.weight")[0] - 2,
+        token_bucket_size=(shape("encoder.token_rel_pos_table_list.0.weight")[0] + 1) // 2,
+        image_bucket_size=bucket,
+    )
+    if m is not None and "decoder.embed_seg_positions.weight" in state:
+        g = int(round(math.sqrt(shape("decoder.embed_seg_positions.weight")[0] - 1)))
+        kw["patch_image_size"] = 16 * g
+    cfg = OFAConfig(**kw)
+    for name, ref in __import__("ifseg_rt.model.config", fromlist=["MODEL_REGISTRY"]).MODEL_REGISTRY.items():
+        if ref.to_dict() | {"name": name} == cfg.to_dict() | {"name": name}:
+            cfg = ref
+            break
+    return cfg, m
+
+
+# --- loading into a model --------------------------------------------------------------------------------------
+def _canonical_items(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state entries that a file must provide: no regenerated buffers, no aliases."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if not _REGENERATED.search(k) and k not in _ALIASES}
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "<state_dict>",
+               allow_missing: Sequence[str] = ()) -> None:
+    """Copy ``state`` (fairseq key names) into ``model`` with strict key and shape checks.
+
+    Aliases in ``state`` are ignored when their canonical key is present (fairseq stores the shared embedding three
+    times) and used in its place otherwise; regenerated buffers are accepted and ignored.
+    """
+    expected = _canonical_items(model)
+    state = dict(state)
+    for alias, canon in _ALIASES.items():
+        if alias in state:
+            t = state.pop(alias)
+            state.setdefault(canon, t)
+    state = {k: v for k, v in state.items() if not _REGENERATED.search(k)}
+    missing = [k for k in expected if k not in state and k not in allow_missing]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in expected
+                  if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+    with torch.no_grad():
+        for k, target in expected.items():
+            if k in state:
+                src = state[k]
+                if not isinstance(src, torch.Tensor):
+                    raise CheckpointError(f"{source}: entry {k!r} is a {type(src).__name__}, not a tensor")
+                target.copy_(src.to(dtype=target.dtype))
+
+
+def ofa_state_to_segofa(state: Mapping[str, torch.Tensor], d_model: int, *, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """IFSeg's surgery on an OFA state (ifseg.md §14.1): drop the vocabulary head and BN counters, append one
+    N(0, d^-1/2) row to the token table. The new seg modules keep their fresh values in the model."""
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    for k, v in state.items():
+        if k == "decoder.output_projection.weight" or k.endswith("num_batches_tracked"):
+            continue
+        if k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            extra = torch.randn(1, v.shape[1], generator=g) * d_model ** -0.5
+            v = torch.cat([v.float(), extra], dim=0)
+        out[k] = v
+    return out
+
+
+def _read_categories(cfg: Any) -> Tuple[Optional[List[str]], Optional[str]]:
+    task = _get(cfg, "task")
+    cats = _get(task, "category_list")
+    prefix = _get(task, "prompt_prefix")
+    if isinstance(cats, str):
+        cats = [c.strip() for c in cats.split(",") if c.strip()]
+    return (list(cats) if cats else None), prefix
+
+
+def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[int] = None,
+                    config: Union[None, str, OFAConfig, dict] = None, dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu", expected_sha256: Optional[str] = None,
+                    ema: bool = False, seed: int = 0) -> LoadedCheckpoint:
+    """Load an OFA or IFSeg checkpoint.
+
+    Parameters
+    ----------
+    path : a fairseq ``.pt`` (OFA or IFSeg), an HF-port ``pytorch_model.bin`` (or its directory), or an ifseg_rt
+        ``.safetensors`` file (or a directory holding ``model.safetensors``)
+    num_categories : when set and the file is a plain OFA checkpoint, build SegOFA with M categories and apply
+        IFSeg's checkpoint surgery (the starting point of image-free adaptation)
+    config : expected dimensions; by default they are inferred from the tensor shapes
+    dtype, device : where the model lives (files store fp16; weights are cast)
+    expected_sha256 : verify the file before reading it
+    ema : read ``extra_state["ema"]`` of a fairseq file instead of ``model``
+
+    Returns
+    -------
+    LoadedCheckpoint with the model in eval mode
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "checkpoint.pt"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"{path} is a directory without model.safetensors, pytorch_model.bin or checkpoint.pt")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    sha = None
+    if expected_sha256 is not None:
+        sha = file_sha256(path)
+        if sha != expected_sha256.lower():
+            raise CheckpointError(f"sha256 mismatch for {path}: expected {expected_sha256}, got {sha}")
+
+    meta: Dict[str, Any] = {}
+    categories = prefix = None
+    prompt_tokens = category_ids = None
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        fmt = "ifseg_rt" if meta.get("format") == FORMAT_NAME else "hf"
+        if fmt == "hf":
+            state, _ = normalize_keys(state)
+        categories = meta.get("categories")
+        prefix = meta.get("prompt_prefix")
+        prompt_tokens, category_ids = meta.get("prompt_tokens"), meta.get("category_token_ids")
+    else:
+        obj = safe_torch_load(path)
+        if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+            state = obj["model"]
+            if ema:
+                ema_state = _get(_get(obj, "extra_state"), "ema")
+                if ema_state is None:
+                    raise CheckpointError(f"{path} has no extra_state['ema']")
+                state = ema_state
+            categories, prefix = _read_categories(obj.get("cfg"))
+            if categories is None and obj.get("args") is not None:
+                categories, prefix = _read_categories({"task": obj["args"]})
+        elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state = obj  # a bare state_dict (HF port)
+        else:
+            raise CheckpointError(f"{path}: expected a fairseq checkpoint (dict with 'model') or a state_dict, "
+                                  f"got {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, Mapping) else '-'}")
+        state, fmt = normalize_keys(state)
+
+    if fmt == "ifseg_rt":
+        cfg = OFAConfig.from_dict(meta["config"])
+        m = meta.get("num_categories")
+    else:
+        cfg, m = infer_config(state)
+    if config is not None:
+        want = get_config(config)
+        if want.to_dict() | {"name": ""} != cfg.to_dict() | {"name": ""}:
+            diffs = {k: (v, cfg.to_dict()[k]) for k, v in want.to_dict().items() if k != "name" and cfg.to_dict()[k] != v}
+            raise CheckpointError(f"{path} does not have the requested dimensions; (requested, file): {diffs}")
+        cfg = want
+
+    kind = "segofa" if m is not None else "ofa"
+    if kind == "ofa" and num_categories is not None:
+        state = ofa_state_to_segofa(state, cfg.d_model, seed=seed)
+        torch.manual_seed(seed)  # fresh seg modules (ifseg.md §8.2) reproducible per seed
+        model = build_model(cfg, num_categories, init=True)
+        kind = "segofa"
+        fresh = [k for k in _canonical_items(model) if k not in state]
+        load_state(model, state, source=str(path), allow_missing=fresh)
+    else:
+        if num_categories is not None and m is not None and num_categories != m:
+            raise CheckpointError(f"{path} is an IFSeg checkpoint for M = {m} categories, not {num_categories}")
+        model = build_model(cfg, m, init=False)
+        load_state(model, state, source=str(path))
+    if categories is not None and m is not None and len(categories) != m:
+        raise CheckpointError(f"{path}: its cfg lists {len(categories)} categories but the weights have M = {m}")
+    if isinstance(model, SegOFA) and prompt_tokens is not None and category_ids is not None:
+        model.set_categories(prompt_tokens, category_ids, update_table=False)
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedCheckpoint(model=model, config=cfg, kind=kind, source_format=fmt, path=str(path), sha256=sha,
+                            categories=categories, prompt_prefix=prefix, metadata=meta)
+
+
+# --- our format ------------------------------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
+    meta: Dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    if meta.get("format") == FORMAT_NAME and "config" not in meta:
+        raise CheckpointError(f"{path}: ifseg_rt metadata without 'config'")
+    return state, meta
+
+
+def checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors our format stores: every parameter and learned buffer once, no aliases or regenerated buffers."""
+    return {k: v.detach().contiguous() for k, v in _canonical_items(model).items()}
+
+
+def save_checkpoint(model: Union[OFA, SegOFA], path: Union[str, os.PathLike], *,
+                    categories: Optional[Sequence[str]] = None, prompt_prefix: Optional[str] = None,
+                    provenance: Optional[Dict[str, Any]] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``model`` as safetensors with the JSON config, categories, prompt and provenance in its metadata.
+
+    Parameters
+    ----------
+    dtype : store floats in this dtype (e.g. ``torch.float16``); default: as in the model
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_checkpoint writes .safetensors files, got {path.name}")
+    state = checkpoint_state(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.cpu() for k, v in state.items()}
+    meta: Dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
+                            "kind": "segofa" if isinstance(model, SegOFA) else "ofa"}
+    if isinstance(model, SegOFA):
+        meta["num_categories"] = model.num_categories
+        if categories is not None and len(categories) != model.num_categories:
+            raise ValueError(f"{len(categories)} category names for a model with M = {model.num_categories}")
+        if model.has_prompt:
+            meta["prompt_tokens"] = model.prompt_tokens.tolist()
+            offs = model.category_offsets.tolist() + [model.category_token_ids.numel()]
+            ids = model.category_token_ids.tolist()
+            meta["category_token_ids"] = [ids[a:b] for a, b in zip(offs[:-1], offs[1:])]
+    if categories is not None:
+        meta["categories"] = list(categories)
+    if prompt_prefix is not None:
+        meta["prompt_prefix"] = prompt_prefix
+    if provenance is not None:
+        meta["provenance"] = provenance
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+    return path
