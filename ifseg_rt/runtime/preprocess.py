@@ -1,0 +1,174 @@
+"""Image loading and IFSeg's inference preprocessing (ifseg.md §11), numpy + Pillow only (no torch).
+
+The paper's policy: scale so that the short side becomes 512 while the long side stays <= 2048
+(``s = min(2048 / long, 512 / short)``, sizes rounded half up), OpenCV-style bilinear resize, then
+``x = (pixel / 255 - 0.5) / 0.5`` in RGB order, one whole image per forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+MEAN = (0.5, 0.5, 0.5)  # OFA/IFSeg normalisation (not ImageNet)
+STD = (0.5, 0.5, 0.5)
+PATCH = 16  # ResNet output stride: one token per 16x16 px cell
+MIN_SIDE = 16  # px; smaller originals cannot hold one patch
+MAX_PIXELS = 1 << 28  # px; refuse absurdly large originals (268 Mpx) before allocating anything
+
+ImageLike = Union[str, Path, np.ndarray, Any]  # Any = PIL.Image.Image
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How an original H0 x W0 image becomes the network input H x W.
+
+    ``mode="short_side"`` (the paper): short side -> ``short_side`` keeping the aspect ratio, long side capped at
+    ``max_long_side``. ``mode="fixed"``: every image is resized to ``size`` = (H, W). ``multiple`` > 1 additionally
+    rounds the computed size to a multiple (e.g. 16 for static-shape engines); 1 keeps the paper's exact sizes.
+    """
+
+    mode: str = "short_side"
+    short_side: int = 512
+    max_long_side: int = 2048
+    size: Optional[Tuple[int, int]] = None
+    multiple: int = 1
+
+    def __post_init__(self):
+        if self.mode not in ("short_side", "fixed"):
+            raise ValueError(f"image policy mode must be 'short_side' or 'fixed', got {self.mode!r}")
+        if self.mode == "fixed":
+            if self.size is None or len(self.size) != 2 or min(self.size) < PATCH:
+                raise ValueError(f"fixed image policy needs size=(H, W) with both >= {PATCH}, got {self.size}")
+            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        if self.short_side < PATCH or self.max_long_side < self.short_side or self.multiple < 1:
+            raise ValueError(f"invalid image policy {self}")
+
+    def target_size(self, h0: int, w0: int) -> Tuple[int, int]:
+        """Network input size (H, W) for an original of h0 x w0 pixels."""
+        if self.mode == "fixed":
+            h, w = self.size
+        else:
+            s = min(self.max_long_side / max(h0, w0), self.short_side / min(h0, w0))
+            h, w = int(h0 * s + 0.5), int(w0 * s + 0.5)
+        if self.multiple > 1:
+            m = self.multiple
+            h, w = max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
+        return h, w
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ImagePolicy":
+        d = dict(d)
+        if d.get("size") is not None:
+            d["size"] = tuple(d["size"])
+        return cls(**d)
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """A path, a PIL image or an array -> ``HxWx3`` uint8 RGB (grayscale replicated, alpha dropped).
+
+    Raises
+    ------
+    ValueError for arrays of the wrong shape/dtype and images too small for one 16 px patch or absurdly large
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        p = Path(image)
+        if not p.exists():
+            raise FileNotFoundError(f"image not found: {p}")
+        try:
+            with Image.open(p) as im:
+                _check_size(im.height, im.width, str(p))
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {p}: {e}") from None
+        return np.ascontiguousarray(arr)
+    if isinstance(image, Image.Image):
+        _check_size(image.height, image.width, "PIL image")
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+        if arr.dtype != np.uint8:
+            raise ValueError(f"image array must be uint8 (0..255), got {arr.dtype}; convert with "
+                             f"(x * 255).round().astype(np.uint8) if it holds floats in [0, 1]")
+        _check_size(arr.shape[0], arr.shape[1], f"array of shape {image.shape}")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        elif arr.shape[2] == 4:
+            arr = arr[:, :, :3]
+        return np.ascontiguousarray(arr)
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+
+
+def _check_size(h: int, w: int, what: str) -> None:
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ValueError(f"{what} is {h}x{w} px: too small for one {PATCH}x{PATCH} patch (need >= {MIN_SIDE} px per side)")
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"{what} is {h}x{w} px = {h * w / 1e6:.0f} Mpx, above the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+
+
+def _linear_weights(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel bilinear source indices/weights (OpenCV INTER_LINEAR / torch align_corners=False)."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = (src - i0).astype(np.float32)
+    return i0, i1, lam
+
+
+def resize_bilinear(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resize ``HxWxC`` uint8 with bilinear interpolation, no antialias (OpenCV ``INTER_LINEAR`` semantics).
+
+    Uses OpenCV when it is installed (bit-exact with the original pipeline); otherwise a numpy implementation of the
+    same formula in float32, within one intensity level of OpenCV's fixed-point result.
+    """
+    if img.shape[:2] == (h, w):
+        return img
+    try:
+        import cv2  # optional
+
+        return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    except ImportError:
+        pass
+    y0, y1, ly = _linear_weights(img.shape[0], h)
+    x0, x1, lx = _linear_weights(img.shape[1], w)
+    f = img.astype(np.float32)
+    rows = f[y0] * (1 - ly)[:, None, None] + f[y1] * ly[:, None, None]
+    out = rows[:, x0] * (1 - lx)[None, :, None] + rows[:, x1] * lx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def normalize(img: np.ndarray) -> np.ndarray:
+    """``HxWx3`` uint8 -> ``3xHxW`` float32 in [-1, 1] (mean = std = 0.5)."""
+    x = img.astype(np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(image: ImageLike, policy: ImagePolicy = ImagePolicy()) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Load, resize and normalise one image.
+
+    Returns
+    -------
+    x : 1x3xHxW float32 network input
+    original_size : (H0, W0) of the loaded image, where labels are produced
+    """
+    img = load_image(image)
+    h0, w0 = img.shape[:2]
+    h, w = policy.target_size(h0, w0)
+    return normalize(resize_bilinear(img, h, w))[None], (h0, w0)
