@@ -10,18 +10,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 -> float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm evaluated in float32 and cast back (as whisper's), eps 1e-5 everywhere in OFA."""
+    """LayerNorm evaluated in (at least) float32 and cast back (as whisper's), eps 1e-5 everywhere in OFA."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        xf = upcast(x)
+        w = self.weight.to(xf.dtype) if self.weight is not None else None
+        b = self.bias.to(xf.dtype) if self.bias is not None else None
+        return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 def gelu_fp32(x: Tensor) -> Tensor:
-    """Exact (erf) GELU evaluated in float32 (ofa.md §7.4)."""
-    return F.gelu(x.float()).to(x.dtype)
+    """Exact (erf) GELU evaluated in (at least) float32 (ofa.md §7.4)."""
+    return F.gelu(upcast(x)).to(x.dtype)
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:

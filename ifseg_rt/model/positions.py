@@ -66,10 +66,18 @@ def resize_grid(x: torch.Tensor, side: int, h: int, w: int) -> torch.Tensor:
     the same size is an exact identity.
     """
     if (h, w) == (side, side):
-        return x
+        return x  # the interpolation below would be an exact identity (tested); skip the work
+    return interpolate_grid(x, side, h, w)
+
+
+def interpolate_grid(x: torch.Tensor, side: int, h: int, w: int) -> torch.Tensor:
+    """:func:`resize_grid` without the same-size shortcut (bilinear, align_corners=False; half types computed in
+    float32)."""
     lead = x.shape[:-1]
     y = x.reshape(-1, 1, side, side)
-    y = F.interpolate(y.float(), size=(h, w), mode="bilinear", align_corners=False).to(x.dtype)
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y = y.float()
+    y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False).to(x.dtype)
     return y.reshape(*lead, h * w)
 
 

@@ -24,8 +24,9 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight.float() * (self.running_var.float() + self.eps).rsqrt()
-        shift = self.bias.float() - self.running_mean.float() * scale
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scale = self.weight.to(dt) * (self.running_var.to(dt) + self.eps).rsqrt()
+        shift = self.bias.to(dt) - self.running_mean.to(dt) * scale
         return (x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None])
 
 

@@ -1,0 +1,100 @@
+"""End-to-end CPU latency: reference-style eager vs our torch backend vs onnxruntime, same random weights and image.
+
+    python benchmarks/e2e.py --sizes tiny base --threads 2 --json benchmarks/results/e2e.json
+
+Per size: a random SegOFA (M = 15, the COCO-Stuff unseen split) with a 40-token prompt is saved as a run directory,
+exported (ONNX + safetensors), then timed on one random 512x512 image (paper policy -> 512x512, 32x32 cells) with
+kNN on. Prints a per-stage table (median ms) and the speed-up of each backend over the reference-style eager run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("preprocess", "engine", "knn", "resize_argmax", "total")
+
+
+def _median_timings(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    runs = [fn() for _ in range(repeats)]
+    return {k: float(np.median([r[k] for r in runs])) for k in STAGES}
+
+
+def bench_size(size: str, threads: int, warmup: int, repeats: int, image_hw, workdir: Path) -> dict:
+    import torch
+
+    from ifseg_rt.checkpoint import save_checkpoint
+    from ifseg_rt.export import export
+    from ifseg_rt.model import build_model
+    from ifseg_rt.runtime import Segmenter
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import reference_eager
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    M = 15
+    model = build_model(size, M)
+    cat_ids = [[100 + 3 * i, 101 + 3 * i] for i in range(M)]
+    model.set_categories([0] + list(range(500, 508)) + [t for c in cat_ids for t in c] + [600, 2], cat_ids)
+    run = workdir / f"run-{size}"
+    save_checkpoint(model, run / "model.safetensors", categories=[f"c{i}" for i in range(M)])
+    t0 = time.perf_counter()
+    export(run, workdir / f"model-{size}", check=False, force=True)
+    export_s = time.perf_counter() - t0
+    img = np.random.default_rng(0).integers(0, 256, size=(*image_hw, 3), dtype=np.uint8)
+
+    res = {"size": size, "threads": threads, "image": list(image_hw), "export_s": export_s, "stages_ms": {}}
+    ref_labels, _ = reference_eager.segment(model, img)
+    res["stages_ms"]["reference_eager"] = _median_timings(lambda: reference_eager.segment(model, img)[1], warmup, repeats)
+    agree = {}
+    for name in ("torch", "onnxruntime"):
+        seg = Segmenter.load(workdir / f"model-{size}", backend=name, threads=threads)
+        res["stages_ms"][name] = _median_timings(lambda: seg.seg(img).timings, warmup, repeats)
+        agree[name] = float((seg.seg(img).labels == ref_labels).mean())
+        del seg
+    res["label_agreement_with_reference"] = agree
+    ref_total = res["stages_ms"]["reference_eager"]["total"]
+    res["speedup_vs_reference"] = {k: ref_total / v["total"] for k, v in res["stages_ms"].items()}
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny", "base"], help="MODEL_REGISTRY sizes to measure")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median reported)")
+    p.add_argument("--image", default="512x512", help="original image HxW")
+    p.add_argument("--json", help="write all results here")
+    p.add_argument("--workdir", help="keep run/model directories here (default: a temporary directory)")
+    args = p.parse_args(argv)
+    hw = tuple(int(v) for v in args.image.lower().split("x"))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wd = Path(args.workdir or tmp)
+        for size in args.sizes:
+            r = bench_size(size, args.threads, args.warmup, args.repeats, hw, wd)
+            results.append(r)
+            print(f"\n== {size}, {hw[0]}x{hw[1]}, {args.threads} threads (median ms; export {r['export_s']:.0f} s)")
+            print(f"{'backend':<16}" + "".join(f"{s:>15}" for s in STAGES) + f"{'speed-up':>10}")
+            for name, st in r["stages_ms"].items():
+                print(f"{name:<16}" + "".join(f"{st[s]:>15.1f}" for s in STAGES)
+                      + f"{r['speedup_vs_reference'][name]:>9.2f}x")
+            print("label agreement with the reference:", r["label_agreement_with_reference"])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

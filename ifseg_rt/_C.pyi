@@ -1,0 +1,47 @@
+"""ifseg_rt compiled kernels (CPU, and CUDA when built with nvcc). Private: use ifseg_rt.knn."""
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+"""The package version the extension was built from (equals ifseg_rt.__version__)."""
+with_cuda: bool
+"""True when the CUDA launchers (knn_cuda, knn_cuda_workspace) were compiled in."""
+
+def num_threads() -> int:
+    """Default number of CPU threads the kNN kernel uses (hardware concurrency)."""
+
+def cpu_isa() -> str:
+    """The fp32 micro-kernel the CPU kNN dispatches to here: 'avx512', 'avx2' or 'generic'
+    (override with the IFSEG_KNN_CPU_ISA environment variable)."""
+
+def knn_cpu(
+    features: npt.NDArray[np.float32] | npt.NDArray[np.float16],
+    indices: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.float32] | None = None,
+    out: npt.NDArray[np.float32] | None = None,
+    *,
+    k: int,
+    iters: int,
+    num_threads: int = 0,
+) -> None:
+    """kNN search (and averaging when probs/out are given) on the CPU, in place.
+
+    Arguments: features (BxNxC float32/float16, C-contiguous), indices (BxNxK int64, written: row i, then the K-1
+    most similar other rows, ties by lower index), probs (BxNxM float32) and out (BxNxM float32, written; must not
+    alias probs), k (1 <= k <= N), iters (>= 0), num_threads (0: num_threads()). Releases the GIL.
+    Raises ValueError/TypeError naming the argument and its shape.
+    """
+
+def knn_cuda_workspace(batch: int, n: int, c: int, m: int, k: int, iters: int) -> int:
+    """Bytes of device workspace knn_cuda needs for these sizes (m = 0: neighbour search only). CUDA builds only."""
+
+def knn_cuda(
+    features: int, dtype: str, indices: int, probs: int, out: int, workspace: int,
+    batch: int, n: int, c: int, m: int, k: int, iters: int, stream: int,
+) -> None:
+    """Launch the kNN kernels on raw device pointers, asynchronously on `stream` (a cudaStream_t as int).
+
+    features: contiguous BxNxC of dtype 'float32' | 'float16' | 'bfloat16'; indices: BxNxK int64; probs/out: BxNxM
+    float32 or 0 (search only); workspace: knn_cuda_workspace(...) bytes. k <= 33. CUDA builds only.
+    """

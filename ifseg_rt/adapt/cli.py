@@ -1,0 +1,214 @@
+"""``python -m ifseg_rt adapt`` / ``python -m ifseg_rt.adapt``: image-free adaptation of an OFA checkpoint.
+
+Examples::
+
+    python -m ifseg_rt.adapt --checkpoint ofa_base.pt --bpe-dir ofa-bpe \\
+        --categories "frisbee, skateboard, cardboard, ..." --out runs/coco15
+    python -m ifseg_rt.adapt --out runs/coco15 --resume          # continue a stopped run exactly
+    python -m ifseg_rt eval --model runs/coco15 --images val/images --labels val/labels
+
+The run directory is what ``python -m ifseg_rt export RUN --out MODEL_DIR`` reads (model.safetensors + run.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ..tokenizer import IFSEG_PROMPT_PREFIX
+from .options import PRECISIONS, AdaptOptions
+
+# CLI dest -> AdaptOptions field
+_OPTION_FLAGS = {
+    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip", "dropout": "dropout", "drop_path": "drop_path_rate", "precision": "precision",
+    "seed": "seed", "max_side": "max_side", "decay_unused": "decay_unused",
+}
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = AdaptOptions()
+    p = argparse.ArgumentParser(prog="python -m ifseg_rt adapt", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("source (not needed with --resume)")
+    src.add_argument("--checkpoint", help="OFA checkpoint to adapt: fairseq .pt, HF-port .bin/dir, or ifseg_rt "
+                                          ".safetensors (an IFSeg checkpoint with the same M continues training)")
+    src.add_argument("--bpe-dir", help="OFA tokenizer files: encoder.json + vocab.bpe + dict.txt (or vocab.json + "
+                                       "merges.txt), matching the checkpoint's dictionary")
+    cats = src.add_mutually_exclusive_group()
+    cats.add_argument("--categories", help='comma-separated category names in class-index order, e.g. "sky, road"')
+    cats.add_argument("--categories-file", help="text file with the category names (one per line and/or "
+                                                "comma-separated; # comments)")
+    src.add_argument("--prompt-prefix", default=IFSEG_PROMPT_PREFIX, help="task text of the encoder prompt")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="run directory (model.safetensors, run.json, train_state.pt, ...)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    run.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    run.add_argument("--stop-at", type=_positive_int, default=None,
+                     help="stop after this many updates (the schedule still spans --steps); continue with --resume")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    run.add_argument("--save-every", type=_non_negative_int, default=500, help="save every N updates (0: at the end)")
+    run.add_argument("--keep-checkpoints", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep checkpoints/step_N.safetensors at every save (hard links where possible)")
+    run.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                     help="float dtype of the saved model.safetensors (training always keeps fp32 weights)")
+    run.add_argument("--log-every", type=_positive_int, default=10, help="log the mean loss every N updates")
+    run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+    opt = p.add_argument_group("training recipe (ifseg.md §10)")
+    opt.add_argument("--steps", type=_positive_int, default=d.steps, help="optimiser updates")
+    opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="word grids per update")
+    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine to 0, no warm-up)")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (0: off)")
+    opt.add_argument("--dropout", type=float, default=d.dropout, help="dropout (embeddings, residual branches)")
+    opt.add_argument("--drop-path", type=float, default=d.drop_path_rate,
+                     help="largest drop-path rate (linear over depth from 0)")
+    opt.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                     help="auto: bf16 (else fp16 + loss scaling) on CUDA, fp32 on CPU")
+    opt.add_argument("--seed", type=int, default=d.seed, help="seed of the grid sampler, dropout and new modules")
+    opt.add_argument("--max-side", type=_positive_int, default=d.max_side,
+                     help="largest initial word-grid side S (default: the token grid side, 32)")
+    opt.add_argument("--decay-unused", action=argparse.BooleanOptionalAction, default=d.decay_unused,
+                     help="weight-decay trainable parameters that get no gradient, as the original optimiser does")
+
+    val = p.add_argument_group("monitoring on real images (optional)")
+    val.add_argument("--val-images", help="folder of validation images")
+    val.add_argument("--val-labels", help="folder of PNG label maps matched to --val-images by file stem")
+    val.add_argument("--val-every", type=_non_negative_int, default=500,
+                     help="validate every N updates (0: only at the end)")
+    val.add_argument("--val-limit", type=_positive_int, default=None, help="use only the first N validation images")
+    val.add_argument("--label-offset", type=int, choices=(0, 1), default=1,
+                     help="1: stored 0/255 ignored, v -> class v-1 (ADE-style); 0: values are class ids, 255 ignored")
+    val.add_argument("--val-knn", action=argparse.BooleanOptionalAction, default=True,
+                     help="also report mIoU with the kNN post-processing")
+    val.add_argument("--val-short-side", type=_positive_int, default=512,
+                     help="resize the short side of validation images to this (long side capped at 2048)")
+    val.add_argument("--knn-backend", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
+                     help="ifseg_rt.knn backend for validation")
+    return p
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """Destinations of the flags that appear on the command line (to tell them from defaults)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = set()
+    for action in parser._actions:  # argparse has no public API for this
+        if any(s in given for s in action.option_strings):
+            out.add(action.dest)
+        if isinstance(action, argparse.BooleanOptionalAction) and any(
+                "--no-" + s[2:] in given for s in action.option_strings):
+            out.add(action.dest)
+    return out
+
+
+def options_from_args(args: argparse.Namespace) -> AdaptOptions:
+    return AdaptOptions(**{field: getattr(args, dest) for dest, field in _OPTION_FLAGS.items()})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.val_images is None) != (args.val_labels is None):
+        parser.error("--val-images and --val-labels go together")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if not args.resume:
+        missing = [f for f, v in (("--checkpoint", args.checkpoint), ("--bpe-dir", args.bpe_dir)) if v is None]
+        if args.categories is None and args.categories_file is None:
+            missing.append("--categories or --categories-file")
+        if missing:
+            parser.error("the following arguments are required (unless --resume): " + ", ".join(missing))
+    try:
+        return _run(args, argv, parser)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    from . import run as R
+    from .trainer import WordGridTrainer
+    from ..tokenizer import parse_categories
+
+    out = Path(args.out)
+    validation = None
+    if args.val_images:  # checked before any checkpoint is loaded
+        from ..evaluate import find_pairs
+
+        validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
+                                  every=args.val_every, label_offset=args.label_offset, knn=args.val_knn,
+                                  knn_backend=args.knn_backend, short_side=args.val_short_side)
+    if args.resume:
+        explicit = _explicit_dests(parser, argv)
+        saved = R.read_run(out)
+        setup, options = R.setup_from_run(saved)
+        wanted = options_from_args(args).to_dict()
+        clash = {f"--{dest.replace('_', '-')}": (wanted[field], options.to_dict()[field])
+                 for dest, field in _OPTION_FLAGS.items()
+                 if dest in explicit and wanted[field] != options.to_dict()[field]}
+        if clash:
+            raise ValueError(f"a resumed run keeps its settings; these flags differ from the run's "
+                             f"(given, run): {clash}")
+        if args.categories or args.categories_file:
+            names = parse_categories(args.categories) if args.categories else R.read_categories_file(
+                args.categories_file)
+            if names != setup.categories:
+                raise ValueError(f"--categories differ from the run's categories {setup.categories}")
+        state = R.load_train_state(out)
+        trainer = WordGridTrainer(setup.model, options, device=args.device)
+        trainer.load_state_dict(state)
+        del state
+        if trainer.step >= options.steps:
+            print(f"{out} is already finished ({trainer.step}/{options.steps} steps)")
+            return 0
+        run_args = dict(saved.get("args", {}))
+        validation_log = list(saved.get("validation", []))
+        print(f"resuming {out} at step {trainer.step}/{options.steps}")
+    else:
+        if (out / R.RUN_FILE).exists() and not args.overwrite:
+            raise ValueError(f"{out} already holds a run ({R.RUN_FILE}); pass --resume to continue it or "
+                             f"--overwrite to start over")
+        options = options_from_args(args)
+        names = parse_categories(args.categories) if args.categories else R.read_categories_file(args.categories_file)
+        setup = R.prepare(args.checkpoint, args.bpe_dir, names, prompt_prefix=args.prompt_prefix, options=options)
+        trainer = WordGridTrainer(setup.model, options, device=args.device)
+        if args.overwrite:
+            for name in (R.LOG_FILE, R.TRAIN_STATE_FILE):
+                (out / name).unlink(missing_ok=True)
+        run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        validation_log = []
+        n_train = sum(p.numel() for p in trainer.params.values())
+        print(f"adapting {setup.provenance['source_checkpoint']} to M = {len(names)} categories: "
+              f"{n_train:,} trainable parameters, {options.steps} steps x {options.batch_size} grids, "
+              f"{trainer.precision} on {trainer.device}")
+
+    writer = R.RunWriter(out, setup, args=run_args, save_dtype=args.save_dtype, keep_checkpoints=args.keep_checkpoints,
+                         validation_log=validation_log)
+    summary = R.train(trainer, writer, stop_at=args.stop_at, save_every=args.save_every, log_every=args.log_every,
+                      validation=validation, progress=not args.no_progress)
+    state = "finished" if summary["finished"] else f"stopped at step {summary['step']} (continue with --resume)"
+    loss = summary["final_loss"]
+    print(f"{state}: final loss {loss:.4f}, {summary['steps_per_s']:.3g} steps/s; wrote {out / R.MODEL_FILE} and "
+          f"{out / R.RUN_FILE}" if loss is not None else f"{state}; wrote {out}")
+    if summary["finished"]:
+        print(f"next: python -m ifseg_rt eval --model {out} --images IMAGES --labels LABELS\n"
+              f"      python -m ifseg_rt export {out} --out MODEL_DIR")
+    return 0

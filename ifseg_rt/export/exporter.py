@@ -1,0 +1,433 @@
+"""Export an adapted IFSeg model to a self-describing model directory (ultralytics-style formats table).
+
+=========  ==========================  =====================================  ==================================
+Format     ``--format``                Artifact                               Extra options
+=========  ==========================  =====================================  ==================================
+ONNX       ``onnx``                    ``model.onnx`` (+ ``model.onnx.data``)   opset, static_shape, exporter, ...
+TensorRT   ``engine`` (``trt``,         ``engines/<gpu>-<precision>.engine``     + precision, workspace, shapes,
+           ``tensorrt``)                                                        timing cache
+=========  ==========================  =====================================  ==================================
+
+Python::
+
+    from ifseg_rt.export import export
+    export("runs/coco15", "models/coco15")                       # ONNX + model.safetensors + ifseg.json
+
+CLI::
+
+    python -m ifseg_rt.export runs/coco15 --out models/coco15
+    python -m ifseg_rt.export ofa_base.pt --categories "sky, road" --bpe-dir bpe/ --out models/zeroshot
+    python -m ifseg_rt.export runs/coco15 --out models/coco15 --format trt --precision fp16   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from ..model import SegOFA
+from ..runtime.model_dir import (FORMAT, MANIFEST, SCHEMA_VERSION, KnnSpec, ModelSpec, file_record,
+                                 load_model_dir, write_manifest)
+from ..runtime.preprocess import MEAN, PATCH, STD, ImagePolicy
+from .onnx_model import INPUT_NAMES, OUTPUT_NAMES, IFSegOnnxModel
+
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset; >= 17 for LayerNormalization
+MAX_SIDE = 4096  # px; upper bound of the dynamic H/W dimension declared to torch.export
+PARITY_ATOL = 1e-3  # max |onnxruntime - torch| on logits/features accepted at export time (fp32)
+
+_COMMON = ("categories", "bpe_dir", "prompt_prefix", "image_policy", "knn", "save_weights", "force")
+_ONNX = ("opset", "static_shape", "exporter", "normalize_features", "check")
+_TRT = ("precision", "workspace_gb", "min_shape", "opt_shape", "max_shape", "timing_cache")
+
+
+def export_formats() -> List[Dict[str, Any]]:
+    """The single source of truth for formats: name, ``--format`` value, aliases, artifact, accepted options."""
+    return [
+        {"format": "ONNX", "arg": "onnx", "aliases": (), "artifact": ONNX_FILE, "gpu": False,
+         "options": _COMMON + _ONNX},
+        {"format": "TensorRT", "arg": "engine", "aliases": ("trt", "tensorrt"),
+         "artifact": "engines/<gpu>-<precision>.engine", "gpu": True, "options": _COMMON + _ONNX + _TRT},
+    ]
+
+
+def resolve_format(name: str) -> Dict[str, Any]:
+    key = name.lower().strip()
+    for f in export_formats():
+        if key == f["arg"] or key in f["aliases"]:
+            return f
+    names = [f["arg"] for f in export_formats()] + [a for f in export_formats() for a in f["aliases"]]
+    raise ValueError(f"unknown export format {name!r}; choose one of {names}")
+
+
+def validate_args(fmt: Dict[str, Any], given: Dict[str, Any]) -> None:
+    """Reject options the format does not accept, by name (only options set to a non-default value count)."""
+    bad = sorted(k for k, v in given.items() if v is not None and k not in fmt["options"])
+    if bad:
+        raise ValueError(f"option(s) {', '.join('--' + b.replace('_', '-') for b in bad)} are not valid for "
+                         f"--format {fmt['arg']} ({fmt['format']}); it accepts "
+                         f"{', '.join('--' + o.replace('_', '-') for o in fmt['options'])}")
+
+
+class ZeroShotWarning(UserWarning):
+    """Exporting an OFA checkpoint that was never adapted: IFSeg's zero-shot baseline, not an adapted model."""
+
+
+# --- sources --------------------------------------------------------------------------------------------------
+def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequence[str]] = None,
+                bpe_dir: Union[None, str, Path] = None, prompt_prefix: Optional[str] = None
+                ) -> Tuple[SegOFA, List[str], Dict[str, Any]]:
+    """A run directory, an IFSeg checkpoint or an un-adapted OFA checkpoint -> (SegOFA fp32 with prompt, category
+    names, provenance)."""
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"export source not found: {src}")
+    run: Dict[str, Any] = {}
+    weights = src
+    if src.is_dir():
+        rj = src / "run.json"
+        if rj.is_file():
+            try:
+                run = json.loads(rj.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{rj} is not valid JSON: {e}") from None
+            if not isinstance(run, dict):
+                raise ValueError(f"{rj} must hold a JSON object")
+            if run.get("finished") is False:
+                warnings.warn(f"{src} is an unfinished adaptation run (step {run.get('step')} of {run.get('steps')});"
+                              f" exporting its latest save", UserWarning, stacklevel=3)
+            weights = src / (run.get("files", {}).get("model") or WEIGHTS_FILE)
+        else:
+            weights = src / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{src} is not a run directory: {weights.name} is missing")
+    want = None
+    if categories is not None:
+        from ..tokenizer import parse_categories
+
+        want = parse_categories(categories)
+    ck = load_checkpoint(weights, num_categories=None)
+    provenance: Dict[str, Any] = {"source": str(src.resolve()), "weights": str(weights.resolve()),
+                                  "weights_sha256": file_sha256(weights), "source_format": ck.source_format}
+    if run:
+        provenance["run"] = {k: run.get(k) for k in ("format", "version", "step", "steps", "finished", "final_loss",
+                                                     "saved_at", "precision") if k in run}
+        provenance["run_json_sha256"] = file_sha256(src / "run.json")
+    if ck.kind == "ofa":
+        if want is None or bpe_dir is None:
+            raise ValueError(f"{weights} is an un-adapted OFA checkpoint: pass --categories and --bpe-dir to build "
+                             f"IFSeg's zero-shot baseline (or export an adaptation run directory)")
+        warnings.warn(f"{weights} was never adapted: exporting IFSeg's zero-shot baseline for {len(want)} categories "
+                      f"(fresh seg position modules); adapt it first for the paper's image-free results",
+                      ZeroShotWarning, stacklevel=3)
+        ck = load_checkpoint(weights, num_categories=len(want))
+        _set_prompt(ck.model, want, bpe_dir, prompt_prefix, update_table=True)
+        provenance["zero_shot"] = True
+        return ck.model.float().eval(), want, provenance
+    model: SegOFA = ck.model
+    names = ck.categories or run.get("categories")
+    if want is not None and names is not None and list(names) != want:
+        raise ValueError(f"--categories {want} differ from the {len(names)} categories the model was adapted to "
+                         f"({list(names)[:5]}{' ...' if len(names) > 5 else ''}); they are baked into the weights - "
+                         f"run the adaptation again for new categories")
+    names = list(names) if names is not None else want
+    if names is None:
+        raise ValueError(f"{weights} does not record its category names; pass --categories")
+    if len(names) != model.num_categories:
+        raise ValueError(f"{len(names)} category names for a model with M = {model.num_categories}")
+    if not model.has_prompt:
+        if bpe_dir is None:
+            raise ValueError(f"{weights} has no stored prompt token ids; pass --bpe-dir to tokenise the prompt")
+        _set_prompt(model, names, bpe_dir, prompt_prefix or ck.prompt_prefix, update_table=False)
+    return model.float().eval(), names, provenance
+
+
+def _set_prompt(model: SegOFA, names: Sequence[str], bpe_dir, prefix: Optional[str], *, update_table: bool) -> None:
+    from ..tokenizer import IFSEG_PROMPT_PREFIX, OFATokenizer, build_ifseg_prompt
+
+    tok = OFATokenizer.from_dir(bpe_dir)
+    prompt = build_ifseg_prompt(tok, names, prefix=prefix or IFSEG_PROMPT_PREFIX,
+                                max_length=model.config.max_positions)
+    model.set_categories(prompt.src_ids, prompt.category_ids, update_table=update_table)
+
+
+# --- ONNX -------------------------------------------------------------------------------------------------------
+def _dummy_shape(static_shape: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    if static_shape is not None:
+        return static_shape
+    return (320, 384)  # any size works (the graph is branch-free); a small non-square one keeps export fast
+
+
+def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_OPSET,
+                static_shape: Optional[Tuple[int, int]] = None, normalize_features: bool = False,
+                exporter: str = "dynamo", metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Write ``path`` (+ ``path.data`` when the model is over 2 GB); returns export facts for ``ifseg.json``.
+
+    The dynamo exporter (``torch.export``) is the default; ``exporter="torchscript"`` uses the legacy tracer
+    (faster, deprecated upstream). Both give the same branch-free graph (:class:`IFSegOnnxModel`).
+    """
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    path = Path(path)
+    grid = None if static_shape is None else tuple(-(-s // PATCH) for s in static_shape)
+    wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid).eval()
+    H, W = _dummy_shape(static_shape)
+    g = torch.Generator().manual_seed(0)
+    dummy = {"image": torch.randn(2, 3, H, W, generator=g)}  # batch 2: a size-1 dim would be specialised
+    with torch.inference_mode():
+        wrapper(**dummy)  # one eager run first: shape errors surface here, not inside the exporter
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings():
+            # the exporters report their own progress/deprecations through warnings; keep the user's filters clean
+            warnings.filterwarnings("ignore", module=r"torch\..*")
+            warnings.filterwarnings("ignore", module=r"onnxscript.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            if exporter == "dynamo":
+                from torch.export import Dim
+
+                dims = {0: Dim("batch", min=1, max=1024)}
+                if static_shape is None:
+                    dims.update({2: Dim("height", min=PATCH, max=MAX_SIDE), 3: Dim("width", min=PATCH, max=MAX_SIDE)})
+                _quiet(lambda: torch.onnx.export(
+                    wrapper, (), str(raw), kwargs=dummy, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                    dynamic_shapes={"image": dims}, opset_version=opset, dynamo=True, optimize=True,
+                    external_data=True, verbose=False))
+            else:
+                axes = {"image": {0: "batch"}, "logits": {0: "batch", 1: "cells"}, "features": {0: "batch", 1: "cells"}}
+                if static_shape is None:
+                    axes["image"].update({2: "height", 3: "width"})
+                _quiet(lambda: torch.onnx.export(
+                    wrapper, (dummy["image"],), str(raw), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                    dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True))
+        proto = onnx.load(str(raw), load_external_data=True)
+    _name_dims(proto, static_shape)
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name, proto.producer_version = "ifseg_rt", __version__
+    size = proto.ByteSize()
+    external = size > ONNX_INLINE_LIMIT
+    data_name = path.name + ".data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / data_name).unlink(missing_ok=True)
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path))  # by path: works for external data too
+    opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"file": path.name, "data_file": data_name if external else None, "opset": opset_used,
+            "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
+            "exporter": exporter, "input": INPUT_NAMES[0], "outputs": OUTPUT_NAMES,
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+
+
+def _quiet(fn):
+    """Run an exporter call with its progress prints on stdout silenced."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            return fn()
+    except Exception:
+        out = buf.getvalue().strip()
+        if out:
+            print(out)
+        raise
+
+
+def _name_dims(proto, static_shape) -> None:
+    """Readable symbolic dims: ``image [batch, 3, height, width]`` -> ``[batch, cells, M]`` (the dynamo exporter
+    writes the sympy expression of N otherwise)."""
+    for vi in proto.graph.output:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 3:
+            dims[0].dim_param = "batch"
+            if static_shape is None:
+                dims[1].dim_param = "cells"
+    for vi in proto.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+        if static_shape is None:
+            dims[2].dim_param, dims[3].dim_param = "height", "width"
+
+
+def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequence[Tuple[int, int, int]], *,
+                      normalize_features: bool = False, seed: int = 0) -> Dict[str, float]:
+    """Run onnxruntime (CPU) and SegOFA on random images of ``shapes`` (B, H, W); max abs errors."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    err = {"logits": 0.0, "features": 0.0}
+    for b, h, w in shapes:
+        x = torch.randn(b, 3, h, w, generator=g)
+        with torch.inference_mode():
+            logits, feats = model(x)
+        if normalize_features:
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        lo, fo = sess.run(OUTPUT_NAMES, {"image": x.numpy()})
+        err["logits"] = max(err["logits"], float(np.abs(lo - logits.numpy()).max()))
+        err["features"] = max(err["features"], float(np.abs(fo - feats.numpy()).max()))
+    return err
+
+
+# --- the whole directory ----------------------------------------------------------------------------------------
+def versions() -> Dict[str, str]:
+    out = {"ifseg_rt": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: str = "onnx",
+           categories: Union[None, str, Sequence[str]] = None, bpe_dir: Union[None, str, Path] = None,
+           prompt_prefix: Optional[str] = None, image_policy: Optional[ImagePolicy] = None,
+           knn: KnnSpec = KnnSpec(), save_weights: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
+           static_shape: Optional[Tuple[int, int]] = None, exporter: str = "dynamo",
+           normalize_features: bool = False, check: bool = True, precision: str = "fp16",
+           workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
+           timing_cache: Union[None, str, Path] = None) -> ModelSpec:
+    """Export ``source`` to the model directory ``out`` (see the module docstring for formats).
+
+    Parameters
+    ----------
+    source : a run directory (``model.safetensors`` + ``run.json``), a checkpoint file, or a :class:`SegOFA` with
+        its prompt set (then ``categories`` names its categories)
+    out : model directory to create (must be empty or absent unless ``force``)
+    format : ``"onnx"`` or ``"engine"`` (aliases ``"trt"``, ``"tensorrt"``); the engine is built from the ONNX
+    image_policy : how originals become network inputs; default the paper's short side 512 (long side <= 2048),
+        or the fixed ``static_shape`` when given
+    knn : kNN post-processing settings the runtime applies
+    save_weights : also write ``model.safetensors`` (the torch backend's weights)
+    static_shape : (H, W) to export a graph with fixed spatial size and constant-folded position tables
+    check : run ``onnx.checker`` and compare onnxruntime with PyTorch at two resolutions and two batch sizes
+
+    Returns
+    -------
+    ModelSpec of the written directory (re-read and verified)
+    """
+    fmt = resolve_format(format)
+    trt_given = {"precision": precision if precision != "fp16" else None, "workspace_gb": workspace_gb,
+                 "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape, "timing_cache": timing_cache}
+    validate_args(fmt, trt_given)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"output directory {out} is not empty; pass force=True (--force) to overwrite")
+        if not (out / MANIFEST).is_file():
+            raise FileExistsError(f"refusing to overwrite {out}: it is not empty and holds no {MANIFEST}")
+    if static_shape is not None:
+        static_shape = (int(static_shape[0]), int(static_shape[1]))
+        if min(static_shape) < PATCH:
+            raise ValueError(f"static shape {static_shape} must be at least {PATCH} px per side")
+        if image_policy is not None and (image_policy.mode != "fixed" or image_policy.size != static_shape):
+            raise ValueError(f"a static-shape export needs the fixed image policy {static_shape}, got {image_policy}")
+        image_policy = ImagePolicy(mode="fixed", size=static_shape)
+    policy = image_policy or ImagePolicy()
+
+    if isinstance(source, SegOFA):
+        model = source.float().eval()
+        if categories is None:
+            raise ValueError("pass categories= (names) when exporting a SegOFA object")
+        from ..tokenizer import parse_categories
+
+        names = parse_categories(categories)
+        if len(names) != model.num_categories:
+            raise ValueError(f"{len(names)} category names for a model with M = {model.num_categories}")
+        provenance: Dict[str, Any] = {"source": "<in-memory SegOFA>"}
+    else:
+        model, names, provenance = load_source(source, categories=categories, bpe_dir=bpe_dir,
+                                               prompt_prefix=prompt_prefix)
+    if not model.has_prompt:
+        raise ValueError("the model has no prompt (set_categories) to bake into the graph")
+    cfg = model.config
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (ONNX_FILE, ONNX_FILE + ".data", WEIGHTS_FILE, MANIFEST):
+        (out / stale).unlink(missing_ok=True)
+    meta = {"ifseg_rt.schema_version": str(SCHEMA_VERSION), "ifseg_rt.categories": json.dumps(names),
+            "ifseg_rt.config": json.dumps(cfg.to_dict()), "ifseg_rt.image_policy": json.dumps(policy.to_dict()),
+            "ifseg_rt.knn": json.dumps(knn.to_dict()), "ifseg_rt.version": __version__}
+    onnx_info = export_onnx(model, out / ONNX_FILE, opset=opset, static_shape=static_shape,
+                            normalize_features=normalize_features, exporter=exporter, metadata=meta)
+    verification = None
+    if check:
+        if static_shape is None:
+            shapes = [(1, 128, 160), (2, 96, 80)]  # non-square, N < G^2 and off the 32x32 grid
+        else:
+            shapes = [(1, *static_shape), (2, *static_shape)]
+        err = check_onnx_parity(model, out / ONNX_FILE, shapes, normalize_features=normalize_features)
+        verification = {"shapes": [list(s) for s in shapes], "max_abs_error": err, "atol": PARITY_ATOL}
+        if max(err.values()) > PARITY_ATOL:
+            raise RuntimeError(f"onnxruntime disagrees with PyTorch beyond {PARITY_ATOL}: {err}; the export is wrong")
+
+    files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
+    if save_weights:
+        save_checkpoint(model, out / WEIGHTS_FILE, categories=names, provenance=provenance)
+        files.append(WEIGHTS_FILE)
+    provenance = {**provenance, "versions": versions(),
+                  "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "host": platform.node(), "verification": verification}
+    manifest: Dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "format": FORMAT,
+        "categories": list(names), "num_categories": len(names),
+        "image": {"policy": policy.to_dict(),
+                  "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "color": "RGB",
+                            "scale": 1.0 / 255.0, "mean": list(MEAN), "std": list(STD),
+                            "resize": "bilinear (OpenCV INTER_LINEAR) from the original to the policy size"},
+                  "min_side": PATCH},
+        "patch_stride": PATCH,
+        "knn": knn.to_dict(),
+        "outputs": {"logits": {"shape": ["batch", "cells", len(names)], "dtype": "float32",
+                               "meaning": "per-cell category logits, cells = ceil(H/16)*ceil(W/16) row-major"},
+                    "features": {"shape": ["batch", "cells", cfg.image_feature_dim], "dtype": "float32",
+                                 "normalized": bool(normalize_features),
+                                 "meaning": "ResNet layer3 features (kNN post-processing)"}},
+        "precision": "fp32",
+        "config": cfg.to_dict(),
+        "onnx": onnx_info,
+        "engines": [],
+        "files": {f: file_record(out / f) for f in files},
+        "provenance": provenance,
+    }
+    write_manifest(out, manifest)
+
+    if fmt["arg"] == "engine":
+        from .tensorrt import build_engine
+
+        rec = build_engine(out / ONNX_FILE, out, precision=precision, workspace_gb=workspace_gb,
+                           min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, timing_cache=timing_cache,
+                           static_shape=static_shape)
+        manifest["engines"].append(rec)
+        manifest["files"][rec["file"]] = file_record(out / rec["file"])
+        write_manifest(out, manifest)
+    spec = load_model_dir(out)
+    spec.verify()
+    return spec

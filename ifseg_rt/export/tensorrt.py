@@ -1,0 +1,175 @@
+"""Build a TensorRT engine from the exported ``model.onnx`` (``--format engine``, aliases ``trt``/``tensorrt``).
+
+Written against the official TensorRT Python API (8.6 / 10.x: ``trt.Builder``, ``OnnxParser``, ``BuilderConfig``,
+optimisation profiles, ``OBEY_PRECISION_CONSTRAINTS``, timing caches). **Not executed in this project's CI**:
+TensorRT cannot be installed on the development machines. What is tested without it: the import guard and its
+message, shape parsing, the engine file name, and the layer-selection rule (:func:`keeps_fp32`) with a fake module.
+
+fp16 overflow spots kept in fp32: normalisation layers (LayerNormalization -> ``INormalizationLayer``, or the
+Reduce/Pow/Sqrt/Div chain when a parser decomposes it), softmax (attention scores + biases reach large magnitudes),
+the feature L2 norm (a sum of 1024 squares overflows fp16's 65504), exp/erf (GELU) and the network outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+DEFAULT_MIN = (1, 3, 256, 256)
+DEFAULT_OPT = (1, 3, 512, 688)  # a 4:3 image under the paper policy (short side 512)
+DEFAULT_MAX = (4, 3, 2048, 2048)  # long side capped at 2048 by the paper policy
+DEFAULT_WORKSPACE_GB = 8.0
+INSTALL_HINT = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA wheels, Linux/Windows with a CUDA GPU) "
+                "or use the NGC PyTorch/TensorRT containers; the ONNX model and the onnxruntime/torch backends work "
+                "without it")
+
+# layer-name fragments (ONNX node names survive parsing) that mark normalisation / softmax / L2-norm maths
+_FP32_NAME = re.compile(r"(layer_?norm|layernormalization|softmax|normalize|reducel2|reducesumsquare|\bnorm\b|"
+                        r"_ln\b|pos_ln|erf|gelu)", re.IGNORECASE)
+
+
+def import_tensorrt():
+    """``import tensorrt`` with a clear error when it is absent."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return trt
+
+
+def parse_shape(value: Union[None, str, Sequence[int]], default: Tuple[int, ...]) -> Tuple[int, int, int, int]:
+    """``"BxHxW"``, ``"B,3,H,W"`` or a sequence -> ``(B, 3, H, W)``."""
+    if value is None:
+        return tuple(default)
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[x,\s]+", value.strip()) if p]
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"shape {value!r} must be BxHxW or B,3,H,W integers") from None
+    else:
+        nums = [int(v) for v in value]
+    if len(nums) == 3:
+        nums = [nums[0], 3, nums[1], nums[2]]
+    if len(nums) != 4 or nums[1] != 3 or min(nums) < 1:
+        raise ValueError(f"shape {value!r} must be BxHxW or B,3,H,W with positive sizes")
+    return tuple(nums)
+
+
+def profile_shapes(min_shape=None, opt_shape=None, max_shape=None, static_shape=None):
+    """(min, opt, max) input shapes, checked to be ordered; a static export fixes H and W."""
+    mn, op, mx = (parse_shape(min_shape, DEFAULT_MIN), parse_shape(opt_shape, DEFAULT_OPT),
+                  parse_shape(max_shape, DEFAULT_MAX))
+    if static_shape is not None:
+        H, W = static_shape
+        mn, op, mx = ((s[0], 3, H, W) for s in (mn, op, mx))
+    if not all(a <= b <= c for a, b, c in zip(mn, op, mx)):
+        raise ValueError(f"optimisation profile must satisfy min <= opt <= max per dim, got {mn}, {op}, {mx}")
+    return mn, op, mx
+
+
+def engine_name(gpu: str, precision: str) -> str:
+    """``engines/<gpu>-<precision>.engine`` with the GPU name made file-safe (``NVIDIA H100 80GB HBM3`` ->
+    ``nvidia-h100-80gb-hbm3``)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
+    return f"engines/{slug}-{precision}.engine"
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart  # cuda-python, shipped next to TensorRT
+
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            return props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    except Exception:
+        pass
+    raise RuntimeError("no CUDA GPU found: TensorRT engines are built on (and for) the GPU that will run them")
+
+
+def keeps_fp32(layer, trt) -> bool:
+    """Whether ``layer`` must run in fp32 in an fp16/bf16 engine (normalisation, softmax, L2 norm, exp/erf)."""
+    lt = trt.LayerType
+    kinds = {getattr(lt, n) for n in ("NORMALIZATION", "SOFTMAX", "REDUCE") if hasattr(lt, n)}
+    if layer.type in kinds:
+        return True
+    if layer.type == getattr(lt, "UNARY", None):
+        op = getattr(getattr(layer, "op", None), "name", str(getattr(layer, "op", "")))
+        if any(k in str(op).upper() for k in ("SQRT", "ERF", "EXP", "RECIP")):
+            return True
+    return bool(_FP32_NAME.search(layer.name or ""))
+
+
+def pin_precision(network, trt) -> int:
+    """Set fp32 precision + output types on the layers :func:`keeps_fp32` selects; returns how many."""
+    n = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not keeps_fp32(layer, trt):
+            continue
+        # shape/index layers (int tensors) cannot take a float precision
+        if any(layer.get_output(j).dtype not in (trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16))
+               for j in range(layer.num_outputs)):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        n += 1
+    for i in range(network.num_outputs):
+        network.get_output(i).dtype = trt.float32
+    return n
+
+
+def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, precision: str = "fp16",
+                 workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
+                 timing_cache: Union[None, str, Path] = None, static_shape=None) -> Dict[str, Any]:
+    """Parse ``onnx_path``, build and serialise an engine into ``model_dir/engines/``; returns its ``ifseg.json``
+    record (file, gpu, precision, tensorrt_version, profile, fp32-pinned layer count)."""
+    trt = import_tensorrt()
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    mn, op, mx = profile_shapes(min_shape, opt_shape, max_shape, static_shape)
+    gpu = gpu_name()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode (and the flag deprecated) in 10
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves model.onnx.data next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int((workspace_gb or DEFAULT_WORKSPACE_GB) * (1 << 30)))
+    pinned = 0
+    if precision != "fp32":
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = pin_precision(network, trt)
+    profile = builder.create_optimization_profile()
+    profile.set_shape("image", mn, op, mx)
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else Path(model_dir) / "engines" / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
+    rel = engine_name(gpu, precision)
+    path = Path(model_dir) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(serialized))
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"file": rel, "gpu": gpu, "precision": precision, "tensorrt_version": trt.__version__,
+            "profile": {"min": list(mn), "opt": list(op), "max": list(mx)}, "fp32_layers": pinned,
+            "timing_cache": str(cache_path)}

@@ -1,0 +1,260 @@
+"""CUDA glue for the kNN kernels: the compiled launchers in ``ifseg_rt._C`` or, without them, the same kernel source
+(``knn_kernel.cuh``) compiled at run time through CuPy/NVRTC.
+
+Inputs stay on their device: torch CUDA tensors are processed with torch allocations on the current torch stream;
+everything else goes through CuPy (``cupy.asarray`` for ``__cuda_array_interface__``, ``cupy.from_dlpack``
+otherwise) on CuPy's current stream. The NVRTC path mirrors ``csrc/knn/knn_cuda.cu`` (workspace layout, launch
+shapes); keep the two in step.
+"""
+
+import functools
+import importlib.resources
+import pathlib
+import sys
+
+_KERNEL_FILE = "knn_kernel.cuh"
+TILE, LANES, THREADS, MAX_L, TARGET_BLOCKS = 64, 4, 256, 32, 256  # the IFSEG_KNN_* macros of knn_kernel.cuh
+
+
+def kernel_source():
+    """Text of ``knn_kernel.cuh``: the copy installed into the package, else ``csrc/knn/`` of a source checkout."""
+    try:
+        installed = importlib.resources.files("ifseg_rt.knn") / _KERNEL_FILE
+        if installed.is_file():
+            return installed.read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    checkout = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "knn" / _KERNEL_FILE
+    if checkout.is_file():
+        return checkout.read_text()
+    raise FileNotFoundError(f"{_KERNEL_FILE} is neither installed in ifseg_rt/knn nor in a source checkout")
+
+
+def splits(batch, n):
+    """``ifseg_knn_splits`` of the kernel source: column splits per row tile."""
+    tiles = (n + TILE - 1) // TILE
+    return max(1, min(tiles, -(-TARGET_BLOCKS // (tiles * batch))))
+
+
+def _compiled():
+    try:
+        from ifseg_rt import _C
+    except ImportError:
+        return None
+    return _C if getattr(_C, "with_cuda", False) and hasattr(_C, "knn_cuda") else None
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def available():
+    """True when a CUDA path is installed (compiled launchers or CuPy); says nothing about a GPU being present."""
+    return _compiled() is not None or _cupy() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id):
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
+
+
+def _is_torch(x):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+class _Torch:
+    """Array operations on torch CUDA tensors (torch is already imported when one is passed in)."""
+
+    def __init__(self, ref):
+        import torch
+
+        self.t, self.device = torch, ref.device
+        self.stream = torch.cuda.current_stream(ref.device).cuda_stream
+        self.feature_dtypes = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        self.float64, self.float32 = torch.float64, torch.float32
+        self.prob_dtypes = (torch.float32, torch.float64)
+
+    def asarray(self, x):
+        return x
+
+    def dtype_name(self, x):
+        return str(x.dtype).replace("torch.", "")
+
+    def contiguous(self, x, dtype=None):
+        return x.to(dtype=dtype or x.dtype).contiguous()
+
+    def empty(self, shape, dtype):
+        dt = {"float32": self.t.float32, "int64": self.t.int64, "uint8": self.t.uint8}[dtype]
+        return self.t.empty(shape, dtype=dt, device=self.device)
+
+    def isfinite_all(self, x):
+        return bool(self.t.isfinite(x).all())
+
+    def ptr(self, x):
+        return x.data_ptr()
+
+    def copy(self, x):
+        return x.clone()
+
+    def cast(self, x, dtype):
+        return x.to(dtype)
+
+
+class _CuPy:
+    def __init__(self, ref):
+        import cupy
+
+        self.cp = cupy
+        self.device = ref.device
+        self.stream = cupy.cuda.get_current_stream().ptr
+        self.feature_dtypes = {cupy.dtype("float32"): "float32", cupy.dtype("float16"): "float16"}
+        self.float64, self.float32 = cupy.dtype("float64"), cupy.dtype("float32")
+        self.prob_dtypes = (self.float32, self.float64)
+
+    def asarray(self, x):
+        if isinstance(x, self.cp.ndarray):
+            return x
+        if hasattr(x, "__cuda_array_interface__"):
+            return self.cp.asarray(x)
+        return self.cp.from_dlpack(x)
+
+    def dtype_name(self, x):
+        return str(x.dtype)
+
+    def contiguous(self, x, dtype=None):
+        return self.cp.ascontiguousarray(x, dtype=dtype or x.dtype)
+
+    def empty(self, shape, dtype):
+        with self.device:
+            return self.cp.empty(shape, dtype=dtype)
+
+    def isfinite_all(self, x):
+        return bool(self.cp.isfinite(x).all())
+
+    def ptr(self, x):
+        return x.data.ptr
+
+    def copy(self, x):
+        return x.copy()
+
+    def cast(self, x, dtype):
+        return x.astype(dtype)
+
+
+def run(features, probs, k, iters, *, check_finite=True):
+    """Neighbour indices (and averaged probs when ``probs`` is given) for CUDA arrays; see ``ifseg_rt.knn``."""
+    from . import check_args
+
+    if _is_torch(features):
+        xp = _Torch(features)
+        if probs is not None and not _is_torch(probs):
+            raise TypeError("features is a torch tensor, so probs must be one too")
+    else:
+        if _cupy() is None:
+            raise RuntimeError("CUDA arrays other than torch tensors need CuPy (pip install cupy-cuda12x)")
+        cp = _cupy()
+        features = cp.asarray(features) if hasattr(features, "__cuda_array_interface__") else cp.from_dlpack(features)
+        xp = _CuPy(features)
+        if probs is not None:
+            probs = xp.asarray(probs)
+    if probs is not None and probs.device != features.device:
+        raise ValueError(f"features and probs are on different devices: {features.device} and {probs.device}")
+    batched, b, n, c, m = check_args(features, probs, k, iters)
+
+    fdtype = xp.dtype_name(features)
+    if features.dtype == xp.float64:
+        features, fdtype = xp.contiguous(features, xp.float32), "float32"
+    elif features.dtype not in xp.feature_dtypes:
+        raise TypeError(f"features must be float32, float16, bfloat16 or float64, got {fdtype} shape {features.shape}")
+    if probs is not None and probs.dtype not in xp.prob_dtypes:
+        raise TypeError(f"probs must be float32 or float64, got {xp.dtype_name(probs)} shape {tuple(probs.shape)}")
+    if check_finite:
+        if not xp.isfinite_all(features):
+            raise ValueError(f"features (shape {tuple(features.shape)}) contains NaN or Inf")
+        if probs is not None and not xp.isfinite_all(probs):
+            raise ValueError(f"probs (shape {tuple(probs.shape)}) contains NaN or Inf")
+    if k - 1 > MAX_L:
+        raise ValueError(f"the CUDA backend supports k <= {MAX_L + 1}, got {k}")
+
+    f3 = xp.contiguous(features.reshape(b, n, c))
+    p3 = out = None
+    if probs is not None:
+        p3 = xp.contiguous(probs.reshape(b, n, m), xp.float32)
+        out = xp.empty((b, n, m), "float32")
+    idx = xp.empty((b, n, k), "int64")
+
+    ext = _compiled()
+    if ext is not None:
+        nbytes = ext.knn_cuda_workspace(b, n, c, m if p3 is not None else 0, k, iters)
+        ws = xp.empty((max(nbytes, 1),), "uint8")
+        ext.knn_cuda(
+            xp.ptr(f3), fdtype, xp.ptr(idx), xp.ptr(p3) if p3 is not None else 0, xp.ptr(out) if out is not None else 0,
+            xp.ptr(ws), b, n, c, m if p3 is not None else 0, k, iters, xp.stream,
+        )
+    else:
+        _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters)
+
+    idx = idx if batched else idx[0]
+    if out is None:
+        return idx, None
+    out = out if batched else out[0]
+    return idx, (xp.cast(out, probs.dtype) if probs.dtype != xp.float32 else out)
+
+
+def _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters):
+    """The launch sequence of knn_cuda.cu through cupy.RawModule, on xp's stream."""
+    import numpy as np
+
+    cp = _cupy()
+    if cp is None:
+        raise RuntimeError("the CUDA backend needs ifseg_rt._C built with nvcc, or CuPy for the NVRTC path")
+    device_id = f3.device.index if hasattr(f3.device, "index") and f3.device.index is not None else int(f3.device.id)
+    mod = _module(device_id)
+    as_cp = (lambda x: cp.asarray(x)) if isinstance(xp, _Torch) else (lambda x: x)
+    rows, L = b * n, k - 1
+    with cp.cuda.Device(device_id), cp.cuda.ExternalStream(xp.stream):
+        indices = as_cp(idx)
+        if L > 0:
+            fn = cp.empty((rows, c), dtype=cp.float32)
+            feats = as_cp(f3)
+            if fdtype != "float32":
+                feats = feats.view(cp.uint16)
+            threads = 256 if c >= 256 else 32 * ((c + 31) // 32)
+            mod.get_function(f"ifseg_knn_normalize_{ {'float32': 'f32', 'float16': 'f16', 'bfloat16': 'bf16'}[fdtype] }")(
+                (rows,), (threads,), (feats, fn, np.int32(c))
+            )
+            s = splits(b, n)
+            part_v = cp.empty((rows * s * LANES * L,), dtype=cp.float32)
+            part_i = cp.empty((rows * s * LANES * L,), dtype=cp.int32)
+            mod.get_function("ifseg_knn_topk_partial")(
+                ((n + TILE - 1) // TILE, s, b), (THREADS,), (fn, part_v, part_i, np.int32(n), np.int32(c), np.int32(L))
+            )
+            cands = s * LANES
+        else:
+            part_v = part_i = cp.empty((1,), dtype=cp.float32)
+            cands = 0
+        mod.get_function("ifseg_knn_merge")(
+            ((rows + 127) // 128,), (128,),
+            (part_v, part_i, indices, np.int64(rows), np.int32(n), np.int32(L), np.int32(cands)),
+        )
+        if p3 is None:
+            return
+        src, dst_out = as_cp(p3), as_cp(out)
+        total = rows * m
+        if iters == 0 or total == 0:
+            dst_out[...] = src
+            return
+        tmp = cp.empty_like(dst_out) if iters > 1 else None
+        step = mod.get_function("ifseg_knn_average_step")
+        blocks = min((total + 255) // 256, 4096)
+        for it in range(iters):
+            dst = dst_out if (iters - 1 - it) % 2 == 0 else tmp
+            step((blocks,), (256,), (src, dst, indices, np.int64(total), np.int32(n), np.int32(m), np.int32(k)))
+            src = dst

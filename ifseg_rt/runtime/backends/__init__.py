@@ -1,0 +1,74 @@
+"""Inference engines behind :class:`~ifseg_rt.runtime.Segmenter`: one class per engine, same small interface.
+
+``backend.run(x)`` takes a ``Bx3xHxW`` float32 numpy batch and returns ``(logits BxNxM, features BxNxC)`` where the
+engine put them: numpy arrays for CPU engines, torch CUDA tensors for GPU engines (kNN and the resize then run on
+the GPU too). Every backend imports its engine library lazily, so this package imports without torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+DEVICES = ("cpu", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend (or device) cannot run here; the message says what to install."""
+
+
+def _has(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _ort_cuda() -> bool:
+    if not _has("onnxruntime"):
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def resolve_backend(name: str, device: str, spec) -> str:
+    """``auto`` -> TensorRT (engine for this GPU), then onnxruntime (CUDA provider / CPU), then torch."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if name != "auto":
+        return name
+    if str(device).startswith("cuda"):
+        if spec.engines and _has("tensorrt"):
+            return "tensorrt"
+        if spec.onnx_file and _ort_cuda():
+            return "onnxruntime"
+        if spec.has_file("model.safetensors") and _has("torch"):
+            return "torch"
+        raise BackendUnavailable("no CUDA backend available: install onnxruntime-gpu (instead of onnxruntime), "
+                                 "TensorRT, or torch with CUDA")
+    if spec.onnx_file and _has("onnxruntime"):
+        return "onnxruntime"
+    if spec.has_file("model.safetensors") and _has("torch"):
+        return "torch"
+    raise BackendUnavailable("no CPU backend available: pip install onnxruntime (or torch for model.safetensors)")
+
+
+def create_backend(name: str, spec, device: str = "cpu", **options: Any):
+    """Instantiate backend ``name`` (already resolved) for the verified model directory ``spec``."""
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(spec, device=device, **options)
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(spec, device=device, **options)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(spec, device=device, **options)
+    raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,82 @@
+"""TensorRT backend: deserialises ``engines/<gpu>-<precision>.engine`` and runs it with ``execute_async_v3`` on
+torch-allocated CUDA buffers. Written against the official TensorRT 10 Python API (``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``); **unverified in this project** (TensorRT cannot be installed on the
+development machines) - only its import guard is tested."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from . import BackendUnavailable
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class TensorRTBackend:
+    """
+    Arguments:
+      spec (ModelSpec): verified model directory with at least one engine
+      device (str): "cuda" or "cuda:N" (engines run on GPUs only)
+      precision (str or None): pick the engine of this precision (default: the first one built for this GPU)
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, spec, *, device: str = "cuda", precision: Optional[str] = None):
+        if not str(device).startswith("cuda"):
+            raise BackendUnavailable("the tensorrt backend runs on device='cuda' only")
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise BackendUnavailable("the tensorrt backend needs TensorRT (`pip install tensorrt` on a CUDA machine); "
+                                     "use backend='onnxruntime' or 'torch'") from e
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable("the tensorrt backend allocates its buffers with torch (CUDA build)") from e
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("the tensorrt backend needs a CUDA GPU visible to torch")
+        self.torch = torch
+        self.device = torch.device(device)
+        gpu = torch.cuda.get_device_name(self.device)
+        engines = [e for e in spec.engines if _slug(e.gpu) == _slug(gpu) and (precision is None or e.precision == precision)]
+        if not engines:
+            built = ", ".join(f"{e.gpu} {e.precision}" for e in spec.engines) or "none"
+            raise BackendUnavailable(f"no TensorRT engine for {gpu}{' ' + precision if precision else ''} in "
+                                     f"{spec.root} (built: {built}); re-export with --format engine on this GPU")
+        self.engine_spec = engines[0]
+        if self.engine_spec.tensorrt_version != trt.__version__:
+            raise BackendUnavailable(f"engine built with TensorRT {self.engine_spec.tensorrt_version}, installed "
+                                     f"{trt.__version__}: engines are version-specific; rebuild it")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        self.engine = runtime.deserialize_cuda_engine(spec.path(self.engine_spec.file).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialise {self.engine_spec.file}")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(self.device)
+        self.on_gpu = True
+        self.spec = spec
+
+    def run(self, x: np.ndarray):
+        torch = self.torch
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        ctx = self.context
+        ctx.set_input_shape("image", tuple(xt.shape))
+        outs = {}
+        for name in ("logits", "features"):
+            shape = tuple(ctx.get_tensor_shape(name))
+            outs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)  # outputs pinned fp32 at build
+            ctx.set_tensor_address(name, outs[name].data_ptr())
+        ctx.set_tensor_address("image", xt.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return outs["logits"], outs["features"]

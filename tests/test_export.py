@@ -1,0 +1,254 @@
+"""Export: branch-free wrapper, ONNX graph vs SegOFA in onnxruntime, ifseg.json, CLI and its errors."""
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import tiny_config, tiny_segofa  # noqa: E402
+
+CATEGORIES = ["sky", "road", "car", "tree", "person"]
+_CACHE = {}
+
+
+def make_run_dir(root: Path, seed: int = 0) -> Path:
+    """A tiny adaptation run directory: model.safetensors (prompt + categories) and a minimal run.json."""
+    from ifseg_rt.checkpoint import save_checkpoint
+
+    run = root / f"run{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(tiny_segofa(len(CATEGORIES), seed=seed), run / "model.safetensors", categories=CATEGORIES)
+    (run / "run.json").write_text(json.dumps({"format": "ifseg_rt.adapt.run", "finished": True, "step": 3,
+                                              "steps": 3, "categories": CATEGORIES}))
+    return run
+
+
+def exported_model_dir(tmp_path_factory) -> Path:
+    """One dynamic-shape export shared by this module and test_runtime.py (export takes ~20 s)."""
+    if "dir" not in _CACHE:
+        from ifseg_rt.export import export
+
+        root = tmp_path_factory.mktemp("export")
+        export(make_run_dir(root), root / "model")
+        _CACHE["dir"] = root / "model"
+    return _CACHE["dir"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return exported_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def segofa():
+    return tiny_segofa(len(CATEGORIES), seed=0)
+
+
+# --- the wrapper (eager) ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hw", [(128, 160), (528, 512), (512, 512), (100, 130), (16, 640)])
+def test_wrapper_equals_segofa(segofa, hw):
+    """Both position rules (N < G^2 direct lookup on a non-32 grid, N > G^2 resize, the 32x32 identity), with the
+    shape-dependent tables computed in the graph and baked as constants (static_grid)."""
+    from ifseg_rt.export import IFSegOnnxModel
+
+    x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = segofa(x)
+        outs = [IFSegOnnxModel(segofa)(x)]
+        if hw[0] * hw[1] < 512 * 512:
+            outs.append(IFSegOnnxModel(segofa, static_grid=(-(-hw[0] // 16), -(-hw[1] // 16)))(x))
+    for out in outs:
+        for a, b in zip(ref, out):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_wrapper_needs_prompt():
+    from ifseg_rt.export import IFSegOnnxModel
+    from ifseg_rt.model import build_model
+
+    with pytest.raises(ValueError, match="no prompt"):
+        IFSegOnnxModel(build_model(tiny_config(), 3))
+
+
+# --- the exported graph ------------------------------------------------------------------------------------------
+def test_onnx_checker_and_io(model_dir):
+    path = model_dir / "model.onnx"
+    onnx.checker.check_model(str(path))
+    m = onnx.load(str(path), load_external_data=False)
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert any(n.op_type == "LayerNormalization" for n in m.graph.node)
+    dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    assert [i.name for i in m.graph.input] == ["image"]
+    assert dims(m.graph.input[0]) == ["batch", 3, "height", "width"]
+    assert {o.name: dims(o) for o in m.graph.output} == {"logits": ["batch", "cells", 5],
+                                                         "features": ["batch", "cells", 128]}
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta["ifseg_rt.categories"]) == CATEGORIES
+    assert json.loads(meta["ifseg_rt.knn"])["k"] == 3
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("hw", [(128, 160), (512, 640)])  # N = 80 < 1024 on a non-32 grid; N = 1280 > 1024
+def test_onnxruntime_equals_segofa(model_dir, segofa, batch, hw):
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        logits, feats = segofa(x)
+    lo, fo = sess.run(["logits", "features"], {"image": x.numpy()})
+    np.testing.assert_allclose(lo, logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fo, feats.numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_manifest(model_dir):
+    from ifseg_rt.runtime.model_dir import file_sha256, load_model_dir
+
+    d = json.loads((model_dir / "ifseg.json").read_text())
+    assert d["schema_version"] == 1 and d["categories"] == CATEGORIES and d["num_categories"] == 5
+    assert d["image"]["policy"]["mode"] == "short_side" and d["image"]["policy"]["short_side"] == 512
+    assert d["image"]["input"]["dtype"] == "float32" and d["image"]["input"]["mean"] == [0.5] * 3
+    assert d["patch_stride"] == 16 and d["knn"] == {"enabled": True, "k": 3, "iters": 25, "temperature": 1.0}
+    assert d["outputs"]["features"]["shape"] == ["batch", "cells", 128]
+    assert d["onnx"]["dynamic"] and d["onnx"]["static_shape"] is None and d["onnx"]["opset"] >= 17
+    assert set(d["files"]) == {"model.onnx", "model.safetensors"}
+    for name, rec in d["files"].items():
+        assert rec["sha256"] == file_sha256(model_dir / name)
+        assert rec["bytes"] == (model_dir / name).stat().st_size
+    prov = d["provenance"]
+    assert prov["weights_sha256"] and prov["versions"]["torch"] and prov["run"]["finished"] is True
+    assert prov["verification"]["max_abs_error"]["logits"] < 1e-4
+    spec = load_model_dir(model_dir)
+    spec.verify()
+    assert spec.config["d_model"] == 32
+
+
+# --- static shape, un-adapted source, CLI ----------------------------------------------------------------------
+def test_static_shape_export(tmp_path, segofa):
+    from ifseg_rt.export import export
+
+    spec = export(make_run_dir(tmp_path), tmp_path / "static", static_shape=(96, 128), exporter="torchscript",
+                  save_weights=False)
+    assert spec.static_shape == (96, 128) and spec.policy.mode == "fixed" and spec.policy.size == (96, 128)
+    assert set(spec.files) == {"model.onnx"}
+    m = onnx.load(str(tmp_path / "static" / "model.onnx"))
+    assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 96, 128]
+    # position tables are constants: no Resize left in the graph
+    assert not any(n.op_type == "Resize" for n in m.graph.node)
+    sess = ort.InferenceSession(str(tmp_path / "static" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits, _ = segofa(x)
+    np.testing.assert_allclose(sess.run(["logits"], {"image": x.numpy()})[0], logits.numpy(), atol=1e-4, rtol=0)
+
+
+TINY_ENCODER = {"a": 0, "b": 1, "c": 2, "Ġ": 3, "Ġa": 4, "ab": 5, "Ġab": 6, "t": 7, "Ġc": 8}
+TINY_MERGES = ["Ġ a", "Ġa b", "a b", "Ġ c"]
+
+
+def _tiny_bpe(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "encoder.json").write_text(json.dumps(TINY_ENCODER), encoding="utf-8")
+    (d / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n", encoding="utf-8")
+    (d / "dict.txt").write_text("".join(f"{i} 1\n" for i in [8, 3, 0, 7, 5, 4, 6, 1, 2]), encoding="utf-8")
+    return d
+
+
+def test_unadapted_ofa_exports_with_warning(tmp_path, capsys):
+    from ifseg_rt.checkpoint import save_checkpoint
+    from ifseg_rt.export import ZeroShotWarning
+    from ifseg_rt.export.cli import main
+    from ifseg_rt.model import build_model
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(tiny_config()), tmp_path / "ofa.safetensors")
+    argv = [str(ckpt), "--out", str(tmp_path / "zs"), "--exporter", "torchscript", "--no-weights",
+            "--prompt-prefix", " a"]  # the tiny vocabulary spells IFSeg's prefix letter by letter
+    assert main(argv) == 2  # no categories: a clear error, not a crash
+    assert "un-adapted OFA checkpoint" in capsys.readouterr().err
+    with pytest.warns(ZeroShotWarning, match="zero-shot baseline"):
+        rc = main(argv + ["--categories", "ab, a ab, c", "--bpe-dir", str(_tiny_bpe(tmp_path / "bpe"))])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "python -m ifseg_rt segment --model" in out
+    d = json.loads((tmp_path / "zs" / "ifseg.json").read_text())
+    assert d["categories"] == ["ab", "a ab", "c"] and d["provenance"]["zero_shot"] is True
+
+
+def test_cli_rejects_bad_options(tmp_path, capsys, model_dir):
+    from ifseg_rt.export.cli import main
+    from ifseg_rt.export.exporter import resolve_format
+
+    assert resolve_format("trt")["arg"] == resolve_format("tensorrt")["arg"] == "engine"
+    run = str(make_run_dir(tmp_path))
+    for argv, msg in [([run, "--out", str(tmp_path / "o"), "--precision", "fp16"], "--precision are not valid for --format onnx"),
+                      ([run, "--out", str(tmp_path / "o"), "--format", "coreml"], "unknown export format"),
+                      ([run, "--out", str(tmp_path / "o"), "--opset", "16"], "--opset must be >= 17"),
+                      ([run, "--out", str(tmp_path / "o"), "--static-shape", "8x8"], "must be >= 16 px"),
+                      ([run, "--out", str(tmp_path / "o"), "--max-shape", "1x64x64"], "--max-shape are not valid")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err, argv
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([run, "--out", str(model_dir)]) == 2  # existing directory without --force
+    assert "not empty" in capsys.readouterr().err
+    assert main([run, "--out", str(tmp_path / "o"), "--categories", "a, b"]) == 2
+    assert "baked into the weights" in capsys.readouterr().err
+
+
+# --- TensorRT helpers (TensorRT itself cannot be installed here) ------------------------------------------------
+def test_tensorrt_module_without_tensorrt(monkeypatch):
+    import sys
+
+    from ifseg_rt.export import tensorrt as t
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(ImportError, match="TensorRT is not installed"):
+        t.import_tensorrt()
+    assert t.parse_shape("2x512x640", t.DEFAULT_MIN) == (2, 3, 512, 640)
+    assert t.parse_shape("1,3,256,256", t.DEFAULT_MIN) == (1, 3, 256, 256)
+    assert t.profile_shapes(static_shape=(96, 128))[2] == (4, 3, 96, 128)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        t.profile_shapes(min_shape="1x1024x1024")
+    assert t.engine_name("NVIDIA H100 80GB HBM3", "fp16") == "engines/nvidia-h100-80gb-hbm3-fp16.engine"
+
+
+def test_tensorrt_layer_selection_with_fake_module():
+    from ifseg_rt.export.tensorrt import keeps_fp32, pin_precision
+
+    LT = types.SimpleNamespace(NORMALIZATION="norm", SOFTMAX="softmax", REDUCE="reduce", UNARY="unary",
+                               MATRIX_MULTIPLY="mm", ELEMENTWISE="ew", CONVOLUTION="conv")
+    trt = types.SimpleNamespace(LayerType=LT, float32="f32", float16="f16", bfloat16="bf16")
+
+    class Out:
+        dtype = "f16"
+
+    class Layer:
+        def __init__(self, type, name, op=None):
+            self.type, self.name, self.num_outputs, self.precision, self.types = type, name, 1, None, {}
+            if op is not None:
+                self.op = types.SimpleNamespace(name=op)
+
+        def get_output(self, j):
+            return Out()
+
+        def set_output_type(self, j, dt):
+            self.types[j] = dt
+
+    layers = [Layer("norm", "node_LayerNormalization_3"), Layer("softmax", "node_Softmax_7"),
+              Layer("reduce", "node_ReduceSum_1"), Layer("unary", "node_Erf_2", op="ERF"),
+              Layer("mm", "node_MatMul_4"), Layer("conv", "node_Conv_0"), Layer("ew", "/encoder/attn_ln/Mul"),
+              Layer("unary", "node_Abs", op="ABS")]
+    assert [keeps_fp32(x, trt) for x in layers] == [True, True, True, True, False, False, True, False]
+    outs = [types.SimpleNamespace(dtype="f16"), types.SimpleNamespace(dtype="f16")]
+    net = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i], num_outputs=2,
+                                get_output=lambda i: outs[i])
+    assert pin_precision(net, trt) == 5
+    assert layers[0].precision == "f32" and layers[0].types == {0: "f32"} and layers[4].precision is None
+    assert [o.dtype for o in outs] == ["f32", "f32"]

@@ -1,0 +1,285 @@
+"""Runtime: Segmenter (onnxruntime CPU, torch) vs SegOFA + reference post-processing, errors, CLIs, torch-free."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from test_export import CATEGORIES, exported_model_dir  # noqa: E402  (shares the module's one export)
+
+from ifseg_rt.runtime import ImagePolicy, ModelDirError, Segmenter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return exported_model_dir(tmp_path_factory)
+
+
+def _small(seg: Segmenter, size=(96, 128)) -> Segmenter:
+    """The same engine with a fixed small input size (fast; N < 1024 on a non-32 grid)."""
+    seg.spec = dataclasses.replace(seg.spec, policy=ImagePolicy(mode="fixed", size=size))
+    return seg
+
+
+@pytest.fixture(scope="module")
+def ort_seg(model_dir):
+    return _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2))
+
+
+@pytest.fixture(scope="module")
+def segofa(model_dir):
+    from ifseg_rt.checkpoint import load_checkpoint
+
+    return load_checkpoint(model_dir / "model.safetensors").model
+
+
+def _image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def reference_labels(model, image, size_hw, knn):
+    """SegOFA + the reference post-processing: (softmax -> numpy float64 kNN) -> torch bilinear -> arg-max."""
+    import torch.nn.functional as F
+
+    from ifseg_rt.runtime.preprocess import normalize, resize_bilinear
+
+    x = torch.from_numpy(normalize(resize_bilinear(image, *size_hw))[None])
+    with torch.inference_mode():
+        logits, feats = model(x)
+    h, w = -(-size_hw[0] // 16), -(-size_hw[1] // 16)
+    scores = logits[0].double()
+    if knn:
+        from ifseg_rt.knn import reference
+
+        probs = torch.softmax(scores, dim=-1).numpy()
+        scores = torch.from_numpy(reference.knn_average(feats[0].double().numpy(), probs, k=3, iters=25))
+    grid = scores.T.reshape(1, -1, h, w)
+    up = F.interpolate(grid, size=image.shape[:2], mode="bilinear", align_corners=False)
+    return up[0].argmax(0).numpy().astype(np.int32)
+
+
+@pytest.mark.parametrize("knn", [False, True])
+@pytest.mark.parametrize("shape,size", [((70, 90), (96, 128)), ((300, 200), (528, 512))])  # N = 48 / N = 1056
+def test_segmenter_equals_reference(model_dir, ort_seg, segofa, knn, shape, size):
+    if knn:
+        pytest.importorskip("ifseg_rt.knn")
+    seg = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2, knn=knn), size)
+    img = _image(*shape)
+    r = seg.seg(img, return_probabilities=True)
+    assert r.labels.dtype == np.int32 and r.labels.shape == shape and r.original_size == shape
+    assert r.grid == (-(-size[0] // 16), -(-size[1] // 16)) and r.categories == tuple(CATEGORIES)
+    assert r.probabilities.shape == (*r.grid, 5)
+    np.testing.assert_allclose(r.probabilities.sum(-1), 1.0, atol=1e-5)
+    assert set(r.timings) == {"preprocess", "engine", "knn", "resize_argmax", "total"}
+    np.testing.assert_array_equal(r.labels, reference_labels(segofa, img, size, knn))
+
+
+def test_paper_policy_and_batching(model_dir, ort_seg):
+    seg = Segmenter.load(model_dir, backend="onnxruntime", threads=2, knn=False)
+    a, b = _image(40, 50, 1), _image(40, 50, 2)
+    r = seg.seg(a)
+    assert r.input_size == (512, 640) and r.grid == (32, 40)  # short side 512, aspect kept
+    both = seg.seg([a, b, _image(30, 30, 3)], batch_size=2)
+    np.testing.assert_array_equal(both[0].labels, r.labels)
+    np.testing.assert_array_equal(both[1].labels, seg.seg(b).labels)
+    assert both[2].labels.shape == (30, 30)
+
+
+def test_torch_backend_equals_onnxruntime(model_dir, ort_seg):
+    ts = _small(Segmenter.load(model_dir, backend="torch", threads=2))
+    imgs = [_image(96, 128, s) for s in range(2)]
+    x = np.stack([ort_seg.preprocess(im)[0] for im in imgs])
+    lo, fo = ort_seg.backend.run(x)
+    lt, ft = ts.backend.run(x)
+    np.testing.assert_allclose(lt, lo, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ft, fo, atol=1e-4, rtol=1e-5)
+    for a, b in zip(ts.seg(imgs), ort_seg.seg(imgs)):
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_runs_without_torch(model_dir):
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+import numpy as np
+import ifseg_rt
+from ifseg_rt import Segmenter
+seg = Segmenter.load({str(model_dir)!r}, backend="auto", threads=1)
+assert seg.backend.name == "onnxruntime"
+r = seg.seg(np.zeros((40, 48, 3), np.uint8))
+assert r.labels.shape == (40, 48)
+print("ok", r.grid)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok (32, 39)")
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+def _copy(model_dir, tmp_path, name="m"):
+    dst = tmp_path / name
+    shutil.copytree(model_dir, dst)
+    return dst
+
+
+def test_tampered_and_truncated_files(model_dir, tmp_path):
+    d = _copy(model_dir, tmp_path)
+    data = bytearray((d / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"model\.onnx: sha256 .* does not match"):
+        Segmenter.load(d, backend="onnxruntime")
+    (d / "model.onnx").write_bytes(bytes(data[:-100]))
+    with pytest.raises(ModelDirError, match="truncated"):
+        Segmenter.load(d, backend="onnxruntime")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match="model.safetensors listed in ifseg.json is missing"):
+        Segmenter.load(d, backend="torch")
+
+
+def _set(d, path, value):
+    *parents, last = path.split(".")
+    for p in parents:
+        d = d[p]
+    if value is KeyError:
+        del d[last]
+    else:
+        d[last] = value
+
+
+@pytest.mark.parametrize("path,value,msg", [
+    ("knn.k", KeyError, "missing field 'knn.k'"),
+    ("knn.k", 0, "'knn.k' must be >= 1"),
+    ("knn.iters", "25", "'knn.iters' must be an integer"),
+    ("categories", [], "'categories' must be a non-empty list"),
+    ("num_categories", 4, "'num_categories' is 4 but 'categories' has 5"),
+    ("schema_version", 99, "'schema_version' is 99"),
+    ("image.policy.mode", "crop", "'image.policy' is invalid"),
+    ("image.input.dtype", "uint8", "'image.input.dtype'"),
+    ("outputs.logits.shape", ["batch", "cells", 7], "'outputs.logits.shape'"),
+    ("files.model.onnx", {"sha256": "x"}, "'files.model.onnx'"),
+    ("onnx.file", "other.onnx", "'onnx.file'"),
+    ("patch_stride", 32, "'patch_stride'"),
+])
+def test_malformed_manifest(model_dir, tmp_path, path, value, msg):
+    d = _copy(model_dir, tmp_path)
+    m = json.loads((d / "ifseg.json").read_text())
+    if path.startswith("files."):
+        m["files"]["model.onnx"] = value
+    else:
+        _set(m, path, value)
+    (d / "ifseg.json").write_text(json.dumps(m))
+    with pytest.raises(ModelDirError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+        Segmenter.load(d, backend="onnxruntime")
+
+
+def test_missing_or_broken_manifest(model_dir, tmp_path):
+    d = _copy(model_dir, tmp_path)
+    (d / "ifseg.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="not valid JSON"):
+        Segmenter.load(d)
+    (d / "ifseg.json").unlink()
+    with pytest.raises(ModelDirError, match="ifseg.json is missing"):
+        Segmenter.load(d)
+    with pytest.raises(ModelDirError, match="not found"):
+        Segmenter.load(tmp_path / "nowhere")
+
+
+def test_bad_images(ort_seg, monkeypatch, tmp_path):
+    from ifseg_rt.runtime import preprocess
+
+    with pytest.raises(ValueError, match="too small"):
+        ort_seg.seg(_image(8, 40))
+    with pytest.raises(ValueError, match="must be uint8"):
+        ort_seg.seg(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        ort_seg.seg(np.zeros((32, 32, 5), np.uint8))
+    with pytest.raises(TypeError, match="unsupported image type"):
+        ort_seg.seg(42)
+    with pytest.raises(FileNotFoundError):
+        ort_seg.seg(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        ort_seg.seg(tmp_path / "bad.png")
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 1000)
+    with pytest.raises(ValueError, match="Mpx limit"):
+        ort_seg.seg(_image(40, 40))
+
+
+def test_grid_beyond_position_table(model_dir):
+    seg = _small(Segmenter.load(model_dir, backend="onnxruntime"), (16, 720))  # 1x45 cells, direct lookup
+    with pytest.raises(ValueError, match="exceeds the 42x42 table"):
+        seg.seg(_image(20, 100))
+
+
+def test_grayscale_and_rgba(ort_seg, tmp_path):
+    from PIL import Image
+
+    rgb = _image(64, 80, 5)
+    gray = rgb[:, :, 0]
+    ref_gray = ort_seg.seg(np.repeat(gray[:, :, None], 3, axis=2)).labels
+    np.testing.assert_array_equal(ort_seg.seg(gray).labels, ref_gray)
+    np.testing.assert_array_equal(ort_seg.seg(Image.fromarray(gray, mode="L")).labels, ref_gray)
+    rgba = np.dstack([rgb, np.full((64, 80, 1), 128, np.uint8)])
+    np.testing.assert_array_equal(ort_seg.seg(rgba).labels, ort_seg.seg(rgb).labels)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    np.testing.assert_array_equal(ort_seg.seg(tmp_path / "a.png").labels, ort_seg.seg(rgb).labels)
+
+
+def test_unavailable_backends(model_dir):
+    from ifseg_rt.runtime.backends import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        Segmenter.load(model_dir, backend="onnxruntime", device="cuda")
+    with pytest.raises(BackendUnavailable, match="tensorrt"):
+        Segmenter.load(model_dir, backend="tensorrt", device="cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Segmenter.load(model_dir, backend="openvino")
+
+
+# --- CLIs ------------------------------------------------------------------------------------------------------
+def test_segment_cli(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from ifseg_rt.__main__ import cli
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(_image(40, 60, 1)).save(imgs / "one.png")
+    Image.fromarray(_image(40, 60, 2)[:, :, 0], mode="L").save(imgs / "two.jpg")
+    Image.fromarray(_image(36, 36, 3)).save(tmp_path / "three.png")
+    rc = cli(["segment", "--model", str(model_dir), str(imgs), str(tmp_path / "three.png"), "--out",
+              str(tmp_path / "out"), "--overlay", "--backend", "onnxruntime", "--threads", "2", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "one.png: 60x40 -> 768x512 (32x48 cells)" in out and "wrote 3 label map(s)" in out
+    for stem, size in (("one", (60, 40)), ("two", (60, 40)), ("three", (36, 36))):
+        with Image.open(tmp_path / "out" / f"{stem}.png") as lab:
+            assert lab.mode == "P" and lab.size == size
+            assert np.asarray(lab).max() < 5
+        with Image.open(tmp_path / "out" / f"{stem}.overlay.jpg") as ov:
+            assert ov.size == size
+
+
+def test_bench_cli(model_dir, tmp_path, capsys):
+    from ifseg_rt.__main__ import cli
+
+    out = tmp_path / "bench.json"
+    rc = cli(["bench", "--model", str(model_dir), "--batch", "1", "2", "--size", "32x48", "--warmup", "0",
+              "--repeats", "1", "--threads", "2", "--json", str(out), "--no-knn"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["backend"] == "onnxruntime" and [r["batch"] for r in rep["runs"]] == [1, 2]
+    run = rep["runs"][1]
+    assert run["input_size"] == [512, 768] and run["throughput_img_s"] > 0
+    assert set(run["stages_ms_per_image"]) == {"preprocess", "engine", "knn", "resize_argmax", "total"}
+    assert set(run["stages_ms_per_image"]["total"]) >= {"median", "p90"}
