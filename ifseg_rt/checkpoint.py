@@ -10,7 +10,6 @@ are regenerated in code.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from .model import OFA, OFAConfig, SegOFA, build_model, get_config
+from .runtime.model_dir import file_sha256  # torch-free; shared with the runtime
 
 FORMAT_NAME = "ifseg_rt"
 FORMAT_VERSION = 1
@@ -134,14 +134,6 @@ def safe_torch_load(path: Union[str, Path]) -> Any:
             f"files you trust, e.g. re-save just the state_dict.") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read {path} as a torch checkpoint: {e}") from None
-
-
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _get(obj: Any, key: str, default=None):

@@ -61,6 +61,17 @@ def tiny_segofa(num_categories: int = 5, seed: int = 0, **overrides):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and OpenMP spin-waits make shared CPUs crawl: use one, then restore."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def bpe_dir():
     if not (BPE_DIR / "encoder.json").exists():
         pytest.skip(f"OFA BPE files not found in {BPE_DIR}")

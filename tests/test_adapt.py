@@ -18,13 +18,7 @@ SMALL = dict(patch_image_size=64)  # G = 4 word cells per side: fast on CPU
 CATEGORIES = ["sky", "road", "tree", "concrete wall"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits make shared CPUs crawl: use one, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- a tiny fairseq-style BPE vocabulary (whole words of a few test sentences) ----------------------------------

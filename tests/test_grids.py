@@ -10,13 +10,7 @@ from conftest import tiny_segofa
 from ifseg_rt.adapt.grids import WordGridSampler, mismatch_fraction, nearest_indices, nearest_resize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits make shared CPUs crawl: use one, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _floor_index(n_in, n_out):

@@ -24,13 +24,7 @@ PRED = np.array([[0, 1, 1, 2],
                  [2, 0, 0, 1]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits make shared CPUs crawl: use one, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_hand_computed_example():
