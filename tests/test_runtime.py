@@ -217,7 +217,7 @@ def test_bad_images(ort_seg, monkeypatch, tmp_path):
 
 def test_grid_beyond_position_table(model_dir):
     seg = _small(Segmenter.load(model_dir, backend="onnxruntime"), (16, 720))  # 1x45 cells, direct lookup
-    with pytest.raises(ValueError, match="exceeds the 42x42 table"):
+    with pytest.raises(ValueError, match=r"grid 1x45 .* both sides <= 42 cells"):
         seg.seg(_image(20, 100))
 
 
@@ -233,6 +233,57 @@ def test_grayscale_and_rgba(ort_seg, tmp_path):
     np.testing.assert_array_equal(ort_seg.seg(rgba).labels, ort_seg.seg(rgb).labels)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
     np.testing.assert_array_equal(ort_seg.seg(tmp_path / "a.png").labels, ort_seg.seg(rgb).labels)
+
+
+def test_16bit_images_are_scaled_not_clipped(ort_seg, tmp_path):
+    from PIL import Image
+
+    from ifseg_rt.runtime import load_image
+
+    ramp = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    want = np.repeat((ramp >> 8).astype(np.uint8)[:, :, None], 3, axis=2)  # OpenCV IMREAD_COLOR: high byte
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as im:
+        assert im.mode.startswith("I")
+    np.testing.assert_array_equal(load_image(tmp_path / "ramp16.png"), want)
+    np.testing.assert_array_equal(load_image(ramp), want)
+    np.testing.assert_array_equal(ort_seg.seg(tmp_path / "ramp16.png").labels, ort_seg.seg(want).labels)
+    with pytest.raises(ValueError, match="mode 'F'"):
+        load_image(Image.fromarray(np.ones((32, 32), np.float32)))
+
+
+def test_probabilities_with_knn_and_zero_iterations(model_dir):
+    seg = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2))
+    seg.spec = dataclasses.replace(seg.spec, knn=dataclasses.replace(seg.spec.knn, iters=0))
+    img = _image(64, 80, 9)
+    r = seg.seg(img, return_probabilities=True)
+    p = r.probabilities.reshape(-1, r.probabilities.shape[-1])
+    assert p.min() >= 0
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)  # softmax, not logits
+    off = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2, knn=False))
+    np.testing.assert_allclose(off.seg(img, return_probabilities=True).probabilities, r.probabilities, atol=1e-6)
+
+
+def test_long_lists_are_batched_in_windows(ort_seg):
+    images = [_image(64, 80, i) if i % 3 else _image(48, 48, i) for i in range(11)]
+    single = [ort_seg.seg(im).labels for im in images]
+    batched = ort_seg.seg(images, batch_size=2)  # 11 inputs: more than one window of 8
+    assert [r.original_size for r in batched] == [im.shape[:2] for im in images]
+    for a, b in zip(single, batched):
+        np.testing.assert_array_equal(a, b.labels)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            ort_seg.seg(images[:2], batch_size=bad)
+
+
+def test_segment_cli_rejects_bad_batch_size(model_dir, tmp_path, capsys):
+    from ifseg_rt.__main__ import cli
+
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as info:
+            cli(["segment", "--model", str(model_dir), str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", bad])
+        assert info.value.code == 2
+        assert "--batch-size: must be >= 1" in capsys.readouterr().err
 
 
 def test_unavailable_backends(model_dir):

@@ -228,7 +228,10 @@ class WordGridTrainer:
             self.scaler.update()
         elif not skipped:
             self.optimizer.step()
-        self.step += 1
+        if not (skipped and self.scaler is not None):
+            # as fairseq: an fp16 overflow (the scaler lowers its scale and retries) is not an update and does not
+            # advance the schedule; in fp32/bf16 a non-finite gradient is skipped but counted, so it cannot loop
+            self.step += 1
         return StepStats(step=self.step, loss=float(loss.detach()), lr=lr, grad_norm=grad_norm, skipped=skipped)
 
     # --- exact resume -----------------------------------------------------------------------------------------

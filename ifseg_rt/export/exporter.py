@@ -22,6 +22,7 @@ CLI::
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import tempfile
@@ -353,7 +354,9 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     policy = image_policy or ImagePolicy()
 
     if isinstance(source, SegOFA):
-        model = source.float().eval()
+        model = source
+        if source.training or any(t.dtype != torch.float32 for t in source.parameters()):
+            model = copy.deepcopy(source).float().eval()  # never change the caller's model
         if categories is None:
             raise ValueError("pass categories= (names) when exporting a SegOFA object")
         from ..tokenizer import parse_categories
@@ -380,7 +383,9 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     verification = None
     if check:
         if static_shape is None:
-            shapes = [(1, 128, 160), (2, 96, 80)]  # non-square, N < G^2 and off the 32x32 grid
+            g = cfg.seg_grid
+            # non-square, N < G^2 off the G x G grid (direct position lookup), and N > G^2 (resized positions)
+            shapes = [(1, 128, 160), (2, 96, 80), (1, 16 * (g + 1), 16 * (g + 2))]
         else:
             shapes = [(1, *static_shape), (2, *static_shape)]
         err = check_onnx_parity(model, out / ONNX_FILE, shapes, normalize_features=normalize_features)

@@ -153,9 +153,11 @@ class ModelSpec:
         """The IFSeg position rule looks positions up directly when N <= G^2: the grid must fit the table."""
         s = self.image_bucket_size
         if h * w <= self.seg_grid ** 2 and (h > s or w > s):
-            raise ValueError(f"image token grid {h}x{w} (N = {h * w} <= {self.seg_grid ** 2}) needs a direct "
-                             f"position lookup but exceeds the {s}x{s} table; use an aspect ratio below "
-                             f"{s}:{max(1, self.seg_grid ** 2 // s)} or a larger image")
+            raise ValueError(f"image token grid {h}x{w} (N = {h * w} <= {self.seg_grid ** 2}) takes IFSeg's direct "
+                             f"position lookup, which needs both sides <= {s} cells (the original silently aliases "
+                             f"column ids past {s} into the next table row; we refuse instead). This happens for "
+                             f"very elongated images (about 16:1 or more under the default policy): crop or pad the "
+                             f"image to a less extreme aspect ratio, or use a fixed-size image policy")
 
 
 def parse_manifest(d: Any, root: Union[str, Path] = ".") -> ModelSpec:

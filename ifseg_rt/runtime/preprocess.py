@@ -88,22 +88,24 @@ def load_image(image: ImageLike) -> np.ndarray:
         try:
             with Image.open(p) as im:
                 _check_size(im.height, im.width, str(p))
-                arr = np.asarray(im.convert("RGB"))
+                arr = _pil_to_rgb(im, str(p))
         except (OSError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from None
         return np.ascontiguousarray(arr)
     if isinstance(image, Image.Image):
         _check_size(image.height, image.width, "PIL image")
-        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        return np.ascontiguousarray(_pil_to_rgb(image, "PIL image"))
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
             raise ValueError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"image array must be uint8 (0..255), got {arr.dtype}; convert with "
-                             f"(x * 255).round().astype(np.uint8) if it holds floats in [0, 1]")
+        if arr.dtype == np.uint16:
+            arr = (arr >> 8).astype(np.uint8)  # 16-bit -> 8-bit as OpenCV's IMREAD_COLOR (the original's reader)
+        elif arr.dtype != np.uint8:
+            raise ValueError(f"image array must be uint8 (0..255) or uint16, got {arr.dtype}; convert floats in "
+                             f"[0, 1] with (x * 255).round().astype(np.uint8)")
         _check_size(arr.shape[0], arr.shape[1], f"array of shape {image.shape}")
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
@@ -111,6 +113,20 @@ def load_image(image: ImageLike) -> np.ndarray:
             arr = arr[:, :, :3]
         return np.ascontiguousarray(arr)
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+
+
+def _pil_to_rgb(im, what: str) -> np.ndarray:
+    """PIL image -> HxWx3 uint8; 16/32-bit integer images are scaled to 8 bits (high byte), never clipped."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im)
+        if a.dtype != np.uint16 and a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"{what}: 32-bit integer image with values outside 0..65535; convert it to 8-bit RGB")
+        a = (a.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError(f"{what}: floating-point (mode 'F') images have no defined 0..255 range; "
+                         f"convert to 8-bit RGB first")
+    return np.asarray(im.convert("RGB"))
 
 
 def _check_size(h: int, w: int, what: str) -> None:
@@ -147,8 +163,8 @@ def resize_bilinear(img: np.ndarray, h: int, w: int) -> np.ndarray:
         pass
     y0, y1, ly = _linear_weights(img.shape[0], h)
     x0, x1, lx = _linear_weights(img.shape[1], w)
-    f = img.astype(np.float32)
-    rows = f[y0] * (1 - ly)[:, None, None] + f[y1] * ly[:, None, None]
+    # gather the needed rows from the uint8 image before widening: a large original is never copied to float
+    rows = img[y0].astype(np.float32) * (1 - ly)[:, None, None] + img[y1].astype(np.float32) * ly[:, None, None]
     out = rows[:, x0] * (1 - lx)[None, :, None] + rows[:, x1] * lx[None, :, None]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

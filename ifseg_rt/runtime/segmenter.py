@@ -85,6 +85,8 @@ class Segmenter:
         """
         spec = load_model_dir(model_dir)
         name = resolve_backend(backend, device, spec)
+        if name == "tensorrt":
+            backend_options.pop("threads", None)  # a CPU-thread count means nothing to a TensorRT engine
         if verify:
             if name == "onnxruntime":
                 spec.verify([f for f in spec.files if f == spec.onnx_file or f == spec.onnx_file + ".data"])
@@ -116,25 +118,29 @@ class Segmenter:
 
     # --- pipeline -----------------------------------------------------------------------------------------------
     def _seg_many(self, images: List[ImageLike], probs: bool, batch_size: int) -> List[SegmentationResult]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        pre = []
-        for im in images:
-            t0 = time.perf_counter()
-            x, size = self.preprocess(im)
-            pre.append((x, size, (time.perf_counter() - t0) * 1e3))
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, (x, _, _) in enumerate(pre):
-            groups.setdefault(x.shape[1:], []).append(i)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         results: List[Optional[SegmentationResult]] = [None] * len(images)
-        for shape, idx in groups.items():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                batch = np.stack([pre[i][0] for i in chunk])
-                for i, r in zip(chunk, self._run_batch(batch, [pre[i][1] for i in chunk], probs)):
-                    r.timings["preprocess"] = pre[i][2]
-                    r.timings["total"] = sum(r.timings[k] for k in STAGES[:-1])
-                    results[i] = r
+        # A window of inputs at a time, so that a long list never holds every preprocessed image in memory;
+        # within a window, same-size inputs are batched together.
+        window = 4 * batch_size
+        for w0 in range(0, len(images), window):
+            pre = {}
+            for i in range(w0, min(w0 + window, len(images))):
+                t0 = time.perf_counter()
+                x, size = self.preprocess(images[i])
+                pre[i] = (x, size, (time.perf_counter() - t0) * 1e3)
+            groups: Dict[Tuple[int, int], List[int]] = {}
+            for i, (x, _, _) in pre.items():
+                groups.setdefault(x.shape[1:], []).append(i)
+            for idx in groups.values():
+                for s in range(0, len(idx), batch_size):
+                    chunk = idx[s:s + batch_size]
+                    batch = np.stack([pre[i][0] for i in chunk])
+                    for i, r in zip(chunk, self._run_batch(batch, [pre[i][1] for i in chunk], probs)):
+                        r.timings["preprocess"] = pre[i][2]
+                        r.timings["total"] = sum(r.timings[k] for k in STAGES[:-1])
+                        results[i] = r
         return results
 
     def _run_batch(self, batch: np.ndarray, sizes: List[Tuple[int, int]], want_probs: bool):
@@ -145,21 +151,23 @@ class Segmenter:
         if getattr(self.backend, "on_gpu", False):
             import torch
 
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(logits.device)
         t_engine = (time.perf_counter() - t0) * 1e3 / B
         if getattr(self.backend, "on_gpu", False):
             return self._post_torch(logits, feats, grid, sizes, want_probs, t_engine, (H, W))
         return self._post_numpy(logits, feats, grid, sizes, want_probs, t_engine, (H, W))
 
     def _scores_numpy(self, logits: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        """kNN on: softmax probabilities, averaged when iters > 0 (ifseg.md §12). kNN off: the logits."""
         k = self.spec.knn
-        if not self.knn or k.iters == 0:
+        if not self.knn:
             return np.asarray(logits, dtype=np.float32)
+        probs = softmax(logits, temperature=k.temperature)
+        if k.iters == 0:
+            return probs
         from ..knn import knn_average
 
-        n = logits.shape[1]
-        probs = softmax(logits, temperature=k.temperature)
-        return knn_average(feats, probs, k=min(k.k, n), iters=k.iters, backend=self.knn_backend)
+        return knn_average(feats, probs, k=min(k.k, logits.shape[1]), iters=k.iters, backend=self.knn_backend)
 
     def _post_numpy(self, logits, feats, grid, sizes, want_probs, t_engine, input_size):
         t0 = time.perf_counter()
@@ -172,7 +180,7 @@ class Segmenter:
             t_res = (time.perf_counter() - t1) * 1e3
             p = None
             if want_probs:
-                p = scores[i] if self.knn else softmax(scores[i], temperature=self.spec.knn.temperature)
+                p = scores[i] if self.knn else softmax(scores[i], temperature=self.spec.knn.temperature)  # probs
                 p = np.ascontiguousarray(p.reshape(*grid, -1), dtype=np.float32)
             out.append(SegmentationResult(labels=labels, categories=self.categories, grid=grid, original_size=size,
                                           input_size=input_size, probabilities=p,
@@ -187,12 +195,15 @@ class Segmenter:
         k = self.spec.knn
         t0 = time.perf_counter()
         scores = logits.float()
-        if self.knn and k.iters > 0:
-            from ..knn import knn_average
+        with torch.cuda.device(scores.device):  # cuda:N, whatever the current device is
+            if self.knn:
+                scores = torch.softmax(scores / k.temperature, dim=-1)
+                if k.iters > 0:
+                    from ..knn import knn_average
 
-            probs = torch.softmax(scores / k.temperature, dim=-1)
-            scores = knn_average(feats, probs, k=min(k.k, scores.shape[1]), iters=k.iters, backend="auto")
-        torch.cuda.synchronize()
+                    backend = "cuda" if self.knn_backend == "auto" else self.knn_backend
+                    scores = knn_average(feats, scores, k=min(k.k, scores.shape[1]), iters=k.iters, backend=backend)
+            torch.cuda.synchronize(scores.device)
         t_knn = (time.perf_counter() - t0) * 1e3 / len(sizes)
         out = []
         for i, size in enumerate(sizes):
