@@ -194,10 +194,15 @@ def run(features, probs, k, iters, *, check_finite=True):
     if ext is not None:
         nbytes = ext.knn_cuda_workspace(b, n, c, m if p3 is not None else 0, k, iters)
         ws = xp.empty((max(nbytes, 1),), "uint8")
-        ext.knn_cuda(
-            xp.ptr(f3), fdtype, xp.ptr(idx), xp.ptr(p3) if p3 is not None else 0, xp.ptr(out) if out is not None else 0,
-            xp.ptr(ws), b, n, c, m if p3 is not None else 0, k, iters, xp.stream,
-        )
+        # the compiled launcher runs on the current CUDA device: make that the inputs' device (cuda:N)
+        dev = _device_id(f3)
+        guard = xp.t.cuda.device(dev) if isinstance(xp, _Torch) else _cupy().cuda.Device(dev)
+        with guard:
+            ext.knn_cuda(
+                xp.ptr(f3), fdtype, xp.ptr(idx), xp.ptr(p3) if p3 is not None else 0,
+                xp.ptr(out) if out is not None else 0, xp.ptr(ws), b, n, c, m if p3 is not None else 0, k, iters,
+                xp.stream,
+            )
     else:
         _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters)
 
@@ -208,6 +213,18 @@ def run(features, probs, k, iters, *, check_finite=True):
     return idx, (xp.cast(out, probs.dtype) if probs.dtype != xp.float32 else out)
 
 
+def _device_id(x) -> int:
+    """CUDA ordinal of a torch tensor (``device.index``, None for the current device) or a CuPy array."""
+    d = x.device
+    if not hasattr(d, "index"):
+        return int(d.id)  # CuPy
+    if d.index is not None:
+        return d.index
+    import torch  # a torch tensor: torch is already imported
+
+    return int(torch.cuda.current_device())
+
+
 def _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters):
     """The launch sequence of knn_cuda.cu through cupy.RawModule, on xp's stream."""
     import numpy as np
@@ -215,7 +232,7 @@ def _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters):
     cp = _cupy()
     if cp is None:
         raise RuntimeError("the CUDA backend needs ifseg_rt._C built with nvcc, or CuPy for the NVRTC path")
-    device_id = f3.device.index if hasattr(f3.device, "index") and f3.device.index is not None else int(f3.device.id)
+    device_id = _device_id(f3)
     mod = _module(device_id)
     as_cp = (lambda x: cp.asarray(x)) if isinstance(xp, _Torch) else (lambda x: x)
     rows, L = b * n, k - 1
