@@ -444,5 +444,24 @@ def save_checkpoint(model: Union[OFA, SegOFA], path: Union[str, os.PathLike], *,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".safetensors.tmp")
     save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    canonicalize_safetensors_header(tmp)
     os.replace(tmp, path)
     return path
+
+
+def canonicalize_safetensors_header(path: Union[str, os.PathLike]) -> None:
+    """Rewrite a safetensors header in place with sorted keys, so that equal tensors and metadata give equal bytes.
+
+    safetensors serialises its header from Rust hash maps, whose order changes from one save to the next: the same
+    weights would get a new sha256 every time (and the shipped nano checkpoint could not be reproduced bit for bit).
+    The sorted, compact JSON has exactly the original length (same keys and values, padded with spaces as the
+    format allows), so the data offsets stay valid.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n).decode("utf-8"))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:  # cannot happen for a header safetensors wrote itself (it is compact JSON)
+            raise ValueError(f"{path}: canonical safetensors header is {len(text)} bytes, longer than the {n} written")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))

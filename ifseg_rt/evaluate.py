@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._argtypes import positive_int
 from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, format_table, load_label
 from .runtime.postprocess import labels_from_scores, postprocess
 from .runtime.preprocess import PATCH, ImagePolicy, load_image, preprocess
@@ -275,25 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-backend", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
                    help="ifseg_rt.knn backend")
     p.add_argument("--json", dest="json_out", default=None, help="write the metrics (percent) to this JSON file")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images (by stem)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images (by stem)")
     p.add_argument("--device", default="auto", help="torch device for checkpoints: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="compute precision of checkpoint models (bf16/fp16 = autocast)")
-    p.add_argument("--short-side", type=_positive_int, default=512,
+    p.add_argument("--short-side", type=positive_int, default=512,
                    help="checkpoints: resize the short image side to this (the paper's evaluation: 512)")
-    p.add_argument("--max-long-side", type=_positive_int, default=2048,
+    p.add_argument("--max-long-side", type=positive_int, default=2048,
                    help="checkpoints: cap the long image side at this (the paper: 2048)")
     p.add_argument("--bpe-dir", default=None,
                    help="OFA BPE files, only for checkpoints that name their categories but carry no token ids")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def main(argv=None) -> int:

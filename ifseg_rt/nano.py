@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .synthetic import CATEGORIES, CATEGORY_NAMES, Scene, SceneObject, render_scene
+from .synthetic import CATEGORIES, CATEGORY_NAMES, SceneObject, render_scene
 from .tokenizer import IFSEG_PROMPT_PREFIX, IFSEG_UNKNOWN, SPECIAL_SYMBOLS, MASK_SYMBOL, OFATokenizer
 
 NUM_BINS = 16  # location tokens <bin_0> ... <bin_15> (8 px per bin on 128-px scenes)

@@ -24,8 +24,6 @@ import json
 import math
 import os
 import platform
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -35,6 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from . import __version__
+from ._argtypes import positive_int
 from .nano import IMAGE_SIZE, INPUTS, TASKS, Batch, TaskBuilder, collate, forward, load_tokenizer, nano_config, \
     write_vocab
 
@@ -43,14 +42,14 @@ REPORT_FILE = "pretrain.json"
 CARD_FILE = "CARD.md"
 EVAL_SEED = 10 ** 12  # held-out scenes/layouts start here; training seeds are seed * 10**9 + sample index
 TASK_WEIGHTS = (0.2, 0.2, 0.35, 0.25)  # caption, vqa, region, grounding
-INPUT_WEIGHTS = (0.55, 0.25, 0.2)  # image, words, mixed
+INPUT_WEIGHTS = (0.45, 0.25, 0.3)  # image, words, mixed
 
 
 @dataclass(frozen=True)
 class PretrainOptions:
     """Hyper-parameters of the nano pretraining."""
 
-    steps: int = 6000  # optimiser updates
+    steps: int = 2600  # optimiser updates (~19 min on 2 cores)
     batch_size: int = 48
     lr: float = 1e-3  # peak; linear warm-up then cosine to lr * final_lr_ratio
     warmup: int = 300
@@ -59,7 +58,7 @@ class PretrainOptions:
     grad_clip: float = 1.0
     size: int = IMAGE_SIZE  # px of the training scenes (a multiple of 16; 128 = the nano reference grid)
     seed: int = 0
-    threads: int = 2  # torch intra-op threads (the scene renderer runs in one more thread)
+    threads: int = 2  # torch intra-op threads
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -75,36 +74,12 @@ def choose(seed: int) -> tuple:
     return TASKS[rng.choice(len(TASKS), p=TASK_WEIGHTS)], INPUTS[rng.choice(len(INPUTS), p=INPUT_WEIGHTS)]
 
 
-def batches(builder: TaskBuilder, options: PretrainOptions, start: int = 0, *, prefetch: int = 3) -> Iterator[Batch]:
-    """Training batches from step ``start`` on, rendered in a background thread (numpy/Pillow release the GIL)."""
-    q: "queue.Queue" = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def work():
-        step = start
-        while not stop.is_set() and step < options.steps:
-            base = options.seed * 10 ** 9 + step * options.batch_size
-            samples = [builder.sample(base + i, *choose(base + i)) for i in range(options.batch_size)]
-            q.put(collate(samples, builder.grid))
-            step += 1
-        q.put(None)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while True:
-            b = q.get()
-            if b is None:
-                return
-            yield b
-    finally:
-        stop.set()
-        while t.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            t.join(timeout=0.05)
+def batches(builder: TaskBuilder, options: PretrainOptions, start: int = 0) -> Iterator[Batch]:
+    """Training batches from step ``start`` on. Rendered in line: a renderer thread next to torch's OpenMP threads
+    on a 2-core machine makes both crawl (spin-waiting barriers), and rendering is ~1/3 of a step."""
+    for step in range(start, options.steps):
+        base = options.seed * 10 ** 9 + step * options.batch_size
+        yield collate([builder.sample(base + i, *choose(base + i)) for i in range(options.batch_size)], builder.grid)
 
 
 def calibrate_batchnorm(model, images) -> None:
@@ -215,9 +190,9 @@ def pretrain(out_dir, options: PretrainOptions = PretrainOptions(), *, progress:
             torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
             opt.step()
             step += 1
-            window.append(float(loss))
+            window.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.2e}", refresh=False)
             if step % log_every == 0 or step == options.steps:
                 rec = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
                        "elapsed_s": round(time.perf_counter() - t0, 1)}
@@ -309,7 +284,7 @@ fp32, seed {o['seed']}. ResNet BN statistics set once from 64 scenes, then fixed
 
 - loss (token cross-entropy): {report['first_loss']} (first {50} steps) -> {report['final_loss']} (last window)
 - time: {report['seconds'] / 60:.1f} min ({report['steps_per_s']} steps/s) on {m['cpu']} with {m['torch_threads']} torch
-  threads (+1 renderer thread), torch {m['torch']}, Python {m['python']}; finished {report['finished_at']}
+  threads, torch {m['torch']}, Python {m['python']}; finished {report['finished_at']}
 
 ## Held-out accuracy (teacher-forced, %)
 
@@ -326,11 +301,6 @@ Bit-identical weights need the same torch build and thread count; the card and `
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,15 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ifseg_rt.pretrain_nano", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="export/nano", help="output folder (checkpoint, tokenizer, report, card)")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimiser updates")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="samples per update")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser updates")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per update")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    p.add_argument("--size", type=_positive_int, default=d.size, help="scene size in px (multiple of 16)")
+    p.add_argument("--size", type=positive_int, default=d.size, help="scene size in px (multiple of 16)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data stream and the initialisation")
-    p.add_argument("--threads", type=_positive_int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
     p.add_argument("--eval-samples", type=int, default=96, help="held-out samples per task/input (0: skip)")
-    p.add_argument("--log-every", type=_positive_int, default=50, help="loss window in steps")
+    p.add_argument("--log-every", type=positive_int, default=50, help="loss window in steps")
     p.add_argument("--no-card", action="store_true", help="do not write CARD.md")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p

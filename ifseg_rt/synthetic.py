@@ -347,7 +347,7 @@ def render_scene(seed: int, size: Union[int, Tuple[int, int]] = 128,
         base = np.float32(cat.colour) + rng.uniform(-0.03, 0.03, size=3).astype(np.float32)
         tex = _TEXTURES[name](rng, h, w, base).astype(np.float32)
         m = region == i
-        image[m] = tex[m]
+        np.copyto(image, tex, where=m[..., None])
         labels[m] = _INDEX[name]
 
     n_things = int(rng.integers(0, min(max_things, len(things)) + 1)) if things else 0
@@ -364,7 +364,7 @@ def render_scene(seed: int, size: Union[int, Tuple[int, int]] = 128,
         shade = 1.0 + 0.25 * (((cy - y) + (cx - x)) / (2 * r)).clip(-1, 1)  # light from the top left
         base = np.float32(cat.colour) + rng.uniform(-0.03, 0.03, size=3).astype(np.float32)
         tex = base * shade[..., None] + 0.03 * (_smooth_noise(rng, h, w, 6)[..., None] - 0.5)
-        image[m] = tex[m]
+        np.copyto(image, tex, where=m[..., None])
         labels[m] = _INDEX[name]
 
     # lighting: brightness, colour cast, a linear gradient; then sensor noise
@@ -372,7 +372,7 @@ def render_scene(seed: int, size: Union[int, Tuple[int, int]] = 128,
     gy, gx = rng.uniform(-0.08, 0.08, size=2)
     light = rng.uniform(0.88, 1.12) * (1.0 + gy * (yy / h - 0.5) * 2 + gx * (xx / w - 0.5) * 2)
     image = image * light[..., None] + rng.uniform(-0.03, 0.03, size=3).astype(np.float32)
-    image += rng.normal(0.0, 0.02, size=image.shape).astype(np.float32)
+    image += np.float32(0.02) * rng.standard_normal(image.shape, dtype=np.float32)
     image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return Scene(image=image, labels=labels, objects=scene_objects(labels), seed=int(seed))
 

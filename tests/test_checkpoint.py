@@ -265,6 +265,25 @@ def test_safetensors_roundtrip(tmp_path, dtype):
     assert path.exists() and not path.with_suffix(".safetensors.tmp").exists()
 
 
+def test_saving_is_byte_reproducible(tmp_path):
+    """Equal weights and metadata give equal files (safetensors alone orders its header differently per save)."""
+    import json
+
+    seg = tiny_segofa(len(CATEGORIES)).eval()
+    paths = [save_checkpoint(seg, tmp_path / f"m{i}.safetensors", categories=CATEGORIES, provenance={"i": 0})
+             for i in range(4)]
+    assert len({p.read_bytes() for p in paths}) == 1
+    raw = paths[0].read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    loaded = load_checkpoint(paths[0])
+    assert loaded.categories == CATEGORIES
+    for k, v in seg.state_dict().items():
+        if k in loaded.model.state_dict():
+            torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     path = save_checkpoint(tiny_ofa(), tmp_path / "m.safetensors")
     data = path.read_bytes()

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .._argtypes import non_negative_int, positive_int
 from ..tokenizer import IFSEG_PROMPT_PREFIX
 from .options import PRECISIONS, AdaptOptions
 
@@ -26,20 +27,6 @@ _OPTION_FLAGS = {
     "grad_clip": "grad_clip", "dropout": "dropout", "drop_path": "drop_path_rate", "precision": "precision",
     "seed": "seed", "max_side": "max_side", "decay_unused": "decay_unused",
 }
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,20 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run directory (model.safetensors, run.json, train_state.pt, ...)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
     run.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
-    run.add_argument("--stop-at", type=_positive_int, default=None,
+    run.add_argument("--stop-at", type=positive_int, default=None,
                      help="stop after this many updates (the schedule still spans --steps); continue with --resume")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    run.add_argument("--save-every", type=_non_negative_int, default=500, help="save every N updates (0: at the end)")
+    run.add_argument("--save-every", type=non_negative_int, default=500, help="save every N updates (0: at the end)")
     run.add_argument("--keep-checkpoints", action=argparse.BooleanOptionalAction, default=True,
                      help="keep checkpoints/step_N.safetensors at every save (hard links where possible)")
     run.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="float dtype of the saved model.safetensors (training always keeps fp32 weights)")
-    run.add_argument("--log-every", type=_positive_int, default=10, help="log the mean loss every N updates")
+    run.add_argument("--log-every", type=positive_int, default=10, help="log the mean loss every N updates")
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
     opt = p.add_argument_group("training recipe (ifseg.md §10)")
-    opt.add_argument("--steps", type=_positive_int, default=d.steps, help="optimiser updates")
-    opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="word grids per update")
+    opt.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser updates")
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="word grids per update")
     opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine to 0, no warm-up)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (0: off)")
@@ -84,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                      help="auto: bf16 (else fp16 + loss scaling) on CUDA, fp32 on CPU")
     opt.add_argument("--seed", type=int, default=d.seed, help="seed of the grid sampler, dropout and new modules")
-    opt.add_argument("--max-side", type=_positive_int, default=d.max_side,
+    opt.add_argument("--max-side", type=positive_int, default=d.max_side,
                      help="largest initial word-grid side S (default: the token grid side, 32)")
     opt.add_argument("--decay-unused", action=argparse.BooleanOptionalAction, default=d.decay_unused,
                      help="weight-decay trainable parameters that get no gradient, as the original optimiser does")
@@ -92,14 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     val = p.add_argument_group("monitoring on real images (optional)")
     val.add_argument("--val-images", help="folder of validation images")
     val.add_argument("--val-labels", help="folder of PNG label maps matched to --val-images by file stem")
-    val.add_argument("--val-every", type=_non_negative_int, default=500,
+    val.add_argument("--val-every", type=non_negative_int, default=500,
                      help="validate every N updates (0: only at the end)")
-    val.add_argument("--val-limit", type=_positive_int, default=None, help="use only the first N validation images")
+    val.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N validation images")
     val.add_argument("--label-offset", type=int, choices=(0, 1), default=1,
                      help="1: stored 0/255 ignored, v -> class v-1 (ADE-style); 0: values are class ids, 255 ignored")
     val.add_argument("--val-knn", action=argparse.BooleanOptionalAction, default=True,
                      help="also report mIoU with the kNN post-processing")
-    val.add_argument("--val-short-side", type=_positive_int, default=512,
+    val.add_argument("--val-short-side", type=positive_int, default=512,
                      help="resize the short side of validation images to this (long side capped at 2048)")
     val.add_argument("--knn-backend", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
                      help="ifseg_rt.knn backend for validation")

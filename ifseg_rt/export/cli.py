@@ -7,12 +7,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from .._argtypes import positive_int
 
 
 def _hw(s: str):
@@ -54,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bpe-dir", help="OFA BPE directory (encoder.json, vocab.bpe, dict.txt) to tokenise the prompt")
     g.add_argument("--prompt-prefix", help="task text of the prompt (default: IFSeg's)")
     g = p.add_argument_group("image policy and post-processing (written to ifseg.json)")
-    g.add_argument("--short-side", type=_positive_int, default=512, help="paper policy: resize the short side to this")
-    g.add_argument("--max-long-side", type=_positive_int, default=2048, help="paper policy: cap for the long side")
+    g.add_argument("--short-side", type=positive_int, default=512, help="paper policy: resize the short side to this")
+    g.add_argument("--max-long-side", type=positive_int, default=2048, help="paper policy: cap for the long side")
     g.add_argument("--image-size", type=_hw, help="fixed network input HxW instead of the paper policy")
-    g.add_argument("--knn-k", type=_positive_int, default=3, help="kNN neighbours (cell itself included)")
+    g.add_argument("--knn-k", type=positive_int, default=3, help="kNN neighbours (cell itself included)")
     g.add_argument("--knn-iters", type=int, default=25, help="kNN averaging iterations")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature before kNN averaging")
     g.add_argument("--no-knn", action="store_true", help="disable kNN post-processing (plain logits arg-max)")

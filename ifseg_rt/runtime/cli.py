@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .._argtypes import positive_int
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -63,7 +65,7 @@ def segment(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="output folder for <name>.png label maps")
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg (labels over the image)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images of equal network size per forward")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images of equal network size per forward")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(p)
     args = p.parse_args(argv)
@@ -129,16 +131,6 @@ def _stats(values: List[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean()),
             "min": float(a.min())}
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _hw(s: str):

@@ -1,0 +1,313 @@
+"""``python -m ifseg_rt demo``: IFSeg end to end on the embedded nano model and the synthetic world.
+
+1. render held-out scenes of the chosen categories (images + exact label maps, ``--out/scenes``);
+2. score the **un-adapted** model (fresh IFSeg decoder modules on the pretrained nano OFA: the baseline);
+3. adapt it image-free on word grids (``ifseg_rt.adapt``; run directory ``--out/run``);
+4. export it (``ifseg_rt.export``; model directory ``--out/model``) and segment the scenes with the runtime
+   (``ifseg_rt.runtime.Segmenter``), with and without the kNN post-processing;
+5. print the mIoU table, write ``--out/results.json`` and overlay PNGs (``--out/overlays``).
+
+Examples::
+
+    python -m ifseg_rt demo                                   # 14 default categories, a few minutes on a CPU
+    python -m ifseg_rt demo --categories "sky, grass, water, sand, brick, snow, ball, star" --out demo_out
+    python -m ifseg_rt demo --quick                           # seconds: tiny run, only checks the pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._argtypes import positive_int
+from .synthetic import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, check_categories
+
+_CHECKOUT_NANO = Path(__file__).resolve().parents[1] / "export" / "nano"  # the shipped model in a source checkout
+_INSTALLED_NANO = Path(__file__).resolve().parent / "_nano"  # the copy CMake installs into a wheel
+NANO_DIR = _CHECKOUT_NANO if (_CHECKOUT_NANO / "model.safetensors").is_file() or not _INSTALLED_NANO.is_dir() \
+    else _INSTALLED_NANO
+TILE = 192  # px; overlay tiles are scaled up (nearest) to at least this height
+DEMO_SEED = 2 ** 40  # evaluation scenes: seeds DEMO_SEED + i, disjoint from pretraining (< 10**12) and its eval
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run (the defaults are the README's numbers)."""
+
+    steps: int = 600  # adaptation updates
+    batch_size: int = 16  # word grids per update
+    lr: float = 1e-3  # peak adaptation learning rate (cosine to 0); the nano model wants far more than OFA-Base's 5e-5
+    images: int = 100  # evaluation scenes
+    size: int = 256  # px, square scenes: 16 x 16 cells, twice the 8 x 8 reference grid the word grids are trained on
+    overlays: int = 8  # overlay PNGs written
+    check_export: bool = True  # compare onnxruntime with PyTorch after export
+
+
+QUICK = DemoSettings(steps=4, batch_size=2, images=3, size=64, overlays=2, check_export=False)
+
+
+def parse_demo_categories(text: Optional[str]) -> List[str]:
+    """``"sky, grass"`` -> names; ``None`` -> the default set. Unknown or empty names raise ``ValueError``."""
+    if text is None:
+        return list(DEFAULT_DEMO_CATEGORIES)
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise ValueError("--categories is empty; give comma-separated names from: " + ", ".join(CATEGORY_NAMES))
+    if not all(items):
+        raise ValueError(f"--categories {text!r} has an empty name (a stray comma?)")
+    return check_categories(items)
+
+
+def find_nano(model_dir: Optional[str]) -> Path:
+    d = Path(model_dir) if model_dir else NANO_DIR
+    missing = [f for f in ("model.safetensors", "vocab.json", "merges.txt") if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the nano model folder {d} lacks {', '.join(missing)}; pass --model DIR or rebuild it "
+                                f"with `python -m ifseg_rt.pretrain_nano --out {d}`")
+    return d
+
+
+# --- pieces ----------------------------------------------------------------------------------------------------
+def _metrics_row(result) -> Dict[str, Any]:
+    return {k: m.to_dict() for k, m in result.metrics.items()}
+
+
+def _overlay_panel(image: np.ndarray, maps: Sequence[Tuple[str, np.ndarray]], names: Sequence[str]) -> np.ndarray:
+    """Side by side: the image, then every (title, label map) blended over it, each tile scaled up (nearest) to at
+    least :data:`TILE` px; titles and a colour legend below."""
+    from PIL import Image, ImageDraw
+
+    from .runtime.palette import overlay, palette
+
+    m = len(names)
+    s = panel_scale(image.shape[0])
+    big = lambda a: np.repeat(np.repeat(a, s, axis=0), s, axis=1)  # noqa: E731
+    tiles = [big(image)] + [overlay(big(image), big(np.where(lab >= m, 0, lab)), m) for _, lab in maps]
+    strip = np.concatenate(tiles, axis=1)
+    h, w = tiles[0].shape[:2]
+    titles = ["image"] + [t for t, _ in maps]
+    present = sorted({int(v) for _, lab in maps for v in np.unique(lab) if v < m})
+    per_row = max(1, strip.shape[1] // 96)
+    pad_h = 14 + 12 * (-(-len(present) // per_row))
+    canvas = Image.new("RGB", (strip.shape[1], h + pad_h), (255, 255, 255))
+    canvas.paste(Image.fromarray(strip), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, t in enumerate(titles):
+        draw.text((i * w + 2, h + 1), t, fill=(0, 0, 0))
+    pal = palette(m)
+    for j, c in enumerate(present):
+        x, y = (j % per_row) * 96, h + 14 + 12 * (j // per_row)
+        draw.rectangle([x + 2, y + 1, x + 10, y + 9], fill=tuple(int(v) for v in pal[c]))
+        draw.text((x + 13, y), names[c], fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def panel_scale(side: int) -> int:
+    """Integer up-scaling of overlay tiles so that they are at least TILE px tall."""
+    return max(1, -(-TILE // side))
+
+
+def _gt(label_path: Path, m: int) -> np.ndarray:
+    from .metrics import load_label
+
+    return load_label(label_path, m, label_offset=1)
+
+
+def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_dir: Optional[str] = None,
+             seed: int = 1, threads: int = 2, progress: bool = True, log=print) -> Dict[str, Any]:
+    """The whole demo; returns the results dictionary also written to ``out/results.json``."""
+    import torch
+
+    from .adapt import AdaptOptions, RunWriter, WordGridTrainer, prepare, train
+    from .evaluate import evaluate, segmenter_predictor, torch_predictor
+    from .export import export
+    from .runtime import Segmenter
+    from .runtime.postprocess import labels_from_scores, postprocess
+    from .runtime.preprocess import ImagePolicy
+    from .synthetic import write_dataset
+
+    t_start = time.perf_counter()
+    nano = find_nano(model_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    # the ONNX exporter logs a warning per missing torchvision op; they are irrelevant here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    m = len(names)
+    timings: Dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    log(f"[1/5] rendering {settings.images} held-out scenes ({settings.size} px, {m} categories) -> {out / 'scenes'}")
+    pairs = write_dataset(out / "scenes", [DEMO_SEED + i for i in range(settings.images)], names, size=settings.size)
+    timings["scenes_s"] = time.perf_counter() - t0
+
+    policy = ImagePolicy(short_side=settings.size, max_long_side=4 * settings.size)
+    options = AdaptOptions(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed)
+    setup = prepare(nano / "model.safetensors", nano, names, options=options)
+
+    t0 = time.perf_counter()
+    log("[2/5] un-adapted baseline (pretrained nano OFA + fresh IFSeg decoder modules)")
+    base = evaluate(torch_predictor(setup.model, policy=policy), pairs, m, knn=True, progress=progress)
+    timings["baseline_eval_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[3/5] image-free adaptation: {settings.steps} steps x {settings.batch_size} word grids")
+    trainer = WordGridTrainer(setup.model, options, device="cpu")
+    writer = RunWriter(out / "run", setup, args={"tool": "ifseg_rt.demo", "categories": list(names)},
+                       keep_checkpoints=False)
+    summary = train(trainer, writer, save_every=0, log_every=max(1, settings.steps // 10), progress=progress)
+    timings["adapt_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[4/5] exporting -> {out / 'model'}")
+    export(out / "run", out / "model", image_policy=policy, force=True, check=settings.check_export)
+    timings["export_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("[5/5] segmenting the scenes with the runtime (onnxruntime), plain and with kNN")
+    seg = Segmenter.load(out / "model", backend="onnxruntime", device="cpu", threads=threads)
+    predictor = segmenter_predictor(seg)
+    adapted = evaluate(predictor, pairs, m, knn=True, progress=progress)
+    timings["eval_s"] = time.perf_counter() - t0
+
+    over_dir = out / "overlays"
+    over_dir.mkdir(exist_ok=True)
+    base_pred = torch_predictor(_baseline_model(nano, names, seed), policy=policy) if settings.overlays else None
+    from PIL import Image
+
+    from .runtime.preprocess import load_image
+
+    written = []
+    for img_path, lab_path in pairs[:settings.overlays]:
+        image = load_image(img_path)
+        gt = _gt(lab_path, m)
+        raw = predictor(image)
+        b = base_pred(image)
+        maps = [("ground truth", gt), ("un-adapted", labels_from_scores(b.logits, b.grid, b.size)),
+                ("IFSeg", labels_from_scores(raw.logits, raw.grid, raw.size)),
+                ("IFSeg + kNN", postprocess(raw.logits, raw.grid, raw.size, features=raw.features)[0])]
+        path = over_dir / f"{img_path.stem}.png"
+        Image.fromarray(_overlay_panel(image, maps, names)).save(path)
+        written.append(str(path))
+
+    rows = {"un-adapted": base.metrics["raw"], "un-adapted + kNN": base.metrics["knn"],
+            "IFSeg": adapted.metrics["raw"], "IFSeg + kNN": adapted.metrics["knn"]}
+    results = {
+        "format": "ifseg_rt.demo", "categories": list(names), "settings": settings.__dict__, "seed": seed,
+        "model": str(nano), "scene_seeds": [DEMO_SEED, DEMO_SEED + settings.images - 1],
+        "miou": {k: _pct(v.miou) for k, v in rows.items()},
+        "metrics": {k: v.to_dict(names) for k, v in rows.items()},
+        "adaptation": {k: summary[k] for k in ("steps", "final_loss", "steps_per_s", "seconds")},
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "overlays": written, "model_dir": str(out / "model"),
+    }
+    results["timings_s"]["total_s"] = round(time.perf_counter() - t_start, 2)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _baseline_model(nano: Path, names: Sequence[str], seed: int):
+    """The un-adapted SegOFA again (the first one was adapted in place)."""
+    from .adapt import AdaptOptions, prepare
+
+    return prepare(nano / "model.safetensors", nano, names, options=AdaptOptions(seed=seed)).model
+
+
+def _pct(x: float) -> Optional[float]:
+    return None if x != x else round(100.0 * x, 2)
+
+
+def format_results(results: Dict[str, Any]) -> str:
+    """The README-style table: method, kNN, mIoU, mAcc, aAcc."""
+    lines = [f"{'method':<22}{'mIoU':>8}{'mAcc':>8}{'aAcc':>8}", "-" * 46]
+    for name, d in results["metrics"].items():
+        cells = "".join(f"{(d[k] if d[k] is not None else float('nan')):>8.1f}" for k in ("mIoU", "mAcc", "aAcc"))
+        lines.append(f"{name:<22}{cells}")
+    gain = results["miou"]["IFSeg"] - results["miou"]["un-adapted"]
+    knn = results["miou"]["IFSeg + kNN"] - results["miou"]["IFSeg"]
+    lines.append("-" * 46)
+    lines.append(f"IFSeg - un-adapted: {gain:+.1f} mIoU;  kNN: {knn:+.1f} mIoU")
+    return "\n".join(lines)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    v = positive_int(text)
+    if v % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the cell size), got {v}")
+    return v
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (flags whose default depends on --quick state theirs in the help text)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, q = DemoSettings(), QUICK
+    p = argparse.ArgumentParser(prog="python -m ifseg_rt demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--categories", default=None,
+                   help=f"comma-separated names from the synthetic world (default: {', '.join(DEFAULT_DEMO_CATEGORIES)}"
+                        f"; all: {', '.join(CATEGORY_NAMES)})")
+    p.add_argument("--out", default="demo_out", help="output folder (scenes, run, model, overlays, results.json)")
+    p.add_argument("--model", default=None, help=f"nano model folder (default: the shipped {NANO_DIR})")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes that only exercise the pipeline (seconds; the numbers mean nothing)")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"adaptation updates (default: {d.steps}; {q.steps} with --quick)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"word grids per update (default: {d.batch_size}; {q.batch_size} with --quick)")
+    p.add_argument("--lr", type=float, default=None, help=f"peak adaptation learning rate (default: {d.lr}; {q.lr} with --quick)")
+    p.add_argument("--images", type=positive_int, default=None, help=f"evaluation scenes (default: {d.images}; {q.images} with --quick)")
+    p.add_argument("--size", type=_size, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
+    p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for torch and onnxruntime")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        names = parse_demo_categories(args.categories)
+    except ValueError as e:
+        parser.error(str(e))
+    base = QUICK if args.quick else DemoSettings()
+    changes = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "images", "size", "overlays")
+               if getattr(args, k) is not None}
+    if changes.get("overlays", 0) < 0:
+        parser.error("--overlays must be >= 0")
+    if "lr" in changes and not changes["lr"] > 0:
+        parser.error(f"--lr must be > 0, got {changes['lr']}")
+    settings = DemoSettings(**{**base.__dict__, **changes})
+    try:
+        results = run_demo(Path(args.out), names, settings, model_dir=args.model, seed=args.seed,
+                           threads=args.threads, progress=not args.no_progress)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(f"{len(names)} categories: {', '.join(names)}; {settings.images} held-out scenes of {settings.size} px")
+    print(format_results(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}   overlays: {Path(args.out) / 'overlays'}   "
+          f"({results['timings_s']['total_s']:.0f} s)")
+    print(f"segment your own images: python -m ifseg_rt segment --model {results['model_dir']} --out OUT_DIR "
+          f"--overlay IMAGES...")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
