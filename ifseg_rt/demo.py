@@ -76,10 +76,6 @@ def find_nano(model_dir: Optional[str]) -> Path:
 
 
 # --- pieces ----------------------------------------------------------------------------------------------------
-def _metrics_row(result) -> Dict[str, Any]:
-    return {k: m.to_dict() for k, m in result.metrics.items()}
-
-
 def _overlay_panel(image: np.ndarray, maps: Sequence[Tuple[str, np.ndarray]], names: Sequence[str]) -> np.ndarray:
     """Side by side: the image, then every (title, label map) blended over it, each tile scaled up (nearest) to at
     least :data:`TILE` px; titles and a colour legend below."""
@@ -131,7 +127,7 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     from .export import export
     from .runtime import Segmenter
     from .runtime.postprocess import labels_from_scores, postprocess
-    from .runtime.preprocess import ImagePolicy
+    from .runtime.preprocess import ImagePolicy, load_image
     from .synthetic import write_dataset
 
     t_start = time.perf_counter()
@@ -155,7 +151,13 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
 
     t0 = time.perf_counter()
     log("[2/5] un-adapted baseline (pretrained nano OFA + fresh IFSeg decoder modules)")
-    base = evaluate(torch_predictor(setup.model, policy=policy), pairs, m, knn=True, progress=progress)
+    base_pred = torch_predictor(setup.model, policy=policy)
+    base = evaluate(base_pred, pairs, m, knn=True, progress=progress)
+    # the overlays' un-adapted maps, now: the model is adapted in place below
+    base_maps = []
+    for img_path, _ in pairs[:settings.overlays]:
+        b = base_pred(load_image(img_path))
+        base_maps.append(labels_from_scores(b.logits, b.grid, b.size))
     timings["baseline_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -180,18 +182,14 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
 
     over_dir = out / "overlays"
     over_dir.mkdir(exist_ok=True)
-    base_pred = torch_predictor(_baseline_model(nano, names, seed), policy=policy) if settings.overlays else None
     from PIL import Image
 
-    from .runtime.preprocess import load_image
-
     written = []
-    for img_path, lab_path in pairs[:settings.overlays]:
+    for (img_path, lab_path), base_map in zip(pairs[:settings.overlays], base_maps):
         image = load_image(img_path)
         gt = _gt(lab_path, m)
         raw = predictor(image)
-        b = base_pred(image)
-        maps = [("ground truth", gt), ("un-adapted", labels_from_scores(b.logits, b.grid, b.size)),
+        maps = [("ground truth", gt), ("un-adapted", base_map),
                 ("IFSeg", labels_from_scores(raw.logits, raw.grid, raw.size)),
                 ("IFSeg + kNN", postprocess(raw.logits, raw.grid, raw.size, features=raw.features)[0])]
         path = over_dir / f"{img_path.stem}.png"
@@ -212,13 +210,6 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     results["timings_s"]["total_s"] = round(time.perf_counter() - t_start, 2)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
-
-
-def _baseline_model(nano: Path, names: Sequence[str], seed: int):
-    """The un-adapted SegOFA again (the first one was adapted in place)."""
-    from .adapt import AdaptOptions, prepare
-
-    return prepare(nano / "model.safetensors", nano, names, options=AdaptOptions(seed=seed)).model
 
 
 def _pct(x: float) -> Optional[float]:
