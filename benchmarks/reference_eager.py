@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ifseg_rt.export.onnx_model import _decoder_layer, _encoder_layer
+from ifseg_rt.export.onnx_model import decoder_layer_explicit, encoder_layer_explicit
 from ifseg_rt.runtime.preprocess import normalize, resize_bilinear, ImagePolicy
 
 
@@ -28,12 +28,12 @@ def forward(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Tuple[i
     y = torch.cat([enc.embed_patches(feats), enc.embed_text(src)], dim=1)
     enc_pos, biases = enc.layer_biases(h, w, src.shape[1])  # recomputed every call, as the original
     for layer, b in zip(enc.layers, biases):
-        y = _encoder_layer(layer, y, b[None])
+        y = encoder_layer_explicit(layer, y, b[None])
     enc_out = enc.layer_norm(y)
     z = dec.layernorm_embedding(torch.cat([dec.embed_tokens.weight[0].expand(B, 1, -1), enc_out[:, :n]], dim=1))
     self_b, cross = dec.seg_biases(h, w, enc_pos)
     for layer, b in zip(dec.layers, self_b):
-        z = _decoder_layer(layer, z, enc_out, b[None], cross)
+        z = decoder_layer_explicit(layer, z, enc_out, b[None], cross)
     return dec.seg_projection(dec.layer_norm(z)[:, :n]), feats, (h, w)
 
 

@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 namespace ifseg {
 void register_knn(py::module_& m);  // csrc/knn/knn_bindings.cpp
+void register_resize(py::module_& m);  // csrc/resize/resize_bindings.cpp
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   ifseg::register_knn(m);
+  ifseg::register_resize(m);
 }

@@ -1,4 +1,5 @@
-"""ifseg_rt compiled kernels (CPU, and CUDA when built with nvcc). Private: use ifseg_rt.knn."""
+"""ifseg_rt compiled kernels (CPU, and CUDA when built with nvcc). Private: use ifseg_rt.knn and
+ifseg_rt.runtime.resize_argmax."""
 
 import numpy as np
 import numpy.typing as npt
@@ -6,7 +7,7 @@ import numpy.typing as npt
 __version__: str
 """The package version the extension was built from (equals ifseg_rt.__version__)."""
 with_cuda: bool
-"""True when the CUDA launchers (knn_cuda, knn_cuda_workspace) were compiled in."""
+"""True when the CUDA launchers (knn_cuda, knn_cuda_workspace, resize_argmax_cuda) were compiled in."""
 
 def num_threads() -> int:
     """Default number of CPU threads the kNN kernel uses (hardware concurrency)."""
@@ -44,4 +45,43 @@ def knn_cuda(
 
     features: contiguous BxNxC of dtype 'float32' | 'float16' | 'bfloat16'; indices: BxNxK int64; probs/out: BxNxM
     float32 or 0 (search only); workspace: knn_cuda_workspace(...) bytes. k <= 33. CUDA builds only.
+    """
+
+def resize_argmax_cpu(
+    scores: npt.NDArray[np.float32] | npt.NDArray[np.float16],
+    grid_h: int,
+    grid_w: int,
+    out_h: int,
+    out_w: int,
+    threads: int = 0,
+    *,
+    out: npt.NDArray[np.int32] | None = None,
+) -> npt.NDArray[np.int32]:
+    """Fused bilinear resize (align_corners=False, no antialias) + arg-max over the classes, on the CPU.
+
+    scores: NxM or BxNxM float32/float16, C-contiguous, N = grid_h * grid_w cells in row-major order. Returns (or
+    fills `out`, C-contiguous int32) H0xW0 or BxH0xW0 labels, ties to the lowest class. threads: 0 = the cores this
+    process may run on, capped by the rows and a minimum of work per thread; the labels do not depend on it.
+    Releases the GIL. Raises ValueError/TypeError naming the argument and its shape. Use
+    ifseg_rt.runtime.resize_argmax.resize_argmax.
+    """
+
+def resize_argmax_threads(batch: int, out_h: int, out_w: int, m: int, threads: int = 0) -> int:
+    """Threads resize_argmax_cpu uses for these sizes (`threads`, 0: resize_available_cores(), capped)."""
+
+def resize_available_cores() -> int:
+    """Cores this process may run on (sched_getaffinity): resize_argmax_cpu's default thread count."""
+
+def resize_argmax_cpu_isa() -> str:
+    """The vector loop resize_argmax_cpu dispatches to here: 'avx512', 'avx2' or 'generic'
+    (override with the IFSEG_RESIZE_CPU_ISA environment variable)."""
+
+def resize_argmax_cuda(
+    scores: int, dtype: str, out: int, batch: int, grid_h: int, grid_w: int, m: int, out_h: int, out_w: int,
+    stream: int,
+) -> None:
+    """Launch the fused resize + arg-max kernel on raw device pointers, asynchronously on `stream`.
+
+    scores: contiguous BxNxM of dtype 'float32' | 'float16' (N = grid_h * grid_w); out: BxH0xW0 int32. Runs on the
+    current CUDA device. CUDA builds only.
     """

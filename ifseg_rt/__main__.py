@@ -13,7 +13,7 @@ COMMANDS = {
     "eval": ("ifseg_rt.evaluate", "main", "mIoU of a model on a folder of images + PNG label maps"),
     "adapt": ("ifseg_rt.adapt.cli", "main", "image-free adaptation of an OFA checkpoint to a category list"),
     "export": ("ifseg_rt.export.cli", "main", "export a run directory or checkpoint to a model directory"),
-    "demo": ("ifseg_rt.demo", "main", "end-to-end demo on the embedded nano model and synthetic world"),
+    "demo": ("ifseg_rt.nano.demo", "main", "end-to-end demo on the embedded nano model and synthetic world"),
 }
 
 

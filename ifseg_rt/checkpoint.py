@@ -10,6 +10,7 @@ are regenerated in code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,11 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import OFA, OFAConfig, SegOFA, build_model, get_config
-from .runtime.model_dir import file_sha256  # torch-free; shared with the runtime
+from .files import file_sha256
+from .knn.settings import KnnSettings
+from .model import MODEL_REGISTRY, OFA, OFAConfig, SegOFA, build_model, get_config
+from .runtime.preprocess import PATCH
 
 FORMAT_NAME = "ifseg_rt"
 FORMAT_VERSION = 1
+# The English OFA dictionary (ofa.md §3): GPT-2 BPE 50265 + 1000 location bins + 8192 image codes. Official
+# checkpoints of the OFA sizes with another vocabulary are other language versions (the Chinese OFA uses a BERT
+# vocabulary); IFSeg with them gives mIoU ~ 0 without any error, so they are refused.
+ENGLISH_OFA_VOCAB = 59457
 
 # buffers recomputed in code (accepted in files, never read)
 _REGENERATED = re.compile(
@@ -101,14 +108,21 @@ class LoadedCheckpoint:
     sha256: Optional[str] = None
     categories: Optional[List[str]] = None  # from the file's cfg / metadata, when it has them
     prompt_prefix: Optional[str] = None
+    knn: Optional[KnnSettings] = None  # kNN post-processing settings recorded with the weights (ifseg_rt files)
     metadata: Dict[str, Any] = field(default_factory=dict)  # provenance and other stored fields
 
 
 # --- reading files ---------------------------------------------------------------------------------------------
 def _numpy_globals() -> list:
+    import importlib
+
     out: list = [np.dtype]
-    core = getattr(np, "_core", None) or getattr(np, "core")
-    out.append(core.multiarray.scalar)
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2.x, numpy 1.x
+        try:
+            out.append(importlib.import_module(name).scalar)
+            break
+        except (ImportError, AttributeError):
+            continue
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         out += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
@@ -209,9 +223,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> Tuple[OFAConfig, Optional
     )
     if m is not None and "decoder.embed_seg_positions.weight" in state:
         g = int(round(math.sqrt(shape("decoder.embed_seg_positions.weight")[0] - 1)))
-        kw["patch_image_size"] = 16 * g
+        kw["patch_image_size"] = PATCH * g
     cfg = OFAConfig(**kw)
-    for name, ref in __import__("ifseg_rt.model.config", fromlist=["MODEL_REGISTRY"]).MODEL_REGISTRY.items():
+    for name, ref in MODEL_REGISTRY.items():
         if ref.to_dict() | {"name": name} == cfg.to_dict() | {"name": name}:
             cfg = ref
             break
@@ -350,6 +364,7 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
         m = meta.get("num_categories")
     else:
         cfg, m = infer_config(state)
+        check_english_vocabulary(cfg, path)
     if config is not None:
         want = get_config(config)
         if want.to_dict() | {"name": ""} != cfg.to_dict() | {"name": ""}:
@@ -374,9 +389,33 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
         raise CheckpointError(f"{path}: its cfg lists {len(categories)} categories but the weights have M = {m}")
     if isinstance(model, SegOFA) and prompt_tokens is not None and category_ids is not None:
         model.set_categories(prompt_tokens, category_ids, update_table=False)
+    knn = None
+    if meta.get("knn") is not None:
+        try:
+            knn = KnnSettings.from_dict(meta["knn"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: metadata {e}") from None
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedCheckpoint(model=model, config=cfg, kind=kind, source_format=fmt, path=str(path), sha256=sha,
-                            categories=categories, prompt_prefix=prefix, metadata=meta)
+                            categories=categories, prompt_prefix=prefix, knn=knn, metadata=meta)
+
+
+def check_english_vocabulary(cfg: OFAConfig, path) -> None:
+    """Refuse an official-size OFA checkpoint whose dictionary is not the English one (:data:`ENGLISH_OFA_VOCAB`).
+
+    Custom sizes (tests, the embedded nano model) carry their own vocabulary and pass.
+    """
+    if cfg.vocab_size == ENGLISH_OFA_VOCAB:
+        return
+    size = next((name for name, ref in MODEL_REGISTRY.items()
+                 if dataclasses.replace(ref, vocab_size=cfg.vocab_size, name=cfg.name) == cfg), None)
+    if size is None:
+        return
+    raise CheckpointError(
+        f"{path} has the dimensions of OFA-{size} but a {cfg.vocab_size}-symbol vocabulary, not the English OFA "
+        f"dictionary ({ENGLISH_OFA_VOCAB} symbols: GPT-2 BPE + 1000 location bins + 8192 image codes). It is most "
+        f"likely the Chinese OFA (BERT vocabulary), with which IFSeg segments nothing (mIoU ~ 0, no error). Use the "
+        f"English checkpoint, e.g. ofa_{size}.pt from the OFA release (python -m ifseg_rt download ofa-{size})")
 
 
 # --- our format ------------------------------------------------------------------------------------------------
@@ -408,12 +447,14 @@ def checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def save_checkpoint(model: Union[OFA, SegOFA], path: Union[str, os.PathLike], *,
                     categories: Optional[Sequence[str]] = None, prompt_prefix: Optional[str] = None,
-                    provenance: Optional[Dict[str, Any]] = None, dtype: Optional[torch.dtype] = None) -> Path:
+                    provenance: Optional[Dict[str, Any]] = None, dtype: Optional[torch.dtype] = None,
+                    knn: Optional[KnnSettings] = None) -> Path:
     """Write ``model`` as safetensors with the JSON config, categories, prompt and provenance in its metadata.
 
     Parameters
     ----------
     dtype : store floats in this dtype (e.g. ``torch.float16``); default: as in the model
+    knn : the kNN post-processing settings that belong to these weights (read back as ``LoadedCheckpoint.knn``)
     """
     from safetensors.torch import save_file
 
@@ -441,6 +482,8 @@ def save_checkpoint(model: Union[OFA, SegOFA], path: Union[str, os.PathLike], *,
         meta["prompt_prefix"] = prompt_prefix
     if provenance is not None:
         meta["provenance"] = provenance
+    if knn is not None:
+        meta["knn"] = knn.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".safetensors.tmp")
     save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})

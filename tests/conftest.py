@@ -1,4 +1,5 @@
-"""Shared fixtures: small random models (no weights are ever downloaded) and the optional shared test data."""
+"""Shared fixtures: small random models (no weights are ever downloaded) and the optional shared test data (the real
+OFA BPE files, which users bring with their checkpoints; the specification's key lists live in tests/data)."""
 
 from __future__ import annotations
 
@@ -76,10 +77,3 @@ def bpe_dir():
     if not (BPE_DIR / "encoder.json").exists():
         pytest.skip(f"OFA BPE files not found in {BPE_DIR}")
     return BPE_DIR
-
-
-@pytest.fixture
-def spec_dir():
-    if not (SPEC_DIR / "ofa.md").exists():
-        pytest.skip(f"specification not found in {SPEC_DIR}")
-    return SPEC_DIR

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from ifseg_rt.__main__ import cli
-from ifseg_rt.demo import NANO_DIR, DemoSettings, main, panel_scale, parse_demo_categories, run_demo
-from ifseg_rt.synthetic import DEFAULT_DEMO_CATEGORIES
+from ifseg_rt.nano.demo import NANO_DIR, DemoSettings, main, panel_scale, parse_demo_categories, run_demo
+from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -18,7 +18,7 @@ def nano_dir(tmp_path_factory):
     """The shipped nano model, or (in a checkout without it) a freshly pretrained few-step stand-in."""
     if (NANO_DIR / "model.safetensors").is_file():
         return NANO_DIR
-    from ifseg_rt.pretrain_nano import PretrainOptions, pretrain
+    from ifseg_rt.nano.pretrain import PretrainOptions, pretrain
 
     d = tmp_path_factory.mktemp("nano")
     pretrain(d, PretrainOptions(steps=2, batch_size=4, size=64, warmup=1, threads=1), progress=False, eval_samples=0)

@@ -216,7 +216,9 @@ def test_tensorrt_module_without_tensorrt(monkeypatch):
     assert t.profile_shapes(static_shape=(96, 128))[2] == (4, 3, 96, 128)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         t.profile_shapes(min_shape="1x1024x1024")
-    assert t.engine_name("NVIDIA H100 80GB HBM3", "fp16") == "engines/nvidia-h100-80gb-hbm3-fp16.engine"
+    from ifseg_rt.runtime.model_dir import engine_file
+
+    assert engine_file("NVIDIA H100 80GB HBM3", "fp16") == "engines/nvidia-h100-80gb-hbm3-fp16.engine"
 
 
 def test_tensorrt_layer_selection_with_fake_module():

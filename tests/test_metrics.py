@@ -1,8 +1,6 @@
 """mIoU exactly as ifseg.md §13, label decoding, and ``python -m ifseg_rt eval`` end to end."""
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from conftest import tiny_config, tiny_segofa
 from PIL import Image
 
 from ifseg_rt.checkpoint import save_checkpoint
-from ifseg_rt.evaluate import evaluate, find_pairs, main, torch_predictor
+from ifseg_rt.evaluate import evaluate, find_pairs, main
 from ifseg_rt.model import build_model
 from ifseg_rt.metrics import ConfusionMatrix, decode_labels, format_table, load_label
 from ifseg_rt.runtime.preprocess import ImagePolicy, preprocess
@@ -165,51 +163,34 @@ def test_evaluate_end_to_end(dataset, checkpoint, tmp_path, capsys):
 
 
 def test_evaluate_knn_identity(dataset, checkpoint, tmp_path):
+    from ifseg_rt.knn import KnnSettings
+    from ifseg_rt.runtime import Segmenter
+
     model, _ = checkpoint
     pairs = find_pairs(*dataset)
-    predictor = torch_predictor(model, policy=POLICY)
+    seg = Segmenter.from_model(model, CATS, policy=POLICY, knn=KnnSettings(k=1), knn_backend="numpy")
     # kNN with K = 1 keeps every cell's probabilities: the argmax of the resized softmax
-    res = evaluate(predictor, pairs, 3, knn=True, knn_k=1, knn_backend="numpy")
+    res = evaluate(seg, pairs, knn=True)
     ref = _reference_metrics(model, pairs, probs=True)
     np.testing.assert_array_equal(res.metrics["knn"].intersection, ref.intersection)
     np.testing.assert_array_equal(res.metrics["knn"].union, ref.union)
-    assert res.num_images == 3
+    assert res.num_images == 3 and res.knn == KnnSettings(k=1)
 
 
-def test_evaluate_segmenter_path(dataset, checkpoint, monkeypatch, tmp_path):
-    model, ckpt = checkpoint
-    exported = tmp_path / "exported"
-    exported.mkdir()
-    (exported / "ifseg.json").write_text("{}")
-    args = ["--model", str(exported), "--images", str(dataset[0]), "--labels", str(dataset[1]), "--no-progress",
-            "--no-knn", "--json", str(tmp_path / "seg.json")]  # the segmenter has its own policy
-    monkeypatch.setitem(sys.modules, "ifseg_rt.runtime", None)  # runtime not importable
-    with pytest.raises(SystemExit, match="exported model directory.*needs ifseg_rt.runtime.Segmenter"):
-        main(args)
+def test_evaluate_uses_the_checkpoints_knn_settings(dataset, tmp_path):
+    """kNN settings recorded with the weights are what eval applies; CLI flags only override them."""
+    from ifseg_rt.evaluate import load_segmenter
+    from ifseg_rt.knn import KnnSettings
 
-    class FakeSegmenter:  # what evaluation uses of ifseg_rt.runtime.Segmenter
-        categories = CATS
-
-        def __init__(self):
-            self.backend = self
-
-        @classmethod
-        def load(cls, path, device="cpu"):
-            return cls()
-
-        def preprocess(self, image):
-            x, size = preprocess(image, POLICY)
-            return x[0], size
-
-        def run(self, batch):
-            with torch.no_grad():
-                logits, feats = model(torch.from_numpy(batch))
-            return logits.numpy(), feats
-
-    monkeypatch.setitem(sys.modules, "ifseg_rt.runtime", types.SimpleNamespace(Segmenter=FakeSegmenter))
-    assert main(args) == 0
-    direct = _reference_metrics(model, find_pairs(*dataset))
-    assert json.loads((tmp_path / "seg.json").read_text())["metrics"]["raw"]["mIoU"] == pytest.approx(100 * direct.miou)
+    model = tiny_segofa(3, seed=1, patch_image_size=64)
+    ckpt = save_checkpoint(model, tmp_path / "k5.safetensors", categories=CATS, knn=KnnSettings(k=5, iters=7))
+    assert load_segmenter(ckpt, device="cpu", policy=POLICY).knn == KnnSettings(k=5, iters=7)
+    seg = load_segmenter(ckpt, device="cpu", policy=POLICY, knn={"k": 2, "iters": None})
+    assert seg.knn == KnnSettings(k=2, iters=7)
+    out = tmp_path / "m.json"
+    assert main(["--model", str(ckpt), "--images", str(dataset[0]), "--labels", str(dataset[1]), "--json", str(out),
+                 "--no-progress", "--knn-iters", "3", *FAST]) == 0
+    assert json.loads(out.read_text())["knn"] == {"enabled": True, "k": 5, "iters": 3, "temperature": 1.0}
 
 
 def test_evaluate_bad_inputs(dataset, checkpoint, tmp_path):

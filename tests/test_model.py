@@ -4,13 +4,14 @@ re-implementation of the equations (tests/ofa_reference.py)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import ofa_reference as ref
-from conftest import tiny_config, tiny_segofa
+from conftest import SPEC_DIR, tiny_config, tiny_segofa
 from ifseg_rt.model import MODEL_REGISTRY, OFAConfig, build_model, count_parameters, get_config
 from ifseg_rt.model.positions import (image_position_idx, image_rp_bucket, interpolate_grid, resize_bias_2d_keep_first,
                                       token_rp_bucket)
@@ -35,16 +36,27 @@ def layout(model):
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
-def parse_appendix(path, heading):
-    text = path.read_text()
-    sec = text[text.index(heading):]
-    block = sec[sec.index("```") + 3:]
-    block = block[:block.index("```")]
+DATA = Path(__file__).resolve().parent / "data"
+APPENDIX_A = DATA / "ofa_tiny_state_dict.txt"  # ofa.md Appendix A, verbatim
+APPENDIX_IFSEG = DATA / "segofa_base_m15_state_dict.txt"  # ifseg.md's state_dict appendix, verbatim
+
+
+def parse_layout(text):
+    """``key [shape] ...`` lines (``#`` comments skipped) -> [(key, shape)]."""
     out = []
-    for line in block.strip().splitlines():
+    for line in text.strip().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
         key, shape = line.split()[:2]
         out.append((key, tuple(int(x) for x in shape.strip("[]").split(",") if x)))
     return out
+
+
+def spec_block(path, heading):
+    text = path.read_text()
+    sec = text[text.index(heading):]
+    block = sec[sec.index("```") + 3:]
+    return block[:block.index("```")]
 
 
 def pattern_layout(cfg: OFAConfig, m=None):
@@ -186,22 +198,34 @@ def test_parameter_counts_match_spec(size):
     assert len(model.state_dict()) == SPEC_SIZES[size][1]
 
 
-def test_tiny_state_dict_equals_appendix_a(spec_dir):
-    expected = parse_appendix(spec_dir / "ofa.md", "## Appendix A")
+def test_tiny_state_dict_equals_appendix_a():
+    expected = parse_layout(APPENDIX_A.read_text())
     assert len(expected) == 543
     assert layout(meta_model("tiny")) == expected
 
 
-def test_segofa_base_state_dict_equals_ifseg_appendix(spec_dir):
-    expected = parse_appendix(spec_dir / "ifseg.md", "## Appendix — state_dict")
+def test_segofa_base_state_dict_equals_ifseg_appendix():
+    expected = parse_layout(APPENDIX_IFSEG.read_text())
     assert len(expected) == 889
     assert layout(meta_model("base", 15)) == expected
 
 
-def test_pattern_generator_reproduces_both_appendices(spec_dir):
+def test_pattern_generator_reproduces_both_appendices():
     # the generator used for the other sizes is itself checked against the two full lists
-    assert pattern_layout(get_config("tiny")) == parse_appendix(spec_dir / "ofa.md", "## Appendix A")
-    assert pattern_layout(get_config("base"), 15) == parse_appendix(spec_dir / "ifseg.md", "## Appendix — state_dict")
+    assert pattern_layout(get_config("tiny")) == parse_layout(APPENDIX_A.read_text())
+    assert pattern_layout(get_config("base"), 15) == parse_layout(APPENDIX_IFSEG.read_text())
+
+
+def test_appendix_copies_equal_the_specification():
+    """tests/data holds verbatim copies of the spec's appendices (a clone without ../shared still checks layouts);
+    where the specification is present, the copies must not have drifted from it."""
+    for name, path in ((APPENDIX_A, SPEC_DIR / "ofa.md"), (APPENDIX_IFSEG, SPEC_DIR / "ifseg.md")):
+        assert parse_layout(name.read_text())  # non-empty, parseable
+    if not (SPEC_DIR / "ofa.md").exists():
+        return  # no specification next to this checkout: the copies are the reference
+    assert parse_layout(spec_block(SPEC_DIR / "ofa.md", "## Appendix A")) == parse_layout(APPENDIX_A.read_text())
+    assert parse_layout(spec_block(SPEC_DIR / "ifseg.md", "## Appendix — state_dict")) == \
+        parse_layout(APPENDIX_IFSEG.read_text())
 
 
 @pytest.mark.parametrize("size", list(MODEL_REGISTRY))

@@ -158,8 +158,14 @@ def _set(d, path, value):
 
 @pytest.mark.parametrize("path,value,msg", [
     ("knn.k", KeyError, "missing field 'knn.k'"),
-    ("knn.k", 0, "'knn.k' must be >= 1"),
+    ("knn.k", 0, "'knn.k' must be in [1, 33], got 0"),
     ("knn.iters", "25", "'knn.iters' must be an integer"),
+    ("knn.iters", 10 ** 9, "'knn.iters' must be in [0, 1000], got 1000000000"),
+    ("knn.temperature", 0, "'knn.temperature' must be a number in (0,"),
+    ("image.policy", {"mode": "short_side", "size": None, "short_side": 40000, "max_long_side": 40000,
+                      "multiple": 1}, "allows network inputs of up to 40000x40000 px = 6250000 cells"),
+    ("image.policy", {"mode": "fixed", "size": [60000, 60000], "short_side": 512, "max_long_side": 2048,
+                      "multiple": 1}, "fixed size 60000x60000 allows network inputs of up to 60000x60000 px"),
     ("categories", [], "'categories' must be a non-empty list"),
     ("num_categories", 4, "'num_categories' is 4 but 'categories' has 5"),
     ("schema_version", 99, "'schema_version' is 99"),
@@ -254,7 +260,7 @@ def test_16bit_images_are_scaled_not_clipped(ort_seg, tmp_path):
 
 def test_probabilities_with_knn_and_zero_iterations(model_dir):
     seg = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2))
-    seg.spec = dataclasses.replace(seg.spec, knn=dataclasses.replace(seg.spec.knn, iters=0))
+    seg.knn = seg.knn.replace(iters=0)
     img = _image(64, 80, 9)
     r = seg.seg(img, return_probabilities=True)
     p = r.probabilities.reshape(-1, r.probabilities.shape[-1])
@@ -312,7 +318,7 @@ def test_segment_cli(model_dir, tmp_path, capsys):
               str(tmp_path / "out"), "--overlay", "--backend", "onnxruntime", "--threads", "2", "--quiet"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "one.png: 60x40 -> 768x512 (32x48 cells)" in out and "wrote 3 label map(s)" in out
+    assert "one.png: 40x60 -> 512x768 (32x48 cells, HxW)" in out and "wrote 3 label map(s)" in out
     for stem, size in (("one", (60, 40)), ("two", (60, 40)), ("three", (36, 36))):
         with Image.open(tmp_path / "out" / f"{stem}.png") as lab:
             assert lab.mode == "P" and lab.size == size

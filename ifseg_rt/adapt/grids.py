@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-PIXELS_PER_CELL = 16  # ResNet stride: the loss is computed at 16 * G pixels per side (512 for G = 32)
+from ..runtime.preprocess import PATCH  # the loss is computed at PATCH * G pixels per side (512 for G = 32)
+
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -72,7 +73,7 @@ class WordGridSampler:
             raise ValueError(f"grid must be >= 1, got {grid}")
         self.num_categories = int(num_categories)
         self.grid = int(grid)
-        self.target_size = int(target_size) if target_size is not None else PIXELS_PER_CELL * self.grid
+        self.target_size = int(target_size) if target_size is not None else PATCH * self.grid
         self.max_side = int(max_side) if max_side is not None else self.grid
         if self.max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {self.max_side}")
@@ -114,7 +115,7 @@ def mismatch_fraction(u: int, grid: int = 32, target_size: Optional[int] = None)
 
     Pixel row p reads grid row ``floor(p * u / T)``; its token row ``p // (T / G)`` reads ``floor((p // s) * u / G)``.
     """
-    T = target_size if target_size is not None else PIXELS_PER_CELL * grid
+    T = target_size if target_size is not None else PATCH * grid
     tgt = nearest_indices(u, T)
     tok = nearest_indices(u, grid)[np.arange(T) * grid // T]
     return float(np.mean(tgt != tok))

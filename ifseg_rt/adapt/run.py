@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import __version__
-from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..files import file_sha256
+from ..knn.settings import KnnSettings
 from ..model import OFAConfig, SegOFA, build_model
 from ..tokenizer import IFSEG_PROMPT_PREFIX, OFATokenizer, build_ifseg_prompt, parse_categories
 from .options import AdaptOptions
@@ -59,7 +61,8 @@ class Validation:
     pairs: Sequence[Tuple[Path, Path]]
     every: int  # steps; 0 = only at the end
     label_offset: int = 1
-    knn: bool = True
+    knn: bool = True  # also score with the kNN post-processing
+    knn_settings: KnnSettings = KnnSettings()
     knn_backend: str = "auto"
     short_side: int = 512  # preprocessing of the paper's evaluation (short side 512, long side <= 2048)
     max_long_side: int = 2048
@@ -195,16 +198,22 @@ class RunWriter:
         os.replace(tmp, self.out_dir / RUN_FILE)
 
 
-def validate(trainer: WordGridTrainer, val: Validation, categories: Sequence[str]) -> Dict[str, Any]:
-    """mIoU of the current weights on the validation pairs, plain and with kNN (percent)."""
-    from ..evaluate import evaluate, torch_predictor
-
-    from ..runtime.preprocess import ImagePolicy
+def validation_segmenter(trainer: WordGridTrainer, val: Validation, categories: Sequence[str]):
+    """The :class:`~ifseg_rt.runtime.Segmenter` that scores the trainer's current weights (no export): the same
+    post-processing as an exported model's ``Segmenter.seg``. Build a new one after further training."""
+    from ..runtime import ImagePolicy, Segmenter
 
     policy = ImagePolicy(short_side=val.short_side, max_long_side=max(val.max_long_side, val.short_side))
-    predictor = torch_predictor(trainer.model, device=trainer.device, precision=trainer.precision, policy=policy)
-    result = evaluate(predictor, val.pairs, len(categories), label_offset=val.label_offset, knn=val.knn,
-                      knn_backend=val.knn_backend)
+    return Segmenter.from_model(trainer.model, categories, policy=policy, knn=val.knn_settings,
+                                device=str(trainer.device), dtype=trainer.precision, knn_backend=val.knn_backend)
+
+
+def validate(trainer: WordGridTrainer, val: Validation, categories: Sequence[str]) -> Dict[str, Any]:
+    """mIoU of the current weights on the validation pairs, plain and with kNN (percent)."""
+    from ..evaluate import evaluate
+
+    seg = validation_segmenter(trainer, val, categories)
+    result = evaluate(seg, val.pairs, label_offset=val.label_offset, knn=val.knn)
     out: Dict[str, Any] = {"step": trainer.step, "images": result.num_images, "seconds": round(result.seconds, 3)}
     for name, m in result.metrics.items():
         out[name] = {"mIoU": _pct(m.miou), "mAcc": _pct(m.macc), "aAcc": _pct(m.aacc)}

@@ -7,7 +7,8 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from .._argtypes import positive_int
+from .._argtypes import non_negative_int, positive_int
+from ..runtime.preprocess import PATCH
 
 
 def _hw(s: str):
@@ -18,8 +19,8 @@ def _hw(s: str):
         h, w = (int(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {s!r}") from None
-    if min(h, w) < 16:
-        raise argparse.ArgumentTypeError(f"{s!r}: both sides must be >= 16 px (one patch)")
+    if min(h, w) < PATCH:
+        raise argparse.ArgumentTypeError(f"{s!r}: both sides must be >= {PATCH} px (one patch)")
     return h, w
 
 
@@ -52,9 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--short-side", type=positive_int, default=512, help="paper policy: resize the short side to this")
     g.add_argument("--max-long-side", type=positive_int, default=2048, help="paper policy: cap for the long side")
     g.add_argument("--image-size", type=_hw, help="fixed network input HxW instead of the paper policy")
-    g.add_argument("--knn-k", type=positive_int, default=3, help="kNN neighbours (cell itself included)")
-    g.add_argument("--knn-iters", type=int, default=25, help="kNN averaging iterations")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature before kNN averaging")
+    g.add_argument("--knn-k", type=positive_int, default=None,
+                   help="kNN neighbours, the cell itself included (default: the source's setting, else 3)")
+    g.add_argument("--knn-iters", type=non_negative_int, default=None,
+                   help="kNN averaging iterations (default: the source's setting, else 25)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature before kNN averaging (default: the source's setting, else 1.0)")
     g.add_argument("--no-knn", action="store_true", help="disable kNN post-processing (plain logits arg-max)")
     g = p.add_argument_group("ONNX")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 for LayerNormalization)")
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..runtime.model_dir import KnnSpec
+    from ..knn.settings import KnnSettings
     from ..runtime.preprocess import ImagePolicy
     from .exporter import export, resolve_format, validate_args
 
@@ -94,10 +98,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     if args.image_size and args.static_shape and args.image_size != args.static_shape:
         parser.error("--image-size and --static-shape disagree; --static-shape alone fixes the image size")
-    if args.knn_iters < 0:
-        parser.error("--knn-iters must be >= 0")
-    if args.temperature <= 0:
-        parser.error("--temperature must be > 0")
+    knn = {"k": args.knn_k, "iters": args.knn_iters, "temperature": args.temperature,
+           "enabled": False if args.no_knn else None}
+    try:
+        KnnSettings().replace(**knn)  # bounds, before minutes of export work
+    except ValueError as e:
+        parser.error(str(e))
     if args.opset < 17:
         parser.error(f"--opset must be >= 17 (LayerNormalization), got {args.opset}")
     if args.image_size:
@@ -109,7 +115,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             policy = ImagePolicy(short_side=args.short_side, max_long_side=args.max_long_side)
         except ValueError as e:
             parser.error(str(e))
-    knn = KnnSpec(enabled=not args.no_knn, k=args.knn_k, iters=args.knn_iters, temperature=args.temperature)
     try:
         spec = export(args.source, args.out, format=fmt["arg"], categories=args.categories, bpe_dir=args.bpe_dir,
                       prompt_prefix=args.prompt_prefix, image_policy=policy, knn=knn,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 import platform
 import tempfile
 import warnings
@@ -35,15 +36,15 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..files import file_record, file_sha256
+from ..knn.settings import KnnSettings
 from ..model import SegOFA
-from ..runtime.model_dir import (FORMAT, MANIFEST, SCHEMA_VERSION, KnnSpec, ModelSpec, file_record,
-                                 load_model_dir, write_manifest)
-from ..runtime.preprocess import MEAN, PATCH, STD, ImagePolicy
-from .onnx_model import INPUT_NAMES, OUTPUT_NAMES, IFSegOnnxModel
+from ..runtime.model_dir import (INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, WEIGHTS_FILE, ModelSpec,
+                                 SCHEMA_VERSION, build_manifest, load_model_dir, write_manifest)
+from ..runtime.preprocess import PATCH, ImagePolicy
+from .onnx_model import IFSegOnnxModel
 
-ONNX_FILE = "model.onnx"
-WEIGHTS_FILE = "model.safetensors"
 ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; >= 17 for LayerNormalization
 MAX_SIDE = 4096  # px; upper bound of the dynamic H/W dimension declared to torch.export
@@ -87,11 +88,19 @@ class ZeroShotWarning(UserWarning):
 
 
 # --- sources --------------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """What an export starts from."""
+
+    model: SegOFA  # fp32, eval mode, prompt set
+    categories: List[str]
+    provenance: Dict[str, Any]
+    knn: Optional[KnnSettings] = None  # the kNN settings the checkpoint records, if any
+
+
 def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequence[str]] = None,
-                bpe_dir: Union[None, str, Path] = None, prompt_prefix: Optional[str] = None
-                ) -> Tuple[SegOFA, List[str], Dict[str, Any]]:
-    """A run directory, an IFSeg checkpoint or an un-adapted OFA checkpoint -> (SegOFA fp32 with prompt, category
-    names, provenance)."""
+                bpe_dir: Union[None, str, Path] = None, prompt_prefix: Optional[str] = None) -> Source:
+    """A run directory, an IFSeg checkpoint or an un-adapted OFA checkpoint -> :class:`Source`."""
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"export source not found: {src}")
@@ -136,7 +145,7 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
         ck = load_checkpoint(weights, num_categories=len(want))
         _set_prompt(ck.model, want, bpe_dir, prompt_prefix, update_table=True)
         provenance["zero_shot"] = True
-        return ck.model.float().eval(), want, provenance
+        return Source(ck.model.float().eval(), want, provenance)
     model: SegOFA = ck.model
     names = ck.categories or run.get("categories")
     if want is not None and names is not None and list(names) != want:
@@ -152,7 +161,7 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
         if bpe_dir is None:
             raise ValueError(f"{weights} has no stored prompt token ids; pass --bpe-dir to tokenise the prompt")
         _set_prompt(model, names, bpe_dir, prompt_prefix or ck.prompt_prefix, update_table=False)
-    return model.float().eval(), names, provenance
+    return Source(model.float().eval(), names, provenance, knn=ck.knn)
 
 
 def _set_prompt(model: SegOFA, names: Sequence[str], bpe_dir, prefix: Optional[str], *, update_table: bool) -> None:
@@ -190,7 +199,7 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid).eval()
     H, W = _dummy_shape(static_shape)
     g = torch.Generator().manual_seed(0)
-    dummy = {"image": torch.randn(2, 3, H, W, generator=g)}  # batch 2: a size-1 dim would be specialised
+    dummy = {INPUT_NAME: torch.randn(2, 3, H, W, generator=g)}  # batch 2: a size-1 dim would be specialised
     with torch.inference_mode():
         wrapper(**dummy)  # one eager run first: shape errors surface here, not inside the exporter
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,15 +217,15 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
                 if static_shape is None:
                     dims.update({2: Dim("height", min=PATCH, max=MAX_SIDE), 3: Dim("width", min=PATCH, max=MAX_SIDE)})
                 _quiet(lambda: torch.onnx.export(
-                    wrapper, (), str(raw), kwargs=dummy, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                    dynamic_shapes={"image": dims}, opset_version=opset, dynamo=True, optimize=True,
+                    wrapper, (), str(raw), kwargs=dummy, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes={INPUT_NAME: dims}, opset_version=opset, dynamo=True, optimize=True,
                     external_data=True, verbose=False))
             else:
-                axes = {"image": {0: "batch"}, "logits": {0: "batch", 1: "cells"}, "features": {0: "batch", 1: "cells"}}
+                axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch", 1: "cells"} for o in OUTPUT_NAMES}}
                 if static_shape is None:
-                    axes["image"].update({2: "height", 3: "width"})
+                    axes[INPUT_NAME].update({2: "height", 3: "width"})
                 _quiet(lambda: torch.onnx.export(
-                    wrapper, (dummy["image"],), str(raw), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                    wrapper, (dummy[INPUT_NAME],), str(raw), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                     dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True))
         proto = onnx.load(str(raw), load_external_data=True)
     _name_dims(proto, static_shape)
@@ -238,7 +247,7 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return {"file": path.name, "data_file": data_name if external else None, "opset": opset_used,
             "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
-            "exporter": exporter, "input": INPUT_NAMES[0], "outputs": OUTPUT_NAMES,
+            "exporter": exporter, "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
             "torch_version": torch.__version__, "onnx_version": onnx.__version__}
 
 
@@ -283,16 +292,16 @@ def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequen
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
-    err = {"logits": 0.0, "features": 0.0}
+    err = {name: 0.0 for name in OUTPUT_NAMES}
     for b, h, w in shapes:
         x = torch.randn(b, 3, h, w, generator=g)
         with torch.inference_mode():
             logits, feats = model(x)
         if normalize_features:
             feats = torch.nn.functional.normalize(feats, dim=-1)
-        lo, fo = sess.run(OUTPUT_NAMES, {"image": x.numpy()})
-        err["logits"] = max(err["logits"], float(np.abs(lo - logits.numpy()).max()))
-        err["features"] = max(err["features"], float(np.abs(fo - feats.numpy()).max()))
+        outputs = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+        for name, got, want in zip(OUTPUT_NAMES, outputs, (logits, feats)):
+            err[name] = max(err[name], float(np.abs(got - want.numpy()).max()))
     return err
 
 
@@ -310,7 +319,7 @@ def versions() -> Dict[str, str]:
 def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: str = "onnx",
            categories: Union[None, str, Sequence[str]] = None, bpe_dir: Union[None, str, Path] = None,
            prompt_prefix: Optional[str] = None, image_policy: Optional[ImagePolicy] = None,
-           knn: KnnSpec = KnnSpec(), save_weights: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
+           knn: Union[None, KnnSettings, Dict[str, Any]] = None, save_weights: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
            static_shape: Optional[Tuple[int, int]] = None, exporter: str = "dynamo",
            normalize_features: bool = False, check: bool = True, precision: str = "fp16",
            workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
@@ -325,7 +334,8 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     format : ``"onnx"`` or ``"engine"`` (aliases ``"trt"``, ``"tensorrt"``); the engine is built from the ONNX
     image_policy : how originals become network inputs; default the paper's short side 512 (long side <= 2048),
         or the fixed ``static_shape`` when given
-    knn : kNN post-processing settings the runtime applies
+    knn : kNN post-processing settings the runtime applies: a :class:`KnnSettings`, or a dict of fields overriding the
+        source's own (those its checkpoint records, else the paper's K = 3, 25 iterations, temperature 1)
     save_weights : also write ``model.safetensors`` (the torch backend's weights)
     static_shape : (H, W) to export a graph with fixed spatial size and constant-folded position tables
     check : run ``onnx.checker`` and compare onnxruntime with PyTorch at two resolutions and two batch sizes
@@ -364,10 +374,12 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
         names = parse_categories(categories)
         if len(names) != model.num_categories:
             raise ValueError(f"{len(names)} category names for a model with M = {model.num_categories}")
-        provenance: Dict[str, Any] = {"source": "<in-memory SegOFA>"}
+        src = Source(model, names, {"source": "<in-memory SegOFA>"})
     else:
-        model, names, provenance = load_source(source, categories=categories, bpe_dir=bpe_dir,
-                                               prompt_prefix=prompt_prefix)
+        src = load_source(source, categories=categories, bpe_dir=bpe_dir, prompt_prefix=prompt_prefix)
+    model, names, provenance = src.model, src.categories, src.provenance
+    if not isinstance(knn, KnnSettings):
+        knn = (src.knn or KnnSettings()).replace(**(knn or {}))
     if not model.has_prompt:
         raise ValueError("the model has no prompt (set_categories) to bake into the graph")
     cfg = model.config
@@ -385,7 +397,7 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
         if static_shape is None:
             g = cfg.seg_grid
             # non-square, N < G^2 off the G x G grid (direct position lookup), and N > G^2 (resized positions)
-            shapes = [(1, 128, 160), (2, 96, 80), (1, 16 * (g + 1), 16 * (g + 2))]
+            shapes = [(1, 128, 160), (2, 96, 80), (1, PATCH * (g + 1), PATCH * (g + 2))]
         else:
             shapes = [(1, *static_shape), (2, *static_shape)]
         err = check_onnx_parity(model, out / ONNX_FILE, shapes, normalize_features=normalize_features)
@@ -395,33 +407,15 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
 
     files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
     if save_weights:
-        save_checkpoint(model, out / WEIGHTS_FILE, categories=names, provenance=provenance)
+        save_checkpoint(model, out / WEIGHTS_FILE, categories=names, provenance=provenance, knn=knn)
         files.append(WEIGHTS_FILE)
     provenance = {**provenance, "versions": versions(),
                   "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "verification": verification}
-    manifest: Dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "format": FORMAT,
-        "categories": list(names), "num_categories": len(names),
-        "image": {"policy": policy.to_dict(),
-                  "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "color": "RGB",
-                            "scale": 1.0 / 255.0, "mean": list(MEAN), "std": list(STD),
-                            "resize": "bilinear (OpenCV INTER_LINEAR) from the original to the policy size"},
-                  "min_side": PATCH},
-        "patch_stride": PATCH,
-        "knn": knn.to_dict(),
-        "outputs": {"logits": {"shape": ["batch", "cells", len(names)], "dtype": "float32",
-                               "meaning": "per-cell category logits, cells = ceil(H/16)*ceil(W/16) row-major"},
-                    "features": {"shape": ["batch", "cells", cfg.image_feature_dim], "dtype": "float32",
-                                 "normalized": bool(normalize_features),
-                                 "meaning": "ResNet layer3 features (kNN post-processing)"}},
-        "precision": "fp32",
-        "config": cfg.to_dict(),
-        "onnx": onnx_info,
-        "engines": [],
-        "files": {f: file_record(out / f) for f in files},
-        "provenance": provenance,
-    }
+    manifest = build_manifest(categories=names, config=cfg.to_dict(), policy=policy, knn=knn,
+                              feature_dim=cfg.image_feature_dim, normalize_features=normalize_features,
+                              precision="fp32", onnx=onnx_info, files={f: file_record(out / f) for f in files},
+                              provenance=provenance)
     write_manifest(out, manifest)
 
     if fmt["arg"] == "engine":

@@ -28,9 +28,6 @@ from torch import Tensor, nn
 from ..model.layers import split_heads
 from ..model.ofa import SegOFA
 
-INPUT_NAMES = ["image"]
-OUTPUT_NAMES = ["logits", "features"]
-
 
 def _resize_last(x: Tensor, side: int, h, w) -> Tensor:
     """Bilinearly resize the trailing ``side*side`` axis of ``x`` to ``h*w`` (no identity shortcut)."""
@@ -81,7 +78,7 @@ def _attention(attn, query: Tensor, key_value: Tensor, bias: Tensor) -> Tensor:
     return attn.out_proj(o)
 
 
-def _encoder_layer(layer, x: Tensor, bias: Tensor) -> Tensor:
+def encoder_layer_explicit(layer, x: Tensor, bias: Tensor) -> Tensor:
     """``EncoderLayer.forward`` (eval mode) with :func:`_attention`."""
     a = layer.self_attn_layer_norm(x)
     x = x + layer.attn_ln(_attention(layer.self_attn, a, a, bias))
@@ -89,7 +86,7 @@ def _encoder_layer(layer, x: Tensor, bias: Tensor) -> Tensor:
     return x + layer.fc2(layer.ffn_layernorm(f))
 
 
-def _decoder_layer(layer, y: Tensor, enc_out: Tensor, self_bias: Tensor, cross_bias: Tensor) -> Tensor:
+def decoder_layer_explicit(layer, y: Tensor, enc_out: Tensor, self_bias: Tensor, cross_bias: Tensor) -> Tensor:
     """``DecoderLayer.forward`` (eval mode) with :func:`_attention`."""
     a = layer.self_attn_layer_norm(y)
     y = y + layer.self_attn_ln(_attention(layer.self_attn, a, a, self_bias))
@@ -182,7 +179,7 @@ class IFSegOnnxModel(nn.Module):
         st = dec.embed_seg_positions.weight
         cells = _resize_last(st[1:].t(), G, h, w).t()
         z = dec.seg_pos_ln(torch.cat([st[:1], cells], dim=0))
-        self_abs, cross = dec._abs_biases(z, enc_pos)
+        self_abs, cross = dec.abs_biases(z, enc_pos)
         i = torch.arange(n + 1, device=dev)
         mask = torch.where(i[None, :] > i[:, None], torch.full((), float("-inf"), device=dev),
                            torch.zeros((), device=dev))
@@ -213,12 +210,12 @@ class IFSegOnnxModel(nn.Module):
         u = enc.embed_patches(features)
         x = torch.cat([u, self.text_embed.to(u.dtype).expand(B, -1, -1)], dim=1)
         for i, layer in enumerate(enc.layers):
-            x = _encoder_layer(layer, x, enc_bias[i][None])
+            x = encoder_layer_explicit(layer, x, enc_bias[i][None])
         enc_out = enc.layer_norm(x)
         bos = dec.embed_tokens.weight[0].to(enc_out.dtype).expand(B, 1, -1)
         y = dec.layernorm_embedding(torch.cat([bos, enc_out[:, :n]], dim=1))
         for i, layer in enumerate(dec.layers):
-            y = _decoder_layer(layer, y, enc_out, dec_bias[i][None], cross)
+            y = decoder_layer_explicit(layer, y, enc_out, dec_bias[i][None], cross)
         y = dec.layer_norm(y)
         logits = dec.seg_projection(y[:, :n])
         if self.normalize_features:

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+from ..runtime.model_dir import ENGINES_DIR, INPUT_NAME, engine_file
+
 DEFAULT_MIN = (1, 3, 256, 256)
 DEFAULT_OPT = (1, 3, 512, 688)  # a 4:3 image under the paper policy (short side 512)
 DEFAULT_MAX = (4, 3, 2048, 2048)  # long side capped at 2048 by the paper policy
@@ -67,13 +69,6 @@ def profile_shapes(min_shape=None, opt_shape=None, max_shape=None, static_shape=
     if not all(a <= b <= c for a, b, c in zip(mn, op, mx)):
         raise ValueError(f"optimisation profile must satisfy min <= opt <= max per dim, got {mn}, {op}, {mx}")
     return mn, op, mx
-
-
-def engine_name(gpu: str, precision: str) -> str:
-    """``engines/<gpu>-<precision>.engine`` with the GPU name made file-safe (``NVIDIA H100 80GB HBM3`` ->
-    ``nvidia-h100-80gb-hbm3``)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
-    return f"engines/{slug}-{precision}.engine"
 
 
 def gpu_name() -> str:
@@ -156,15 +151,15 @@ def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, pr
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = pin_precision(network, trt)
     profile = builder.create_optimization_profile()
-    profile.set_shape("image", mn, op, mx)
+    profile.set_shape(INPUT_NAME, mn, op, mx)
     config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else Path(model_dir) / "engines" / "timing.cache"
+    cache_path = Path(timing_cache) if timing_cache else Path(model_dir) / ENGINES_DIR / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
-    rel = engine_name(gpu, precision)
+    rel = engine_file(gpu, precision)
     path = Path(model_dir) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(serialized))

@@ -32,8 +32,9 @@ import warnings
 import numpy as np
 
 from . import reference
+from .settings import DEFAULT_ITERS, DEFAULT_K, MAX_ITERS, KnnSettings
 
-__all__ = ["BACKENDS", "available_backends", "knn_average", "knn_indices", "reference"]
+__all__ = ["BACKENDS", "KnnSettings", "available_backends", "knn_average", "knn_indices", "reference"]
 
 BACKENDS = ("auto", "cuda", "cpu", "numpy")
 _HOST_FEATURE_DTYPES = (np.float16, np.float32, np.float64)
@@ -108,8 +109,8 @@ def check_args(features, probs, k, iters):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N={n}] for features of shape {fshape}, got {k}")
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
-        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or not 0 <= iters <= MAX_ITERS:
+        raise ValueError(f"iters must be an int in [0, {MAX_ITERS}], got {iters!r}")
     return batched, b, n, c, m
 
 
@@ -180,7 +181,7 @@ def _run(features, probs, k, iters, backend, num_threads, check_finite):
     return idx, out
 
 
-def knn_indices(features, k=3, *, backend="auto", num_threads=None, check_finite=True):
+def knn_indices(features, k=DEFAULT_K, *, backend="auto", num_threads=None, check_finite=True):
     """Indices of each row's ``k`` nearest rows by cosine similarity (the row itself first).
 
     Parameters
@@ -205,7 +206,7 @@ def knn_indices(features, k=3, *, backend="auto", num_threads=None, check_finite
     return _run(features, None, k, 0, backend, num_threads, check_finite)[0]
 
 
-def knn_average(features, probs, k=3, iters=25, *, backend="auto", num_threads=None, check_finite=True):
+def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, backend="auto", num_threads=None, check_finite=True):
     """Average ``probs`` ``iters`` times over each row's ``k`` nearest neighbours in feature space.
 
     Parameters

@@ -13,6 +13,8 @@ Conventions shared by all backends:
 
 import numpy as np
 
+from .settings import DEFAULT_ITERS, DEFAULT_K
+
 EPS = 1e-12  # F.normalize's default eps
 
 
@@ -37,7 +39,7 @@ def knn_indices(features, k, *, dtype=np.float64):
     return out.reshape(*features.shape[:-1], k)
 
 
-def knn_average(features, probs, k=3, iters=25, *, dtype=None):
+def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, dtype=None):
     """Average ``probs`` (``...xNxM``) ``iters`` times over each row's ``k`` nearest neighbours.
 
     ``dtype`` defaults to float64 when ``probs`` or ``features`` is float64, else float32.

@@ -3,7 +3,7 @@
 from .config import MODEL_REGISTRY, OFAConfig, get_config
 from .encoder import EncoderOutput, OFAEncoder
 from .decoder import OFADecoder
-from .ofa import OFA, SegOFA, build_model, count_parameters, init_weights
+from .ofa import OFA, SegOFA, SegTableCache, SegTables, build_model, count_parameters, init_weights
 
-__all__ = ["MODEL_REGISTRY", "OFAConfig", "get_config", "EncoderOutput", "OFAEncoder", "OFADecoder", "OFA", "SegOFA",
+__all__ = ["MODEL_REGISTRY", "OFAConfig", "get_config", "EncoderOutput", "OFAEncoder", "OFADecoder", "OFA", "SegOFA", "SegTables", "SegTableCache",
            "build_model", "count_parameters", "init_weights"]

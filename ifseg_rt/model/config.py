@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple, Union
 
+from ..runtime.preprocess import PATCH  # the ResNet output stride: one token per PATCH x PATCH pixels
+
 
 @dataclass(frozen=True)
 class OFAConfig:
@@ -29,7 +31,7 @@ class OFAConfig:
     image_bucket_size: int = 42  # image position grid side; abs table size^2 + 1 rows, rel table (2s-1)^2 + 3
     attn_scale_factor: float = 2.0  # logits scaled by (attn_scale_factor * head_dim) ** -0.5
     code_image_size: int = 128  # decoder image-code window = code_image_size / 8 per side
-    patch_image_size: int = 512  # IFSeg reference image size; seg grid G = patch_image_size // 16
+    patch_image_size: int = 512  # IFSeg reference image size; seg grid G = patch_image_size // PATCH
     type_vocab_size: int = 2  # type embedding rows (0 text, 1 image)
     layernorm_eps: float = 1e-5
     batchnorm_eps: float = 1e-5
@@ -46,8 +48,8 @@ class OFAConfig:
                   "token_bucket_size", "image_bucket_size", "resnet_width"):
             if int(getattr(self, f)) < 1:
                 problems.append(f"{f}={getattr(self, f)} must be >= 1")
-        if self.patch_image_size % 16:
-            problems.append(f"patch_image_size={self.patch_image_size} must be a multiple of 16")
+        if self.patch_image_size % PATCH:
+            problems.append(f"patch_image_size={self.patch_image_size} must be a multiple of {PATCH}")
         if self.seg_grid > self.image_bucket_size:
             problems.append(f"seg grid {self.seg_grid} exceeds image_bucket_size={self.image_bucket_size}")
         if problems:
@@ -82,7 +84,7 @@ class OFAConfig:
     @property
     def seg_grid(self) -> int:
         """IFSeg reference grid side G (32 for 512-px patches)."""
-        return self.patch_image_size // 16
+        return self.patch_image_size // PATCH
 
     @property
     def seg_rel_rows(self) -> int:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import OFAConfig
-from .encoder import EncoderOutput, _drop_path_rates
-from .layers import DecoderLayer, LayerNorm, split_heads
+from .encoder import EncoderOutput
+from .layers import DecoderLayer, LayerNorm, drop_path_rates, split_heads
 from .positions import (image_position_idx, image_rp_bucket, resize_bias_2d_keep_first, resize_grid,
                         token_rp_bucket)
 
@@ -69,7 +69,7 @@ class OFADecoder(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(d_model=d, ffn_dim=cfg.ffn_dim, heads=H, attn_scale_factor=cfg.attn_scale_factor,
                          dropout=dropout, drop_path=p, eps=cfg.layernorm_eps)
-            for p in _drop_path_rates(cfg.decoder_layers, drop_path_rate))
+            for p in drop_path_rates(cfg.decoder_layers, drop_path_rate))
         self.layer_norm = LayerNorm(d, eps=cfg.layernorm_eps)
         if not surrogate:
             self.output_projection = nn.Linear(d, embed_tokens.num_embeddings, bias=False)
@@ -83,7 +83,7 @@ class OFADecoder(nn.Module):
                 nn.Embedding(cfg.seg_rel_rows, H) for _ in range(cfg.decoder_layers))
 
     # --- shared pieces -----------------------------------------------------------------------------------------
-    def _abs_biases(self, z: Tensor, enc_pos: Tensor) -> Tuple[Tensor, Tensor]:
+    def abs_biases(self, z: Tensor, enc_pos: Tensor) -> Tuple[Tensor, Tensor]:
         """Self (HxTxT) and cross (BxHxTxS) absolute biases from normalised target positions ``z`` (Txd)."""
         H, s = self.config.heads, self.config.scaling
         q = split_heads(self.self_pos_q_linear(z), H) * s
@@ -94,7 +94,9 @@ class OFADecoder(nn.Module):
         cross_abs = q @ k.transpose(-1, -2)
         return self_abs, cross_abs
 
-    def _run_layers(self, y: Tensor, enc: EncoderOutput, self_biases: List[Tensor], cross_abs: Tensor) -> Tensor:
+    def run_layers(self, y: Tensor, enc: EncoderOutput, self_biases: Sequence[Tensor], cross_abs: Tensor) -> Tensor:
+        """The decoder layers and the final LayerNorm: ``y`` (BxTxd) attends to ``enc.enc_out``; one self-attention
+        bias per layer (causal mask included), one cross bias shared by all layers (padding added from ``enc``)."""
         cross_bias = cross_abs
         if enc.padding_mask is not None:
             pad = torch.zeros(enc.padding_mask.shape, dtype=cross_abs.dtype, device=cross_abs.device)
@@ -114,7 +116,7 @@ class OFADecoder(nn.Module):
         y = self.layernorm_embedding(self.embed_tokens(prev_output_tokens))  # no position added (disable_entangle)
         y = F.dropout(y, self.dropout, self.training)
         z = self.pos_ln(self.embed_positions.weight[:T])
-        self_abs, cross_abs = self._abs_biases(z, enc.enc_pos)
+        self_abs, cross_abs = self.abs_biases(z, enc.enc_pos)
         mask = causal_mask(T, y.device)
         pad = prev_output_tokens.eq(self.config.padding_idx)
         if bool(pad.any()):
@@ -122,7 +124,7 @@ class OFADecoder(nn.Module):
         bucket = self.token_rp_bucket[:T, :T]
         self_biases = [self_abs + F.embedding(bucket, t.weight).permute(2, 0, 1) + mask
                        for t in self.token_rel_pos_table_list]
-        y = self._run_layers(y, enc, self_biases, cross_abs)
+        y = self.run_layers(y, enc, self_biases, cross_abs)
         return self.output_projection(y)
 
     # --- IFSeg surrogate decoding ------------------------------------------------------------------------------
@@ -141,13 +143,17 @@ class OFADecoder(nn.Module):
         """Per-layer self-attention biases (causal mask included) and the shared cross bias for an h x w grid."""
         t = h * w + 1
         z = self.seg_pos_ln(self.seg_positions(h, w))
-        self_abs, cross_abs = self._abs_biases(z, enc_pos)
+        self_abs, cross_abs = self.abs_biases(z, enc_pos)
         mask = causal_mask(t, z.device)
         self_biases = [self_abs + self.seg_rel_bias(layer, h, w) + mask for layer in range(len(self.layers))]
         return self_biases, cross_abs
 
-    def forward_seg(self, enc: EncoderOutput) -> Tensor:
-        """Surrogate decoding: ``[BOS; enc_out at image cells]`` -> per-cell logits ``BxNxM`` (last output dropped)."""
+    def forward_seg(self, enc: EncoderOutput, biases: Optional[Tuple[Sequence[Tensor], Tensor]] = None) -> Tensor:
+        """Surrogate decoding: ``[BOS; enc_out at image cells]`` -> per-cell logits ``BxNxM`` (last output dropped).
+
+        ``biases``: precomputed ``(self biases, cross bias)`` of :meth:`seg_biases` for ``enc.grid`` (they depend only on
+        the weights and the grid); computed here when omitted.
+        """
         if not self.surrogate:
             raise RuntimeError("this decoder was built without the IFSeg surrogate modules")
         h, w = enc.grid
@@ -156,7 +162,7 @@ class OFADecoder(nn.Module):
         bos = self.embed_tokens.weight[0].to(enc.enc_out.dtype).expand(B, 1, -1)
         y = torch.cat([bos, enc.enc_out[:, :n]], dim=1)
         y = F.dropout(self.layernorm_embedding(y), self.dropout, self.training)
-        self_biases, cross_abs = self.seg_biases(h, w, enc.enc_pos)
-        self_biases = [b[None] for b in self_biases]
-        y = self._run_layers(y, enc, self_biases, cross_abs)
+        self_biases, cross_abs = biases if biases is not None else self.seg_biases(h, w, enc.enc_pos)
+        self_biases = [b if b.dim() == 4 else b[None] for b in self_biases]
+        y = self.run_layers(y, enc, self_biases, cross_abs)
         return self.seg_projection(y[:, :n])

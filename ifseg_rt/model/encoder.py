@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import OFAConfig
-from .layers import EncoderLayer, LayerNorm, split_heads
+from .layers import EncoderLayer, LayerNorm, drop_path_rates, split_heads
 from .positions import grid_ids, image_rp_bucket, resize_bias_2d, resize_grid, token_rp_bucket
 from .resnet import ResNet
 
@@ -26,12 +26,6 @@ class EncoderOutput:
     @property
     def num_image_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
-
-
-def _drop_path_rates(n: int, rate: float) -> List[float]:
-    if n == 1:
-        return [0.0]
-    return [rate * i / (n - 1) for i in range(n)]
 
 
 class OFAEncoder(nn.Module):
@@ -74,7 +68,7 @@ class OFAEncoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(d_model=d, ffn_dim=cfg.ffn_dim, heads=H, attn_scale_factor=cfg.attn_scale_factor,
                          dropout=dropout, drop_path=p, eps=cfg.layernorm_eps)
-            for p in _drop_path_rates(cfg.encoder_layers, drop_path_rate))
+            for p in drop_path_rates(cfg.encoder_layers, drop_path_rate))
         self.layer_norm = LayerNorm(d, eps=cfg.layernorm_eps)
         self.token_rel_pos_table_list = nn.ModuleList(
             nn.Embedding(cfg.token_rel_rows, H) for _ in range(cfg.encoder_layers))
@@ -168,6 +162,17 @@ class OFAEncoder(nn.Module):
         return enc_pos, biases
 
     # --- forward ----------------------------------------------------------------------------------------------
+    def run_layers(self, x: Tensor, biases: Sequence[Tensor], key_mask: Optional[Tensor] = None) -> Tensor:
+        """The encoder layers and the final LayerNorm on embedded tokens ``x`` (BxSxd).
+
+        ``biases`` holds one attention bias per layer, ``HxSxS`` or ``1xHxSxS`` (:meth:`layer_biases`);
+        ``key_mask`` (Bx1x1xS, -inf at padding) is added to each.
+        """
+        for layer, bias in zip(self.layers, biases):
+            bias = bias if bias.dim() == 4 else bias[None]
+            x = layer(x, bias if key_mask is None else bias + key_mask)
+        return self.layer_norm(x)
+
     def forward(self, src_tokens: Tensor, *, images: Optional[Tensor] = None, cell_embeds: Optional[Tensor] = None,
                 grid: Optional[Tuple[int, int]] = None, patch_masks: Optional[Tensor] = None,
                 text_has_padding: Optional[bool] = None) -> EncoderOutput:
@@ -216,9 +221,6 @@ class OFAEncoder(nn.Module):
             key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
 
         enc_pos, biases = self.layer_biases(h, w, length)
-        for layer, bias in zip(self.layers, biases):
-            bias = bias[None] if key_mask is None else bias[None] + key_mask
-            x = layer(x, bias)
-        x = self.layer_norm(x)
+        x = self.run_layers(x, biases, key_mask)
         return EncoderOutput(enc_out=x, padding_mask=padding_mask if has_pad else None,
                              enc_pos=enc_pos[None].expand(B, -1, -1), grid=(h, w), features=features)

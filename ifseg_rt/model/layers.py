@@ -3,7 +3,7 @@ decoder layers with the NormFormer extra norms (ofa.md §7)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,13 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     keep = 1.0 - p
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
     return x * mask / keep
+
+
+def drop_path_rates(n: int, rate: float) -> List[float]:
+    """Stochastic-depth rate of each of ``n`` layers: linear from 0 to ``rate``."""
+    if n == 1:
+        return [0.0]
+    return [rate * i / (n - 1) for i in range(n)]
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -73,6 +74,25 @@ class OFA(nn.Module):
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor, patch_masks: Optional[Tensor] = None) -> EncoderOutput:
         return self.encoder(src_tokens, images=patch_images, patch_masks=patch_masks)
+
+
+@dataclass(frozen=True)
+class SegTables:
+    """Everything a SegOFA real-image forward needs that depends only on the weights, the prompt and the token
+    grid, never on the pixels: compute once per grid (:meth:`SegOFA.seg_tables`) and reuse for every image of that
+    grid (:class:`SegTableCache`). Valid as long as the weights do not change."""
+
+    grid: Tuple[int, int]  # (h, w) token grid
+    text: Tensor  # 1xLxd embedded prompt
+    enc_pos: Tensor  # Sxd layer-normalised encoder positions (S = h*w + L)
+    enc_biases: Tuple[Tensor, ...]  # per encoder layer, 1xHxSxS
+    dec_biases: Tuple[Tensor, ...]  # per decoder layer, 1xHxTxT, causal mask included (T = h*w + 1)
+    cross: Tensor  # HxTxS decoder cross-attention bias
+
+    @property
+    def nbytes(self) -> int:
+        ts = (self.text, self.enc_pos, self.cross, *self.enc_biases, *self.dec_biases)
+        return sum(t.numel() * t.element_size() for t in ts)
 
 
 class SegOFA(nn.Module):
@@ -153,14 +173,30 @@ class SegOFA(nn.Module):
         return self.prompt_tokens
 
     # --- forward paths -----------------------------------------------------------------------------------------
-    def forward(self, images: Tensor, src_tokens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def seg_tables(self, h: int, w: int) -> SegTables:
+        """The pixel-independent tensors of a real-image forward on an h x w token grid, for the stored prompt.
+
+        Computed in the current autograd mode and in the weights' dtype; cache them only while the weights are
+        fixed (inference), e.g. with :class:`SegTableCache`.
+        """
+        src = self._src(None)
+        enc, dec = self.encoder, self.decoder
+        enc_pos, enc_biases = enc.layer_biases(h, w, src.numel())
+        dec_biases, cross = dec.seg_biases(h, w, enc_pos)
+        return SegTables(grid=(h, w), text=enc.embed_text(src[None]), enc_pos=enc_pos,
+                         enc_biases=tuple(b[None] for b in enc_biases), dec_biases=tuple(b[None] for b in dec_biases),
+                         cross=cross)
+
+    def forward(self, images: Tensor, src_tokens: Optional[Tensor] = None, *,
+                tables: Optional[SegTables] = None) -> Tuple[Tensor, Tensor]:
         """Real-image path.
 
         Parameters
         ----------
         images : Bx3xHxW normalised pixels (mean = std = 0.5), H and W multiples of 16 (any other size works too,
             with a partial last cell)
-        src_tokens : L or BxL prompt; defaults to the prompt given to :meth:`set_categories`
+        src_tokens : L or BxL prompt (padding allowed); by default the prompt given to :meth:`set_categories`
+        tables : precomputed :meth:`seg_tables` for this input's grid and the stored prompt (computed when omitted)
 
         Returns
         -------
@@ -169,9 +205,25 @@ class SegOFA(nn.Module):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be Bx3xHxW, got shape {tuple(images.shape)}")
-        src = self._src(src_tokens)
-        enc = self.encoder(src, images=images, text_has_padding=None if src_tokens is not None else False)
-        return self.decoder.forward_seg(enc), enc.features
+        if src_tokens is not None:
+            if tables is not None:
+                raise ValueError("tables are built for the stored prompt: pass src_tokens or tables, not both")
+            enc = self.encoder(src_tokens, images=images)
+            return self.decoder.forward_seg(enc), enc.features
+        encoder = self.encoder
+        features, (h, w) = encoder.image_features(images)
+        if tables is None:
+            tables = self.seg_tables(h, w)
+        elif tables.grid != (h, w):
+            raise ValueError(f"tables were built for a {tables.grid[0]}x{tables.grid[1]} token grid, the images give "
+                             f"{h}x{w}")
+        u = encoder.embed_patches(features)
+        x = torch.cat([u, tables.text.to(u.dtype).expand(u.shape[0], -1, -1)], dim=1)
+        x = F.dropout(x, encoder.dropout, self.training)
+        enc_out = encoder.run_layers(x, tables.enc_biases)
+        enc = EncoderOutput(enc_out=enc_out, padding_mask=None, enc_pos=tables.enc_pos[None].expand(u.shape[0], -1, -1),
+                            grid=(h, w), features=features)
+        return self.decoder.forward_seg(enc, (tables.dec_biases, tables.cross)), features
 
     def word_grid_embeddings(self, cells: Tensor) -> Tensor:
         """``BxN`` category ids -> ``BxNxd`` mean subword embeddings (ifseg.md §6)."""
@@ -186,6 +238,45 @@ class SegOFA(nn.Module):
         src = self._src(src_tokens)
         enc = self.encoder(src, cell_embeds=emb, grid=(h, w), text_has_padding=None if src_tokens is not None else False)
         return self.decoder.forward_seg(enc)
+
+
+class SegTableCache:
+    """Least-recently-used :class:`SegTables` per token grid for an inference model (weights must not change).
+
+    Arguments:
+      model (SegOFA): the model, with its prompt set
+      max_shapes (int): grids kept; the tables of an evicted grid are freed once nothing else references them
+    """
+
+    def __init__(self, model: SegOFA, max_shapes: int = 8):
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+        self.model = model
+        self.max_shapes = max_shapes
+        self._tables: "OrderedDict[Tuple[int, int], SegTables]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def get(self, h: int, w: int) -> SegTables:
+        key = (int(h), int(w))
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        with torch.inference_mode():
+            hit = self.model.seg_tables(*key)
+        self._tables[key] = hit
+        while len(self._tables) > self.max_shapes:
+            self._tables.popitem(last=False)
+        return hit
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tables.values())
 
 
 def build_model(config: Union[str, OFAConfig, dict], num_categories: Optional[int] = None, *,

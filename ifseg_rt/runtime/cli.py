@@ -13,8 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .._argtypes import positive_int
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from .preprocess import IMAGE_EXTENSIONS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,7 +47,7 @@ def _collect(inputs: Sequence[str]) -> List[Path]:
     for s in inputs:
         p = Path(s)
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())
         elif p.is_file():
             out.append(p)
         else:
@@ -75,7 +74,7 @@ def segment(argv: Optional[Sequence[str]] = None) -> int:
     paths = _collect(args.inputs)
     try:
         seg = _load(args)
-    except (ValueError, RuntimeError, ImportError) as e:
+    except (ValueError, RuntimeError, ImportError) as e:  # ModelDirError and BackendUnavailable included
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -89,19 +88,20 @@ def segment(argv: Optional[Sequence[str]] = None) -> int:
             bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
         except ImportError:
             pass
+    say = bar.write if bar is not None else print
     used = set()
-    failed = 0
+    failed: List[str] = []
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        try:
-            results = seg.seg([str(q) for q in chunk], batch_size=args.batch_size)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += len(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-            continue
+        results = seg.seg([str(q) for q in chunk], batch_size=args.batch_size, return_exceptions=True)
         for q, r in zip(chunk, results):
+            if bar is not None:
+                bar.update(1)
+            if isinstance(r, Exception):
+                reason = getattr(r, "reason", str(r))
+                failed.append(reason if str(q) in reason else f"{q}: {reason}")  # the path once
+                print(f"error: {failed[-1]}", file=sys.stderr)
+                continue
             stem = q.stem
             k = 1
             while stem in used:
@@ -112,18 +112,13 @@ def segment(argv: Optional[Sequence[str]] = None) -> int:
                 from PIL import Image
 
                 Image.fromarray(overlay(load_image(q), r.labels, M)).save(out / f"{stem}.overlay.jpg", quality=90)
-            counts = np.bincount(r.labels.ravel(), minlength=M) / r.labels.size
+            counts = r.pixel_counts() / r.labels.size
             top = ", ".join(f"{seg.categories[i]} {100 * counts[i]:.0f}%" for i in np.argsort(-counts)[:3] if counts[i] > 0)
-            line = (f"{q.name}: {r.original_size[1]}x{r.original_size[0]} -> {r.input_size[1]}x{r.input_size[0]} "
-                    f"({r.grid[0]}x{r.grid[1]} cells), {top}; {r.timings['total']:.0f} ms")
-            if bar is not None:
-                bar.write(line)
-                bar.update(1)
-            else:
-                print(line)
+            say(f"{q.name}: {r.original_size[0]}x{r.original_size[1]} -> {r.input_size[0]}x{r.input_size[1]} "
+                f"({r.grid[0]}x{r.grid[1]} cells, HxW), {top}; {r.timings['total']:.0f} ms")
     if bar is not None:
         bar.close()
-    print(f"wrote {len(paths) - failed} label map(s) to {out}" + (f"; {failed} failed" if failed else ""))
+    print(f"wrote {len(paths) - len(failed)} label map(s) to {out}" + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
 
 
@@ -163,7 +158,7 @@ def bench(argv: Optional[Sequence[str]] = None) -> int:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=(*args.size, 3), dtype=np.uint8)
     report = {"model": str(args.model), "backend": seg.backend.name, "device": args.device,
-              "threads": args.threads, "image": list(args.size), "knn": seg.knn, "host": platform.node(),
+              "threads": args.threads, "image": list(args.size), "knn": seg.knn.to_dict(), "host": platform.node(),
               "runs": []}
     for B in args.batch:
         batch = [img] * B

@@ -1,4 +1,5 @@
-"""The self-describing model directory written by ``python -m ifseg_rt.export`` and read by :class:`Segmenter`.
+"""The self-describing model directory written by ``python -m ifseg_rt.export`` and read by :class:`Segmenter`: the
+one owner of its schema (``ifseg.json``), file names, I/O names and engine naming.
 
 Layout::
 
@@ -7,42 +8,51 @@ Layout::
     DIR/model.safetensors              the same weights for the torch backend (optional)
     DIR/engines/<gpu>-<precision>.engine   TensorRT engines (optional, one per GPU model and precision)
 
-Every field is validated on load and errors name the field; every file listed in ``files`` is checked (size, then
+:func:`build_manifest` writes the schema (the exporter calls it), :func:`parse_manifest` reads and validates it:
+every field is checked on load and errors name the field; every file listed in ``files`` is checked (size, then
 sha256) before it is used. Torch-free.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..files import file_record, file_sha256
+from ..knn.settings import KnnSettings
 from .preprocess import MEAN, PATCH, STD, ImagePolicy
 
 SCHEMA_VERSION = 1
 FORMAT = "ifseg_rt.model_dir"
 MANIFEST = "ifseg.json"
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "model.safetensors"
+ENGINES_DIR = "engines"
+INPUT_NAME = "image"  # Bx3xHxW float32, normalised
+OUTPUT_NAMES = ("logits", "features")  # BxNxM, BxNxC
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+__all__ = ["SCHEMA_VERSION", "FORMAT", "MANIFEST", "ONNX_FILE", "WEIGHTS_FILE", "ENGINES_DIR", "INPUT_NAME",
+           "OUTPUT_NAMES", "PRECISIONS", "ModelDirError", "EngineSpec", "ModelSpec", "gpu_slug", "engine_file",
+           "build_manifest", "parse_manifest", "spec_for_model", "load_model_dir", "write_manifest", "file_record", "file_sha256"]
 
 
 class ModelDirError(ValueError):
-    """A model directory that cannot be used: missing/malformed ``ifseg.json`` field, missing/tampered file."""
+    """A model directory that cannot be used: missing/malformed ``ifseg.json`` field, missing/tampered file, or an
+    engine file that its engine cannot load or whose outputs disagree with ``ifseg.json``."""
 
 
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def gpu_slug(name: str) -> str:
+    """File-safe GPU name (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``); engines are matched by it."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def file_record(path: Union[str, Path]) -> Dict[str, Any]:
-    p = Path(path)
-    return {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+def engine_file(gpu: str, precision: str) -> str:
+    """Relative path of the TensorRT engine built on ``gpu`` in ``precision``."""
+    return f"{ENGINES_DIR}/{gpu_slug(gpu)}-{precision}.engine"
 
 
 # --- field validation helpers -----------------------------------------------------------------------------------
@@ -76,17 +86,6 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 @dataclass(frozen=True)
-class KnnSpec:
-    enabled: bool = True  # kNN post-processing of the probabilities (ifseg.md §12)
-    k: int = 3  # neighbours, the cell itself included
-    iters: int = 25  # averaging steps
-    temperature: float = 1.0  # softmax temperature before averaging
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"enabled": self.enabled, "k": self.k, "iters": self.iters, "temperature": self.temperature}
-
-
-@dataclass(frozen=True)
 class EngineSpec:
     file: str  # relative path, engines/<gpu>-<precision>.engine
     gpu: str  # torch/CUDA device name it was built on (engines are not portable across GPU models)
@@ -99,14 +98,14 @@ class EngineSpec:
 class ModelSpec:
     """Parsed, validated ``ifseg.json``."""
 
-    root: Path
+    root: Optional[Path]  # None for an in-memory model (Segmenter.from_model): no files
     categories: Tuple[str, ...]
     policy: ImagePolicy
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     input_dtype: str
     patch_stride: int
-    knn: KnnSpec
+    knn: KnnSettings
     feature_dim: int
     features_normalized: bool
     precision: str
@@ -126,7 +125,24 @@ class ModelSpec:
         return len(self.categories)
 
     def path(self, name: str) -> Path:
+        if self.root is None:
+            raise ModelDirError(f"an in-memory model has no file {name}")
         return self.root / name
+
+    @property
+    def source(self) -> str:
+        """How errors name this model: its directory, or ``<in-memory model>``."""
+        return str(self.root) if self.root is not None else "<in-memory model>"
+
+    def check_outputs(self, num_categories: int, feature_dim: Optional[int], file: str) -> None:
+        """Raise :class:`ModelDirError` when an engine's output widths disagree with ``ifseg.json``."""
+        if num_categories != self.num_categories:
+            raise ModelDirError(f"{self.source}/{file} outputs {num_categories} category scores per cell (logits "
+                                f"[batch, cells, {num_categories}]) but {MANIFEST} lists {self.num_categories} "
+                                f"categories: the manifest does not belong to this model; re-export it")
+        if feature_dim is not None and feature_dim != self.feature_dim:
+            raise ModelDirError(f"{self.source}/{file} outputs {feature_dim} feature channels but {MANIFEST} "
+                                f"declares outputs.features.shape [batch, cells, {self.feature_dim}]; re-export it")
 
     def has_file(self, name: str) -> bool:
         return name in self.files
@@ -136,8 +152,8 @@ class ModelSpec:
         for name in (names if names is not None else list(self.files)):
             rec = self.files.get(name)
             if rec is None:
-                raise ModelDirError(f"{self.root}: {name} is not listed in {MANIFEST} 'files'")
-            p = self.root / name
+                raise ModelDirError(f"{self.source}: {name} is not listed in {MANIFEST} 'files'")
+            p = self.path(name)
             if not p.is_file():
                 raise ModelDirError(f"{self.root}: file {name} listed in {MANIFEST} is missing")
             size = p.stat().st_size
@@ -160,7 +176,53 @@ class ModelSpec:
                              f"image to a less extreme aspect ratio, or use a fixed-size image policy")
 
 
-def parse_manifest(d: Any, root: Union[str, Path] = ".") -> ModelSpec:
+def build_manifest(*, categories: Sequence[str], config: Mapping[str, Any], policy: ImagePolicy, knn: KnnSettings,
+                   feature_dim: int, normalize_features: bool = False, precision: str = "fp32",
+                   onnx: Optional[Mapping[str, Any]] = None, files: Optional[Mapping[str, Any]] = None,
+                   engines: Sequence[Mapping[str, Any]] = (), provenance: Optional[Mapping[str, Any]] = None
+                   ) -> Dict[str, Any]:
+    """The ``ifseg.json`` dictionary of a model (validated by :func:`parse_manifest` before it is returned).
+
+    Parameters
+    ----------
+    categories : names, index = label
+    config : the model's ``OFAConfig.to_dict()``
+    policy, knn : image policy and kNN post-processing the runtime applies
+    feature_dim : C of the ``features`` output; ``normalize_features``: whether the graph L2-normalises them
+    onnx : facts of the ONNX file (``file``, ``opset``, ``static_shape``, ...); None when there is none
+    files : ``{relative path: file_record(...)}`` of every file the directory holds
+    engines : TensorRT engine records (``file``, ``gpu``, ``precision``, ``tensorrt_version``, ``profile``)
+    """
+    names = list(categories)
+    manifest: Dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "format": FORMAT,
+        "categories": names, "num_categories": len(names),
+        "image": {"policy": policy.to_dict(),
+                  "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "color": "RGB",
+                            "scale": 1.0 / 255.0, "mean": list(MEAN), "std": list(STD),
+                            "resize": "bilinear (OpenCV INTER_LINEAR) from the original to the policy size",
+                            "orientation": "EXIF orientation applied first"},
+                  "min_side": PATCH},
+        "patch_stride": PATCH,
+        "knn": knn.to_dict(),
+        "outputs": {OUTPUT_NAMES[0]: {"shape": ["batch", "cells", len(names)], "dtype": "float32",
+                                      "meaning": "per-cell category logits, cells = ceil(H/16)*ceil(W/16) row-major"},
+                    OUTPUT_NAMES[1]: {"shape": ["batch", "cells", int(feature_dim)], "dtype": "float32",
+                                      "normalized": bool(normalize_features),
+                                      "meaning": "ResNet layer3 features (kNN post-processing)"}},
+        "precision": precision,
+        "config": dict(config),
+        "engines": [dict(e) for e in engines],
+        "files": dict(files or {}),
+        "provenance": dict(provenance or {}),
+    }
+    if onnx is not None:
+        manifest["onnx"] = dict(onnx)
+    parse_manifest(manifest, None)
+    return manifest
+
+
+def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
     """Validate a loaded ``ifseg.json`` dict; errors name the offending field."""
     if not isinstance(d, dict):
         raise ModelDirError(f"{MANIFEST} must hold a JSON object, got {type(d).__name__}")
@@ -195,21 +257,21 @@ def parse_manifest(d: Any, root: Union[str, Path] = ".") -> ModelSpec:
     _check(stride == PATCH, "patch_stride", f"is {stride}; the OFA ResNet has output stride {PATCH}")
 
     kd = _get(d, "knn", "", dict)
-    knn = KnnSpec(enabled=_get(kd, "enabled", "knn", bool), k=_get(kd, "k", "knn", int),
-                  iters=_get(kd, "iters", "knn", int), temperature=float(_get(kd, "temperature", "knn", (int, float))))
-    _check(knn.k >= 1, "knn.k", f"must be >= 1, got {knn.k}")
-    _check(knn.iters >= 0, "knn.iters", f"must be >= 0, got {knn.iters}")
-    _check(knn.temperature > 0 and math.isfinite(knn.temperature), "knn.temperature", "must be a positive number")
+    try:
+        knn = KnnSettings.from_dict(kd)
+    except ValueError as e:
+        raise ModelDirError(f"{MANIFEST}: {e}") from None
 
     outs = _get(d, "outputs", "", dict)
-    lo = _get(outs, "logits", "outputs", dict)
-    fo = _get(outs, "features", "outputs", dict)
-    lshape = _get(lo, "shape", "outputs.logits", list)
-    fshape = _get(fo, "shape", "outputs.features", list)
-    _check(len(lshape) == 3 and lshape[2] == m, "outputs.logits.shape", f"must be [batch, cells, {m}], got {lshape}")
-    _check(len(fshape) == 3 and isinstance(fshape[2], int) and fshape[2] >= 1, "outputs.features.shape",
+    ln, fn = OUTPUT_NAMES
+    lo = _get(outs, ln, "outputs", dict)
+    fo = _get(outs, fn, "outputs", dict)
+    lshape = _get(lo, "shape", f"outputs.{ln}", list)
+    fshape = _get(fo, "shape", f"outputs.{fn}", list)
+    _check(len(lshape) == 3 and lshape[2] == m, f"outputs.{ln}.shape", f"must be [batch, cells, {m}], got {lshape}")
+    _check(len(fshape) == 3 and isinstance(fshape[2], int) and fshape[2] >= 1, f"outputs.{fn}.shape",
            f"must be [batch, cells, C], got {fshape}")
-    normalized = bool(_get(fo, "normalized", "outputs.features", bool, optional=True, default=False))
+    normalized = bool(_get(fo, "normalized", f"outputs.{fn}", bool, optional=True, default=False))
 
     prec = _get(d, "precision", "", str)
     _check(prec in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {prec!r}")
@@ -247,12 +309,22 @@ def parse_manifest(d: Any, root: Union[str, Path] = ".") -> ModelSpec:
                                   tensorrt_version=_get(e, "tensorrt_version", where, str),
                                   profile=_get(e, "profile", where, dict, optional=True, default={})))
     prov = _get(d, "provenance", "", dict)
-    return ModelSpec(root=Path(root), categories=tuple(cats), policy=policy, mean=tuple(mean), std=tuple(std),
-                     input_dtype=dtype, patch_stride=stride, knn=knn, feature_dim=fshape[2],
+    return ModelSpec(root=None if root is None else Path(root), categories=tuple(cats), policy=policy,
+                     mean=tuple(mean), std=tuple(std), input_dtype=dtype, patch_stride=stride, knn=knn, feature_dim=fshape[2],
                      features_normalized=normalized, precision=prec, config=cfg, onnx_file=onnx_file, opset=opset,
                      static_shape=static, seg_grid=cfg["patch_image_size"] // PATCH,
                      image_bucket_size=cfg["image_bucket_size"], files=dict(files), engines=tuple(engines),
                      provenance=prov, raw=d)
+
+
+def spec_for_model(categories: Sequence[str], config: Mapping[str, Any], *, feature_dim: int,
+                   policy: Optional[ImagePolicy] = None, knn: Optional[KnnSettings] = None,
+                   normalize_features: bool = False) -> ModelSpec:
+    """The :class:`ModelSpec` of an in-memory model (no directory, no files): what ``Segmenter.from_model`` runs."""
+    d = build_manifest(categories=categories, config=config, policy=policy or ImagePolicy(), knn=knn or KnnSettings(),
+                       feature_dim=feature_dim, normalize_features=normalize_features,
+                       provenance={"source": "<in-memory model>"})
+    return parse_manifest(d, None)
 
 
 def load_model_dir(path: Union[str, Path]) -> ModelSpec:

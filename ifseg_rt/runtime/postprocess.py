@@ -1,19 +1,35 @@
-"""From per-cell logits to a label map at the original image size (ifseg.md §11-§12), numpy only.
+"""From engine outputs to label maps: the one path every caller takes (``Segmenter``, and through it ``eval``, the
+demo, adaptation validation, serving and Ray).
 
-Plain prediction: logits of the h x w token grid are resized bilinearly (align_corners=False) straight to the
-original H0 x W0 and arg-maxed. With kNN post-processing the softmax probabilities are averaged over each cell's
-top-K cosine neighbours in ResNet feature space (``ifseg_rt.knn``) first.
+Per image (``ifseg.md`` §11-§12), with :class:`~ifseg_rt.knn.KnnSettings` ``knn``:
+
+* **cell scores** (:func:`cell_scores`): kNN enabled -> ``softmax(logits / temperature)``, then ``iters`` averaging
+  steps over each cell's ``min(k, N)`` nearest neighbours in ResNet feature space (``iters = 0``: the probabilities
+  themselves); kNN disabled -> the raw logits (the paper's plain prediction resizes logits, not probabilities);
+* **labels** (:func:`labels_from_scores`): the ``NxM`` scores of the ``h x w`` grid resized bilinearly
+  (``align_corners=False``) straight to the original ``H0 x W0`` and arg-maxed, never holding ``M x H0 x W0``;
+* **probabilities** (:func:`cell_probabilities`): what a caller asking for them gets, ``NxM`` rows summing to one.
+
+Each function takes numpy arrays (CPU engines; the C++ kernels do the work) or torch tensors (GPU engines; the
+result stays on the tensor's device). torch is imported only inside the torch branches: this module is torch-free.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-ROW_CHUNK = 64  # output rows resized at a time: bounds memory to M x 64 x W0 floats for any image size
+from ..knn.settings import KnnSettings
+from .resize_argmax import resize_argmax
 
 
+def is_torch(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch."""
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+# --- scores ------------------------------------------------------------------------------------------------------
 def softmax(x: np.ndarray, axis: int = -1, temperature: float = 1.0) -> np.ndarray:
     """Numerically stable softmax in float32 (float64 input stays float64)."""
     x = np.asarray(x)
@@ -25,60 +41,53 @@ def softmax(x: np.ndarray, axis: int = -1, temperature: float = 1.0) -> np.ndarr
     return z
 
 
-def interp_matrix(n_in: int, n_out: int, dtype=np.float32) -> np.ndarray:
-    """``n_out x n_in`` matrix of 1-D bilinear weights, align_corners=False, no antialias (torch semantics)."""
-    scale = n_in / n_out
-    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
-    r = np.zeros((n_out, n_in), dtype=np.float64)
-    np.add.at(r, (np.arange(n_out), i0), 1.0 - lam)
-    np.add.at(r, (np.arange(n_out), i1), lam)
-    return r.astype(dtype)
+def cell_scores(logits, features, knn: KnnSettings, *, knn_backend: str = "auto", num_threads: Optional[int] = None):
+    """``NxM`` or ``BxNxM`` logits (+ ``NxC`` / ``BxNxC`` features) -> the scores whose arg-max gives the labels.
 
-
-def resize_scores(scores: np.ndarray, grid: Tuple[int, int], size: Tuple[int, int]) -> np.ndarray:
-    """``NxM`` cell scores on an h x w grid -> ``MxH0xW0`` bilinear resize (memory: the full output)."""
-    h, w = grid
-    m = scores.shape[-1]
-    x = scores.reshape(h, w, m).astype(np.float32)
-    ry, rx = interp_matrix(h, size[0]), interp_matrix(w, size[1])
-    return np.einsum("Hh,hwm,Ww->mHW", ry, x, rx, optimize=True)
-
-
-def labels_from_scores(scores: np.ndarray, grid: Tuple[int, int], size: Tuple[int, int]) -> np.ndarray:
-    """Arg-max of the bilinearly resized ``NxM`` scores at ``size`` = (H0, W0) -> ``H0xW0`` int32.
-
-    Resizes ``ROW_CHUNK`` output rows at a time so that M x H0 x W0 floats are never held at once.
+    Raises ``ValueError`` when kNN averaging is asked for without features.
     """
-    h, w = grid
-    n, m = scores.shape
-    if n != h * w:
-        raise ValueError(f"scores have {n} cells but the grid is {h}x{w} = {h * w}")
-    x = np.ascontiguousarray(scores.reshape(h, w, m), dtype=np.float32)
-    ry, rx = interp_matrix(h, size[0]), interp_matrix(w, size[1])
-    # columns first: (h, W0, M), then rows in chunks
-    cols = np.einsum("Ww,hwm->hWm", rx, x, optimize=True)
-    out = np.empty(size, dtype=np.int32)
-    for r0 in range(0, size[0], ROW_CHUNK):
-        block = np.tensordot(ry[r0:r0 + ROW_CHUNK], cols, axes=(1, 0))  # (rows, W0, M)
-        out[r0:r0 + ROW_CHUNK] = block.argmax(axis=-1)
-    return out
+    if not knn.enabled:
+        return logits.float() if is_torch(logits) else np.asarray(logits, dtype=np.float32)
+    if is_torch(logits):
+        import torch
+
+        probs = torch.softmax(logits.float() / knn.temperature, dim=-1)
+    else:
+        probs = softmax(logits, temperature=knn.temperature)
+    if knn.iters == 0:
+        return probs
+    if features is None:
+        raise ValueError("kNN post-processing needs the model's features; this engine returned none "
+                         "(disable kNN to use the plain prediction)")
+    from ..knn import knn_average
+
+    backend = knn_backend
+    if is_torch(probs) and backend == "auto":
+        backend = "cuda" if probs.is_cuda else "numpy"
+    n = probs.shape[-2]
+    return knn_average(features, probs, k=knn.k_for(n), iters=knn.iters, backend=backend, num_threads=num_threads)
 
 
-def postprocess(logits: np.ndarray, grid: Tuple[int, int], size: Tuple[int, int], *,
-                features: Optional[np.ndarray] = None, knn_k: int = 3, knn_iters: int = 25,
-                temperature: float = 1.0, knn_backend: str = "auto") -> Tuple[np.ndarray, np.ndarray]:
-    """One image: ``NxM`` logits (+ ``NxC`` features for kNN) -> (``H0xW0`` int32 labels, ``NxM`` cell scores).
+def cell_probabilities(scores, knn: KnnSettings):
+    """The class probabilities behind ``scores`` of :func:`cell_scores`: the scores themselves when kNN is enabled,
+    else the softmax of the logits (at the model's temperature)."""
+    if knn.enabled:
+        return scores
+    if is_torch(scores):
+        import torch
 
-    With ``features`` the scores are the kNN-averaged probabilities (softmax first, ifseg.md §12); without, the raw
-    logits (the paper's plain prediction resizes logits, not probabilities).
+        return torch.softmax(scores.float() / knn.temperature, dim=-1)
+    return softmax(scores, temperature=knn.temperature)
+
+
+# --- resize + arg-max ----------------------------------------------------------------------------------------------
+def labels_from_scores(scores, grid: Tuple[int, int], size: Tuple[int, int], *, threads: Optional[int] = None):
+    """Arg-max of the bilinearly resized ``NxM`` scores at ``size`` = (H0, W0) -> ``H0xW0`` int32 labels (a numpy
+    array, or a torch tensor on the scores' device), by the fused kernel of :mod:`~ifseg_rt.runtime.resize_argmax`
+    (C++ / CUDA; a numpy or torch fallback without the compiled extension): M x H0 x W0 floats are never held.
+
+    ``threads``: CPU threads (None: the cores available to the process, fewer for small outputs).
     """
-    scores = np.asarray(logits, dtype=np.float32)
-    if features is not None and knn_iters > 0:
-        from ..knn import knn_average
-
-        probs = softmax(scores, temperature=temperature)
-        scores = knn_average(features, probs, k=knn_k, iters=knn_iters, backend=knn_backend)
-    return labels_from_scores(scores, grid, size), scores
+    if len(scores.shape) != 2:
+        raise ValueError(f"scores must be NxM (one image), got shape {tuple(scores.shape)}")
+    return resize_argmax(scores, grid, size, threads=threads)

@@ -3,6 +3,12 @@
 The paper's policy: scale so that the short side becomes 512 while the long side stays <= 2048
 (``s = min(2048 / long, 512 / short)``, sizes rounded half up), OpenCV-style bilinear resize, then
 ``x = (pixel / 255 - 0.5) / 0.5`` in RGB order, one whole image per forward pass.
+
+Two rules of ours on top: every side of the network input is at least one 16 px patch (an image more elongated than
+``max_long_side / 16`` : 1 would otherwise get a short side below one cell), and a policy may not produce more than
+:data:`MAX_CELLS` cells (the paper's policy reaches exactly that bound; attention memory grows with its square).
+Images read from files or given as PIL images are turned upright by their EXIF orientation first, as OpenCV's
+``imread`` (the original pipeline) and every image viewer do; label maps therefore follow the displayed orientation.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ STD = (0.5, 0.5, 0.5)
 PATCH = 16  # ResNet output stride: one token per 16x16 px cell
 MIN_SIDE = 16  # px; smaller originals cannot hold one patch
 MAX_PIXELS = 1 << 28  # px; refuse absurdly large originals (268 Mpx) before allocating anything
+MAX_CELLS = 4096  # token cells per network input: 32 x 128, the paper's policy at its 4:1 aspect cap
+MAX_MULTIPLE = 256  # px; largest rounding multiple of a policy
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what folders are searched for
 ImageLike = Union[str, Path, np.ndarray, Any]  # Any = PIL.Image.Image
 
 
@@ -40,24 +49,46 @@ class ImagePolicy:
     def __post_init__(self):
         if self.mode not in ("short_side", "fixed"):
             raise ValueError(f"image policy mode must be 'short_side' or 'fixed', got {self.mode!r}")
+        for name in ("short_side", "max_long_side", "multiple"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"image policy {name} must be an integer, got {v!r}")
         if self.mode == "fixed":
-            if self.size is None or len(self.size) != 2 or min(self.size) < PATCH:
-                raise ValueError(f"fixed image policy needs size=(H, W) with both >= {PATCH}, got {self.size}")
+            if self.size is None or len(self.size) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in self.size):
+                raise ValueError(f"fixed image policy needs size=(H, W) as two integers, got {self.size!r}")
             object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
-        if self.short_side < PATCH or self.max_long_side < self.short_side or self.multiple < 1:
-            raise ValueError(f"invalid image policy {self}")
+            if min(self.size) < PATCH:
+                raise ValueError(f"fixed image policy size {self.size} must be at least {PATCH} px per side")
+        if not PATCH <= self.short_side <= self.max_long_side:
+            raise ValueError(f"image policy needs {PATCH} <= short_side <= max_long_side, got short_side "
+                             f"{self.short_side}, max_long_side {self.max_long_side}")
+        if not 1 <= self.multiple <= MAX_MULTIPLE:
+            raise ValueError(f"image policy multiple must be in [1, {MAX_MULTIPLE}], got {self.multiple}")
+        h, w = self.size if self.mode == "fixed" else (self.short_side, self.max_long_side)
+        h, w = self._round(h, w)
+        cells = -(-h // PATCH) * -(-w // PATCH)
+        if cells > MAX_CELLS:
+            what = (f"fixed size {self.size[0]}x{self.size[1]}" if self.mode == "fixed" else
+                    f"short_side {self.short_side} with max_long_side {self.max_long_side}")
+            raise ValueError(f"image policy {what} allows network inputs of up to {h}x{w} px = {cells} cells of "
+                             f"{PATCH} px; the limit is {MAX_CELLS} cells (the paper's short side 512 / long side 2048 "
+                             f"reaches it): attention memory grows with the square of the cell count")
+
+    def _round(self, h: int, w: int) -> Tuple[int, int]:
+        m = self.multiple
+        if m > 1:
+            h, w = max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
+        return max(h, PATCH), max(w, PATCH)
 
     def target_size(self, h0: int, w0: int) -> Tuple[int, int]:
-        """Network input size (H, W) for an original of h0 x w0 pixels."""
+        """Network input size (H, W) for an original of h0 x w0 pixels; every side is at least one patch."""
         if self.mode == "fixed":
             h, w = self.size
         else:
             s = min(self.max_long_side / max(h0, w0), self.short_side / min(h0, w0))
             h, w = int(h0 * s + 0.5), int(w0 * s + 0.5)
-        if self.multiple > 1:
-            m = self.multiple
-            h, w = max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
-        return h, w
+        return self._round(h, w)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -85,16 +116,25 @@ def load_image(image: ImageLike) -> np.ndarray:
         p = Path(image)
         if not p.exists():
             raise FileNotFoundError(f"image not found: {p}")
+        if p.is_dir():
+            raise ValueError(f"cannot read image {p}: it is a directory")
         try:
             with Image.open(p) as im:
                 _check_size(im.height, im.width, str(p))
-                arr = _pil_to_rgb(im, str(p))
-        except (OSError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image {p}: {e}") from None
+                arr = _pil_to_rgb(_upright(im), str(p))
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"cannot read image {p}: not an image file Pillow recognises (corrupt, empty or another "
+                             f"kind of file)") from None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            reason = str(e).replace(repr(str(p)), "the file").replace(str(p), "the file")
+            raise ValueError(f"cannot read image {p}: {reason}") from None
         return np.ascontiguousarray(arr)
     if isinstance(image, Image.Image):
         _check_size(image.height, image.width, "PIL image")
-        return np.ascontiguousarray(_pil_to_rgb(image, "PIL image"))
+        try:
+            return np.ascontiguousarray(_pil_to_rgb(_upright(image), "PIL image"))
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"cannot read PIL image: {e}") from None
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 2:
@@ -113,6 +153,19 @@ def load_image(image: ImageLike) -> np.ndarray:
             arr = arr[:, :, :3]
         return np.ascontiguousarray(arr)
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+
+
+def _upright(im):
+    """Apply the EXIF orientation tag (rotate/flip to the displayed orientation); images without one are unchanged."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF block: treat as no orientation, as viewers do
+        return im
+    if orientation in (None, 1):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _pil_to_rgb(im, what: str) -> np.ndarray:

@@ -1,26 +1,31 @@
-"""``Segmenter``: load a model directory once, segment many images (SAM's predictor pattern).
+"""``Segmenter``: load a model once, segment many images (SAM's predictor pattern).
 
-Pipeline per image (``ifseg.md`` §11-§12): load (grayscale/RGBA -> RGB) -> resize to the policy size (OpenCV
-bilinear) -> normalise -> engine -> [softmax / T -> kNN averaging over ResNet features] -> bilinear resize of the
-cell scores straight to the original size -> arg-max. Post-processing runs where the engine's outputs live: numpy
-(and the C++ kNN kernel) for CPU engines, torch/CUDA for GPU engines.
+Pipeline per image (``ifseg.md`` §11-§12): load (EXIF orientation applied, grayscale/RGBA -> RGB) -> resize to the
+policy size (OpenCV bilinear) -> normalise -> engine -> :mod:`~ifseg_rt.runtime.postprocess` (cell scores with the
+model's kNN settings, then the bilinear resize straight to the original size + arg-max). Post-processing runs where
+the engine's outputs live: numpy and the C++ kernels for CPU engines, torch/CUDA for GPU engines.
+
+Every caller goes through this class: ``segment``/``bench``, ``eval``, the demo, adaptation validation (an in-memory
+model: :meth:`Segmenter.from_model`), serving and Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .backends import create_backend, resolve_backend
-from .model_dir import ModelSpec, load_model_dir
-from .postprocess import labels_from_scores, softmax
-from .preprocess import ImageLike, load_image, normalize, resize_bilinear
+from ..knn.settings import KnnSettings
+from .backends import create_backend, resolve_backend, resolve_device
+from .model_dir import ModelSpec, load_model_dir, spec_for_model
+from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
+from .preprocess import PATCH, ImageLike, load_image, normalize, resize_bilinear
 
-STAGES = ("preprocess", "engine", "knn", "resize_argmax", "total")  # ms per image; engine/knn amortised over a batch
+STAGES = ("preprocess", "engine", "knn", "resize_argmax", "total")  # ms per image; the engine time of a batch is shared
 
 
 @dataclass
@@ -28,15 +33,15 @@ class SegmentationResult:
     """One image's segmentation.
 
     Attributes:
-      labels (np.ndarray): H0xW0 int32 category index per pixel, at the original size
+      labels (np.ndarray): H0xW0 int32 category index per pixel, at the original (EXIF-upright) size
       categories (tuple(str)): names; ``categories[labels[y, x]]``
       grid (tuple(int, int)): (h, w) token grid the model saw
       original_size (tuple(int, int)): (H0, W0)
       input_size (tuple(int, int)): (H, W) network input after the image policy
-      probabilities (np.ndarray or None): hxwxM float32 cell scores when requested: kNN-averaged probabilities, or
-        the softmax of the logits when kNN is disabled (low resolution, one row per 16x16 cell)
-      timings (dict): milliseconds per stage (preprocess, engine, knn, resize_argmax, total); the engine and kNN
-        times of a batch are divided by its size
+      probabilities (np.ndarray or None): hxwxM float32 cell probabilities when requested: kNN-averaged, or the
+        softmax of the logits when kNN is disabled (low resolution, one row per 16x16 cell)
+      timings (dict): milliseconds per stage (preprocess, engine, knn, resize_argmax, total); the engine time of a
+        batch is divided by its size
     """
 
     labels: np.ndarray
@@ -49,41 +54,102 @@ class SegmentationResult:
 
     def names(self) -> List[str]:
         """Category names present in the label map, by decreasing area."""
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.categories))
+        counts = self.pixel_counts()
         return [self.categories[i] for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+
+    def pixel_counts(self) -> np.ndarray:
+        """Pixels per category, ``M`` int64."""
+        return np.bincount(self.labels.ravel(), minlength=len(self.categories))[:len(self.categories)]
+
+
+@dataclass
+class CellOutputs:
+    """The engine's outputs for one image, before post-processing (:meth:`Segmenter.finish`)."""
+
+    logits: Any  # NxM (numpy, or a torch CUDA tensor)
+    features: Any  # NxC, same kind
+    grid: Tuple[int, int]
+    original_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    timings: Dict[str, float] = field(default_factory=dict)  # preprocess, engine
+
+
+class ImageError(ValueError):
+    """An input of a list that could not be segmented (unreadable, wrong shape, too small, ...).
+
+    Attributes: ``index`` (position in the list), ``source`` (its path, or a description), ``reason`` (the message).
+    """
+
+    def __init__(self, index: int, source: str, reason: str):
+        self.index, self.source, self.reason = index, source, reason
+        super().__init__(f"image {index} ({source}): {reason}")
+
+
+def describe(image: Any) -> str:
+    """How errors name an input: its path, or its kind and shape."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    shape = getattr(image, "shape", None)
+    if shape is not None:
+        return f"{type(image).__name__} of shape {tuple(shape)}"
+    size = getattr(image, "size", None)
+    return f"{type(image).__name__}" + (f" of size {size}" if isinstance(size, tuple) else "")
 
 
 class Segmenter:
     """Load once, query many.
 
-    Use :meth:`load`; ``seg(image)`` for a path, PIL image or HxWx3 uint8 array (grayscale/RGBA converted) returns a
-    :class:`SegmentationResult`; ``seg([images...])`` returns a list, batching images whose network input size is
-    equal (up to ``batch_size`` per forward).
+    Use :meth:`load` (a model directory) or :meth:`from_model` (an in-memory SegOFA). ``seg(image)`` for a path, PIL
+    image or HxWx3 uint8 array returns a :class:`SegmentationResult`; ``seg([images...])`` returns a list, batching
+    images whose network input size is equal (up to ``batch_size`` per forward).
+
+    Arguments:
+      spec (ModelSpec): the model's validated description (categories, image policy, kNN settings, ...)
+      backend: an engine from :mod:`ifseg_rt.runtime.backends`
+      knn (bool, KnnSettings or None): override the model's kNN post-processing (a bool switches it on/off)
+      knn_backend (str): ``ifseg_rt.knn`` backend for the averaging ("auto", "cpu", "numpy", "cuda")
     """
 
-    def __init__(self, spec: ModelSpec, backend, *, knn: Optional[bool] = None, knn_backend: str = "auto"):
+    def __init__(self, spec: ModelSpec, backend, *, knn: Union[None, bool, KnnSettings] = None,
+                 knn_backend: str = "auto"):
         self.spec = spec
         self.backend = backend
         self.categories = spec.categories
-        self.knn = spec.knn.enabled if knn is None else bool(knn)
+        self.knn = self._knn(knn)
         self.knn_backend = knn_backend
+
+    def _knn(self, knn: Union[None, bool, KnnSettings]) -> KnnSettings:
+        if knn is None:
+            return self.spec.knn
+        if isinstance(knn, KnnSettings):
+            return knn
+        if isinstance(knn, bool):
+            return self.spec.knn.replace(enabled=knn)
+        raise TypeError(f"knn must be None, a bool or a KnnSettings, got {type(knn).__name__}")
 
     @classmethod
     def load(cls, model_dir: Union[str, Path], backend: str = "auto", device: str = "cpu", *, verify: bool = True,
-             knn: Optional[bool] = None, knn_backend: str = "auto", **backend_options) -> "Segmenter":
-        """Read and validate ``ifseg.json``, verify the sha256 of the files the backend uses, build the engine.
+             knn: Union[None, bool, KnnSettings] = None, knn_backend: str = "auto", **backend_options) -> "Segmenter":
+        """Read and validate ``ifseg.json``, verify the sha256 of the files the backend uses, build the engine and
+        check its output widths against ``ifseg.json``.
 
         Parameters
         ----------
         model_dir : directory written by ``python -m ifseg_rt.export``
         backend : "auto" | "onnxruntime" | "tensorrt" | "torch"
-        device : "cpu" | "cuda" | "cuda:N"
+        device : "cpu" | "cuda" | "cuda:N" | "auto" (cuda when torch sees a GPU)
         verify : check sizes and sha256s before loading (a tampered or truncated file raises ``ModelDirError``)
-        knn : override ``ifseg.json``'s kNN switch
+        knn : override ``ifseg.json``'s kNN settings (a bool switches them on/off)
         backend_options : e.g. ``threads=2`` (onnxruntime/torch CPU), ``dtype="bf16"``, ``cuda_graphs=True`` (torch),
             ``precision="fp16"`` (tensorrt)
+
+        Raises
+        ------
+        ModelDirError for a missing, malformed, tampered or unloadable model directory (the message names the field
+        or file); BackendUnavailable when the backend cannot run here
         """
         spec = load_model_dir(model_dir)
+        device = resolve_device(device)
         name = resolve_backend(backend, device, spec)
         if name == "tensorrt":
             backend_options.pop("threads", None)  # a CPU-thread count means nothing to a TensorRT engine
@@ -97,38 +163,123 @@ class Segmenter:
         return cls(spec, create_backend(name, spec, device=device, **backend_options), knn=knn,
                    knn_backend=knn_backend)
 
+    @classmethod
+    def from_model(cls, model, categories: Optional[Sequence[str]] = None, *, policy=None,
+                   knn: Optional[KnnSettings] = None, device: str = "cpu", dtype: Optional[str] = None,
+                   threads: Optional[int] = None, knn_backend: str = "auto") -> "Segmenter":
+        """Wrap an in-memory :class:`~ifseg_rt.model.SegOFA` (with its prompt set) without exporting it: the torch
+        backend runs it as it is (the caller's model is only switched to eval mode while it runs). Used by ``eval``
+        on checkpoints and by validation during adaptation.
+
+        Parameters
+        ----------
+        categories : names (default ``class_0 ...``)
+        policy : :class:`~ifseg_rt.runtime.ImagePolicy` (default: the paper's short side 512)
+        knn : kNN settings (default: the paper's K = 3, 25 iterations)
+        dtype : "fp32" (default), or "bf16"/"fp16" autocast
+        """
+        from .backends.torch_backend import TorchBackend
+
+        names = list(categories) if categories is not None else [f"class_{i}" for i in range(model.num_categories)]
+        spec = spec_for_model(names, model.config.to_dict(), feature_dim=model.config.image_feature_dim,
+                              policy=policy, knn=knn)
+        backend = TorchBackend.from_model(model, spec, device=resolve_device(device), dtype=dtype, threads=threads)
+        return cls(spec, backend, knn_backend=knn_backend)
+
     # --- public -------------------------------------------------------------------------------------------------
     def __call__(self, image, **kw):
         return self.seg(image, **kw)
 
     def seg(self, image: Union[ImageLike, Sequence[ImageLike]], *, return_probabilities: bool = False,
-            batch_size: int = 8) -> Union[SegmentationResult, List[SegmentationResult]]:
-        """Segment one image (-> result) or a list/tuple of images (-> list of results, input order)."""
-        if isinstance(image, (list, tuple)):
-            return self._seg_many(list(image), return_probabilities, batch_size)
-        return self._seg_many([image], return_probabilities, 1)[0]
+            batch_size: int = 8, return_exceptions: bool = False
+            ) -> Union[SegmentationResult, List[Union[SegmentationResult, ImageError]]]:
+        """Segment one image (-> result) or a list/tuple of images (-> list of results, input order).
+
+        For a list, an input that cannot be read or used raises :class:`ImageError` naming it, or, with
+        ``return_exceptions=True``, takes its place in the returned list while every other image is segmented.
+        A single image raises the underlying error (``ValueError``, ``FileNotFoundError``, ``TypeError``).
+        """
+        if not isinstance(image, (list, tuple)):
+            out = next(self._stream([image], 1, single=True))[1]
+            return self.finish(out, return_probabilities=return_probabilities)
+        results: List[Any] = [None] * len(image)
+        for i, out in self._stream(list(image), batch_size):
+            if isinstance(out, ImageError):
+                if not return_exceptions:
+                    raise out
+                results[i] = out
+            else:
+                results[i] = self.finish(out, return_probabilities=return_probabilities)
+        return results
+
+    def infer(self, images: Sequence[ImageLike], *, batch_size: int = 8, return_exceptions: bool = False
+              ) -> List[Union[CellOutputs, ImageError]]:
+        """The engine's per-image outputs (before post-processing), input order; errors as in :meth:`seg`.
+
+        Holds every image's outputs at once: for long lists prefer :meth:`seg`, which post-processes as it goes.
+        """
+        out: List[Any] = [None] * len(images)
+        for i, o in self._stream(list(images), batch_size):
+            if isinstance(o, ImageError) and not return_exceptions:
+                raise o
+            out[i] = o
+        return out
+
+    def finish(self, out: CellOutputs, *, knn: Union[None, bool, KnnSettings] = None,
+               return_probabilities: bool = False) -> SegmentationResult:
+        """Post-process one image's :class:`CellOutputs` (with the segmenter's kNN settings, or ``knn``)."""
+        settings = self.knn if knn is None else self._knn(knn)
+        on_gpu = is_torch(out.logits) and out.logits.is_cuda
+        t0 = time.perf_counter()
+        with _device_of(out.logits):
+            scores = cell_scores(out.logits, out.features, settings, knn_backend=self.knn_backend)
+            _sync(scores, on_gpu)
+            t1 = time.perf_counter()
+            labels = labels_from_scores(scores, out.grid, out.original_size)
+            probs = None
+            if return_probabilities:
+                probs = cell_probabilities(scores, settings).reshape(*out.grid, -1)
+            if on_gpu:
+                labels = labels.cpu().numpy()
+                probs = None if probs is None else probs.float().cpu().numpy()
+        t2 = time.perf_counter()
+        timings = dict(out.timings)
+        timings["knn"] = (t1 - t0) * 1e3
+        timings["resize_argmax"] = (t2 - t1) * 1e3
+        timings["total"] = sum(timings.get(k, 0.0) for k in STAGES[:-1])
+        if probs is not None:
+            probs = np.ascontiguousarray(probs, dtype=np.float32)
+        return SegmentationResult(labels=labels, categories=self.categories, grid=out.grid,
+                                  original_size=out.original_size, input_size=out.input_size, probabilities=probs,
+                                  timings=timings)
 
     def preprocess(self, image: ImageLike) -> Tuple[np.ndarray, Tuple[int, int]]:
-        """-> (3xHxW float32 network input, (H0, W0))."""
+        """-> (3xHxW float32 network input, (H0, W0)). Raises ``ValueError`` for unusable images."""
         img = load_image(image)
         h0, w0 = img.shape[:2]
         h, w = self.spec.policy.target_size(h0, w0)
-        self.spec.check_grid(-(-h // 16), -(-w // 16))
+        self.spec.check_grid(-(-h // PATCH), -(-w // PATCH))
         return normalize(resize_bilinear(img, h, w)), (h0, w0)
 
     # --- pipeline -----------------------------------------------------------------------------------------------
-    def _seg_many(self, images: List[ImageLike], probs: bool, batch_size: int) -> List[SegmentationResult]:
+    def _stream(self, images: List[ImageLike], batch_size: int, single: bool = False
+                ) -> Iterator[Tuple[int, Union[CellOutputs, ImageError]]]:
+        """(index, outputs or ImageError) for every input, a window of inputs at a time (a long list never holds
+        every preprocessed image), same-size inputs batched within a window."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        results: List[Optional[SegmentationResult]] = [None] * len(images)
-        # A window of inputs at a time, so that a long list never holds every preprocessed image in memory;
-        # within a window, same-size inputs are batched together.
         window = 4 * batch_size
         for w0 in range(0, len(images), window):
-            pre = {}
+            pre: Dict[int, Tuple[np.ndarray, Tuple[int, int], float]] = {}
             for i in range(w0, min(w0 + window, len(images))):
                 t0 = time.perf_counter()
-                x, size = self.preprocess(images[i])
+                try:
+                    x, size = self.preprocess(images[i])
+                except (ValueError, FileNotFoundError, TypeError) as e:
+                    if single:
+                        raise
+                    yield i, ImageError(i, describe(images[i]), str(e))
+                    continue
                 pre[i] = (x, size, (time.perf_counter() - t0) * 1e3)
             groups: Dict[Tuple[int, int], List[int]] = {}
             for i, (x, _, _) in pre.items():
@@ -136,85 +287,40 @@ class Segmenter:
             for idx in groups.values():
                 for s in range(0, len(idx), batch_size):
                     chunk = idx[s:s + batch_size]
-                    batch = np.stack([pre[i][0] for i in chunk])
-                    for i, r in zip(chunk, self._run_batch(batch, [pre[i][1] for i in chunk], probs)):
-                        r.timings["preprocess"] = pre[i][2]
-                        r.timings["total"] = sum(r.timings[k] for k in STAGES[:-1])
-                        results[i] = r
-        return results
+                    outs = self._run_batch(np.stack([pre[i][0] for i in chunk]), [pre[i][1] for i in chunk])
+                    for i, o in zip(chunk, outs):
+                        o.timings["preprocess"] = pre[i][2]
+                        yield i, o
 
-    def _run_batch(self, batch: np.ndarray, sizes: List[Tuple[int, int]], want_probs: bool):
+    def _run_batch(self, batch: np.ndarray, sizes: List[Tuple[int, int]]) -> List[CellOutputs]:
         B, _, H, W = batch.shape
-        grid = (-(-H // 16), -(-W // 16))
+        grid = (-(-H // PATCH), -(-W // PATCH))
         t0 = time.perf_counter()
         logits, feats = self.backend.run(batch)
-        if getattr(self.backend, "on_gpu", False):
-            import torch
-
-            torch.cuda.synchronize(logits.device)
+        on_gpu = getattr(self.backend, "on_gpu", False)
+        _sync(logits, on_gpu)
         t_engine = (time.perf_counter() - t0) * 1e3 / B
-        if getattr(self.backend, "on_gpu", False):
-            return self._post_torch(logits, feats, grid, sizes, want_probs, t_engine, (H, W))
-        return self._post_numpy(logits, feats, grid, sizes, want_probs, t_engine, (H, W))
+        n, m = grid[0] * grid[1], self.spec.num_categories
+        if tuple(logits.shape) != (B, n, m) or (feats is not None and tuple(feats.shape[:2]) != (B, n)):
+            raise RuntimeError(f"the {self.backend.name} engine returned logits {tuple(logits.shape)} and features "
+                               f"{None if feats is None else tuple(feats.shape)} for a {B}x3x{H}x{W} batch; expected "
+                               f"({B}, {n}, {m}) and ({B}, {n}, C)")
+        return [CellOutputs(logits=logits[i], features=None if feats is None else feats[i], grid=grid,
+                            original_size=size, input_size=(H, W), timings={"engine": t_engine})
+                for i, size in enumerate(sizes)]
 
-    def _scores_numpy(self, logits: np.ndarray, feats: np.ndarray) -> np.ndarray:
-        """kNN on: softmax probabilities, averaged when iters > 0 (ifseg.md §12). kNN off: the logits."""
-        k = self.spec.knn
-        if not self.knn:
-            return np.asarray(logits, dtype=np.float32)
-        probs = softmax(logits, temperature=k.temperature)
-        if k.iters == 0:
-            return probs
-        from ..knn import knn_average
 
-        return knn_average(feats, probs, k=min(k.k, logits.shape[1]), iters=k.iters, backend=self.knn_backend)
-
-    def _post_numpy(self, logits, feats, grid, sizes, want_probs, t_engine, input_size):
-        t0 = time.perf_counter()
-        scores = self._scores_numpy(logits, feats)
-        t_knn = (time.perf_counter() - t0) * 1e3 / len(sizes)
-        out = []
-        for i, size in enumerate(sizes):
-            t1 = time.perf_counter()
-            labels = labels_from_scores(scores[i], grid, size)
-            t_res = (time.perf_counter() - t1) * 1e3
-            p = None
-            if want_probs:
-                p = scores[i] if self.knn else softmax(scores[i], temperature=self.spec.knn.temperature)  # probs
-                p = np.ascontiguousarray(p.reshape(*grid, -1), dtype=np.float32)
-            out.append(SegmentationResult(labels=labels, categories=self.categories, grid=grid, original_size=size,
-                                          input_size=input_size, probabilities=p,
-                                          timings={"engine": t_engine, "knn": t_knn, "resize_argmax": t_res}))
-        return out
-
-    def _post_torch(self, logits, feats, grid, sizes, want_probs, t_engine, input_size):  # CUDA path
+def _device_of(x):
+    """``torch.cuda.device(x.device)`` for CUDA tensors (kernels launch on cuda:N whatever the current device is)."""
+    if is_torch(x) and x.is_cuda:
         import torch
 
-        from .torch_post import labels_from_scores_torch
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
-        k = self.spec.knn
-        t0 = time.perf_counter()
-        scores = logits.float()
-        with torch.cuda.device(scores.device):  # cuda:N, whatever the current device is
-            if self.knn:
-                scores = torch.softmax(scores / k.temperature, dim=-1)
-                if k.iters > 0:
-                    from ..knn import knn_average
 
-                    backend = "cuda" if self.knn_backend == "auto" else self.knn_backend
-                    scores = knn_average(feats, scores, k=min(k.k, scores.shape[1]), iters=k.iters, backend=backend)
-            torch.cuda.synchronize(scores.device)
-        t_knn = (time.perf_counter() - t0) * 1e3 / len(sizes)
-        out = []
-        for i, size in enumerate(sizes):
-            t1 = time.perf_counter()
-            labels = labels_from_scores_torch(scores[i], grid, size).cpu().numpy()
-            t_res = (time.perf_counter() - t1) * 1e3
-            p = None
-            if want_probs:
-                s = scores[i] if self.knn else torch.softmax(scores[i] / k.temperature, dim=-1)
-                p = s.reshape(*grid, -1).float().cpu().numpy()
-            out.append(SegmentationResult(labels=labels, categories=self.categories, grid=grid, original_size=size,
-                                          input_size=input_size, probabilities=p,
-                                          timings={"engine": t_engine, "knn": t_knn, "resize_argmax": t_res}))
-        return out
+def _sync(x, on_gpu: bool) -> None:
+    if on_gpu and is_torch(x):
+        import torch
+
+        torch.cuda.synchronize(x.device)

@@ -33,12 +33,27 @@ def _ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch is installed and sees a GPU, else ``"cpu"``; other values are checked and
+    returned as given (``"cpu"``, ``"cuda"``, ``"cuda:N"``)."""
+    device = str(device)
+    if device == "auto":
+        if _has("torch"):
+            import torch
+
+            if torch.cuda.is_available():
+                return "cuda"
+        return "cpu"
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
 def resolve_backend(name: str, device: str, spec) -> str:
     """``auto`` -> TensorRT (engine for this GPU), then onnxruntime (CUDA provider / CPU), then torch."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    device = resolve_device(device)
     if name != "auto":
         return name
     if str(device).startswith("cuda"):

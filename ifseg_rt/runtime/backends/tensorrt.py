@@ -9,13 +9,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..model_dir import INPUT_NAME, OUTPUT_NAMES, ModelDirError, gpu_slug
 from . import BackendUnavailable
-
-
-def _slug(name: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 class TensorRTBackend:
@@ -44,39 +39,52 @@ class TensorRTBackend:
             raise BackendUnavailable("the tensorrt backend needs a CUDA GPU visible to torch")
         self.torch = torch
         self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         gpu = torch.cuda.get_device_name(self.device)
-        engines = [e for e in spec.engines if _slug(e.gpu) == _slug(gpu) and (precision is None or e.precision == precision)]
+        engines = [e for e in spec.engines
+                   if gpu_slug(e.gpu) == gpu_slug(gpu) and (precision is None or e.precision == precision)]
         if not engines:
             built = ", ".join(f"{e.gpu} {e.precision}" for e in spec.engines) or "none"
             raise BackendUnavailable(f"no TensorRT engine for {gpu}{' ' + precision if precision else ''} in "
-                                     f"{spec.root} (built: {built}); re-export with --format engine on this GPU")
+                                     f"{spec.source} (built: {built}); re-export with --format engine on this GPU")
         self.engine_spec = engines[0]
         if self.engine_spec.tensorrt_version != trt.__version__:
             raise BackendUnavailable(f"engine built with TensorRT {self.engine_spec.tensorrt_version}, installed "
                                      f"{trt.__version__}: engines are version-specific; rebuild it")
         self.logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self.logger)
-        self.engine = runtime.deserialize_cuda_engine(spec.path(self.engine_spec.file).read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialise {self.engine_spec.file}")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
+        path = spec.path(self.engine_spec.file)
+        with torch.cuda.device(self.device):  # engines, contexts and streams belong to the device they are made on
+            runtime = trt.Runtime(self.logger)
+            self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise ModelDirError(f"{path}: TensorRT could not deserialise it (corrupt, or built by another TensorRT "
+                                    f"version / for another GPU); rebuild it with --format engine")
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(device=self.device)
         self.on_gpu = True
         self.spec = spec
+        spec.check_outputs(int(self.engine.get_tensor_shape(OUTPUT_NAMES[0])[-1]),
+                           int(self.engine.get_tensor_shape(OUTPUT_NAMES[1])[-1]), self.engine_spec.file)
 
     def run(self, x: np.ndarray):
         torch = self.torch
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        ctx = self.context
-        ctx.set_input_shape("image", tuple(xt.shape))
-        outs = {}
-        for name in ("logits", "features"):
-            shape = tuple(ctx.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)  # outputs pinned fp32 at build
-            ctx.set_tensor_address(name, outs[name].data_ptr())
-        ctx.set_tensor_address("image", xt.data_ptr())
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return outs["logits"], outs["features"]
+        with torch.cuda.device(self.device):
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+            ctx = self.context
+            if not ctx.set_input_shape(INPUT_NAME, tuple(xt.shape)):
+                prof = self.engine_spec.profile
+                raise ValueError(f"input shape {tuple(xt.shape)} is outside the optimisation profile of "
+                                 f"{self.engine_spec.file} (min {prof.get('min')}, max {prof.get('max')}); rebuild the "
+                                 f"engine with --min-shape/--max-shape covering it, or use another backend")
+            outs = {}
+            for name in OUTPUT_NAMES:
+                shape = tuple(ctx.get_tensor_shape(name))
+                outs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)  # outputs pinned fp32
+                ctx.set_tensor_address(name, outs[name].data_ptr())
+            ctx.set_tensor_address(INPUT_NAME, xt.data_ptr())
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution of {self.engine_spec.file} failed")
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return outs[OUTPUT_NAMES[0]], outs[OUTPUT_NAMES[1]]

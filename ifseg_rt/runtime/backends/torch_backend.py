@@ -1,24 +1,39 @@
-"""PyTorch backend for GPU machines without TensorRT (and a CPU reference): the same weights
-(``model.safetensors``) in :class:`SegOFA`, with per-shape caches of everything that does not depend on pixels.
+"""PyTorch backend: the exported weights (``model.safetensors``) or an in-memory :class:`~ifseg_rt.model.SegOFA`
+(:meth:`TorchBackend.from_model`: evaluation of checkpoints and validation during adaptation, no export), run
+through the model's own forward with per-grid cached position tables (:class:`~ifseg_rt.model.SegTableCache`).
 
-* position tables (``encoder.layer_biases``, ``decoder.seg_biases``) and the prompt's text embedding are computed
-  once per token grid and kept (a small LRU), in the compute dtype;
+* position/bias tables and the prompt's embedding depend only on the weights and the token grid: computed once per
+  grid and kept (an LRU of :data:`CACHE_SHAPES` grids), in the compute dtype;
 * fp16/bf16 on CUDA (LayerNorm, GELU and the attention softmax stay fp32 inside the model's modules), SDPA
-  attention (the model's ``MultiheadAttention``), ``torch.inference_mode``;
-* optional CUDA graphs: one capture per input shape, replayed with a copy into a static input buffer.
+  attention, ``torch.inference_mode``;
+* optional CUDA graphs: one capture per input shape (an LRU of :data:`MAX_GRAPHS`), replayed with a copy into a
+  static input buffer. Each graph keeps its own reference to the tables it captured, so evicting them from the
+  table cache never frees memory a graph still reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
+from ..model_dir import WEIGHTS_FILE, ModelDirError
+from ..preprocess import PATCH
 from . import BackendUnavailable
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CACHE_SHAPES = 8  # token grids whose position tables are kept
+MAX_GRAPHS = 8  # captured CUDA graphs kept (each holds its activations' memory)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendUnavailable("the torch backend needs torch (pip install 'ifseg_rt[train]')") from e
+    return torch
 
 
 class TorchBackend:
@@ -34,120 +49,142 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, spec, *, device: str = "cpu", dtype: Optional[str] = None, cuda_graphs: bool = False,
-                 threads: Optional[int] = None):
-        try:
-            import torch
-        except ImportError as e:
-            raise BackendUnavailable("the torch backend needs torch (pip install 'ifseg_rt[train]')") from e
-        from ...checkpoint import load_checkpoint
-
-        if not spec.has_file("model.safetensors"):
-            raise BackendUnavailable(f"{spec.root} has no model.safetensors (exported with --no-weights); "
-                                     f"use the onnxruntime backend")
-        self.torch = torch
+                 threads: Optional[int] = None, model=None):
+        torch = self.torch = _torch()
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         if self.on_gpu and not torch.cuda.is_available():
             raise BackendUnavailable("device='cuda' but torch sees no CUDA GPU")
+        if self.on_gpu and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         dtype = dtype or ("bf16" if self.on_gpu else "fp32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if dtype == "fp16" and not self.on_gpu:
+            raise ValueError("dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         self.dtype = getattr(torch, DTYPES[dtype])
         if threads and not self.on_gpu:
             torch.set_num_threads(int(threads))
-        ck = load_checkpoint(spec.path("model.safetensors"), dtype=self.dtype, device=self.device)
-        model = ck.model
-        if ck.kind != "segofa" or not model.has_prompt:
-            raise BackendUnavailable(f"{spec.path('model.safetensors')} holds no SegOFA with a prompt")
-        if model.num_categories != spec.num_categories:
-            raise ValueError(f"model.safetensors has M = {model.num_categories}, ifseg.json lists "
-                             f"{spec.num_categories} categories")
-        self.model = model.eval()
         self.spec = spec
+        self.autocast = False
+        if model is None:  # a model directory: load its weights in the compute dtype
+            model = self._load(spec)
+        else:  # an in-memory model is never moved or cast: it runs where it is, under autocast for fp16/bf16
+            where = next(model.parameters()).device
+            if where != self.device:
+                raise ValueError(f"the model lives on {where}, not on {self.device}")
+            self.autocast = any(p.dtype != self.dtype for p in model.parameters())
+        self.model = model
         self.normalize_features = spec.features_normalized
         self.cuda_graphs = bool(cuda_graphs) and self.on_gpu
-        self._tables: "OrderedDict[Tuple[int, int], tuple]" = OrderedDict()
-        self._graphs: Dict[tuple, tuple] = {}
-        with torch.inference_mode():
-            self._text = model.encoder.embed_text(model.prompt_tokens[None])  # 1xLxd, pixel-independent
+        self.tables = self._table_cache()
+        self._graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 
-    # --- caches ----------------------------------------------------------------------------------------------
-    def tables(self, h: int, w: int):
-        """(encoder biases [1xHxSxS], decoder self biases [1xHxTxT], cross bias HxTxS) for an h x w grid."""
-        key = (h, w)
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            return hit
-        m, dt = self.model, self.dtype
-        with self.torch.inference_mode():
-            enc_pos, enc_b = m.encoder.layer_biases(h, w, self._text.shape[1])
-            dec_b, cross = m.decoder.seg_biases(h, w, enc_pos)
-            hit = ([b[None].to(dt) for b in enc_b], [b[None].to(dt) for b in dec_b], cross.to(dt))
-        self._tables[key] = hit
-        if len(self._tables) > CACHE_SHAPES:
-            self._tables.popitem(last=False)
-        return hit
+    @classmethod
+    def from_model(cls, model, spec, *, device: str = "cpu", dtype: Optional[str] = None,
+                   threads: Optional[int] = None) -> "TorchBackend":
+        """Run an in-memory SegOFA (prompt set) as it is; ``spec`` from ``model_dir.spec_for_model``. The weights must
+        not change while this backend is used (its tables are cached): build a new one after further training."""
+        from ...model import SegOFA
+
+        if not isinstance(model, SegOFA) or not model.has_prompt:
+            raise TypeError("from_model needs a SegOFA with its prompt set (set_categories)")
+        spec.check_outputs(model.num_categories, model.config.image_feature_dim, "<in-memory SegOFA>")
+        return cls(spec, device=device, dtype=dtype or "fp32", threads=threads, model=model)
+
+    def _load(self, spec):
+        from ...checkpoint import CheckpointError, load_checkpoint
+
+        if not spec.has_file(WEIGHTS_FILE):
+            raise BackendUnavailable(f"{spec.source} has no {WEIGHTS_FILE} (exported with --no-weights); use the "
+                                     f"onnxruntime backend")
+        path = spec.path(WEIGHTS_FILE)
+        try:
+            ck = load_checkpoint(path, dtype=self.dtype, device=self.device)
+        except (CheckpointError, OSError) as e:
+            raise ModelDirError(f"{path}: cannot load it ({e})") from None
+        model = ck.model
+        if ck.kind != "segofa" or not model.has_prompt:
+            raise ModelDirError(f"{path} holds no SegOFA with a prompt")
+        spec.check_outputs(model.num_categories, model.config.image_feature_dim, WEIGHTS_FILE)
+        return model.eval()
+
+    def _table_cache(self):
+        from ...model import SegTableCache
+
+        return SegTableCache(self.model, max_shapes=CACHE_SHAPES)
 
     # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, x):
-        """``Bx3xHxW`` tensor on the device (compute dtype) -> (logits BxNxM fp32, features BxNxC fp32)."""
+        """``Bx3xHxW`` tensor on the device -> (logits BxNxM fp32, features BxNxC fp32)."""
         torch = self.torch
-        from ...model.encoder import EncoderOutput
-
-        m = self.model
-        enc, dec = m.encoder, m.decoder
-        feats, (h, w) = enc.image_features(x)
-        enc_b, dec_b, cross = self.tables(h, w)
-        B, n = x.shape[0], h * w
-        u = enc.embed_patches(feats)
-        y = torch.cat([u, self._text.to(u.dtype).expand(B, -1, -1)], dim=1)
-        for layer, bias in zip(enc.layers, enc_b):
-            y = layer(y, bias)
-        enc_out = enc.layer_norm(y)
-        bos = dec.embed_tokens.weight[0].to(enc_out.dtype).expand(B, 1, -1)
-        z = dec.layernorm_embedding(torch.cat([bos, enc_out[:, :n]], dim=1))
-        eo = EncoderOutput(enc_out=enc_out, padding_mask=None, enc_pos=None, grid=(h, w))
-        z = dec._run_layers(z, eo, dec_b, cross)
-        logits = dec.seg_projection(z[:, :n]).float()
-        feats = feats.float()
+        h, w = -(-x.shape[2] // PATCH), -(-x.shape[3] // PATCH)
+        tables = self.tables.get(h, w)
+        with self._autocast():
+            logits, feats = self.model(x, tables=tables)
+        logits, feats = logits.float(), feats.float()
         if self.normalize_features:
             feats = torch.nn.functional.normalize(feats, dim=-1)
         return logits, feats
 
+    def _autocast(self):
+        if not self.autocast or self.dtype == self.torch.float32:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.dtype)
+
     def run(self, x: np.ndarray):
         """``Bx3xHxW`` float32 numpy -> numpy outputs on CPU, torch tensors on CUDA."""
         torch = self.torch
-        with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x))
-            xt = xt.to(self.device, non_blocking=True).to(self.dtype)
-            if self.cuda_graphs:
-                logits, feats = self._replay(xt)
-            else:
-                logits, feats = self.forward(xt)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                xt = torch.from_numpy(np.ascontiguousarray(x))
+                xt = xt.to(self.device, non_blocking=True)
+                if not self.autocast:
+                    xt = xt.to(self.dtype)
+                if self.cuda_graphs:
+                    logits, feats = self._replay(xt)
+                else:
+                    logits, feats = self.forward(xt)
+        finally:
+            self.model.train(was_training)
         if self.on_gpu:
             return logits, feats
         return logits.numpy(), feats.numpy()
 
-    def _replay(self, xt):  # unverified here: needs a CUDA GPU
+    # --- CUDA graphs ------------------------------------------------------------------------------------------
+    def _replay(self, xt):  # runs on a GPU only (benchmarks/gpu_check.sh); the bookkeeping is tested on the CPU
         torch = self.torch
         key = tuple(xt.shape)
         g = self._graphs.get(key)
         if g is None:
-            h, w = -(-key[2] // 16), -(-key[3] // 16)
-            self.tables(h, w)  # tables must exist before capture (no allocation inside the graph)
-            static_x = xt.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: kernels selected, workspaces allocated
-                    self.forward(static_x)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.forward(static_x)
-            g = self._graphs[key] = (graph, static_x, out)
-        graph, static_x, out = g
+            with torch.cuda.device(self.device):  # side stream and capture stream on the model's device
+                g = self._capture(xt)
+            self._graphs[key] = g
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, static_x, out, _tables = g
         static_x.copy_(xt)
         graph.replay()
         return out[0].clone(), out[1].clone()
+
+    def _capture(self, xt) -> Tuple:
+        """Warm up and capture one graph for ``xt``'s shape; returns (graph, static input, outputs, tables)."""
+        torch = self.torch
+        h, w = -(-xt.shape[2] // PATCH), -(-xt.shape[3] // PATCH)
+        tables = self.tables.get(h, w)  # computed before capture: no allocation of tables inside the graph
+        static_x = xt.clone()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: kernels selected, workspaces allocated
+                self.forward(static_x)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.forward(static_x)
+        # the graph reads the tables' memory at replay: keep them alive as long as the graph, whatever the LRU does
+        return graph, static_x, out, tables

@@ -1,5 +1,5 @@
 """The embedded nano VL model: its dimensions, its own small word vocabulary, and the OFA-style pretraining tasks
-built from the synthetic world (``ifseg_rt.synthetic``).
+built from the synthetic world (``ifseg_rt.nano.world``).
 
 The vocabulary is a byte-level BPE in the HF-style files the :class:`~ifseg_rt.tokenizer.OFATokenizer` reads
 (``vocab.json`` + ``merges.txt``; fairseq id layout ``<s> <pad> </s> <unk>``, pieces, ``<mask>``), followed by
@@ -31,12 +31,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .synthetic import CATEGORIES, CATEGORY_NAMES, SceneObject, render_scene
-from .tokenizer import IFSEG_PROMPT_PREFIX, IFSEG_UNKNOWN, SPECIAL_SYMBOLS, MASK_SYMBOL, OFATokenizer
+from ..runtime.preprocess import PATCH
+from ..tokenizer import IFSEG_PROMPT_PREFIX, IFSEG_UNKNOWN, MASK_SYMBOL, SPECIAL_SYMBOLS, OFATokenizer
+from .world import CATEGORIES, CATEGORY_NAMES, SceneObject, render_scene
 
 NUM_BINS = 16  # location tokens <bin_0> ... <bin_15> (8 px per bin on 128-px scenes)
 IMAGE_SIZE = 128  # px; pretraining scenes (an 8x8 cell grid, = the IFSeg reference grid of the nano config)
-PATCH = 16  # px per cell (ResNet stride)
 
 CAPTION_PROMPT = " what does the image describe?"
 VQA_PROMPT = " is there a {} in the image?"
@@ -55,7 +55,7 @@ def _nano_config_kwargs() -> Dict:
 def nano_config(vocab_size: int):
     """The nano OFAConfig: d = 128, 4 heads, 4 + 3 layers, a 1-1-1 ResNet of width 16 (256 feature channels),
     64 text positions, reference grid G = 8 (128-px images)."""
-    from .model import OFAConfig
+    from ..model import OFAConfig
 
     return OFAConfig(vocab_size=vocab_size, **_nano_config_kwargs())
 

@@ -27,11 +27,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._argtypes import positive_int
-from .synthetic import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, check_categories
+from .._argtypes import positive_int
+from .world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, check_categories
 
-_CHECKOUT_NANO = Path(__file__).resolve().parents[1] / "export" / "nano"  # the shipped model in a source checkout
-_INSTALLED_NANO = Path(__file__).resolve().parent / "_nano"  # the copy CMake installs into a wheel
+_CHECKOUT_NANO = Path(__file__).resolve().parents[2] / "export" / "nano"  # the shipped model in a source checkout
+_INSTALLED_NANO = Path(__file__).resolve().parents[1] / "_nano"  # the copy CMake installs into a wheel
 NANO_DIR = _CHECKOUT_NANO if (_CHECKOUT_NANO / "model.safetensors").is_file() or not _INSTALLED_NANO.is_dir() \
     else _INSTALLED_NANO
 TILE = 192  # px; overlay tiles are scaled up (nearest) to at least this height
@@ -81,7 +81,7 @@ def _overlay_panel(image: np.ndarray, maps: Sequence[Tuple[str, np.ndarray]], na
     least :data:`TILE` px; titles and a colour legend below."""
     from PIL import Image, ImageDraw
 
-    from .runtime.palette import overlay, palette
+    from ..runtime.palette import overlay, palette
 
     m = len(names)
     s = panel_scale(image.shape[0])
@@ -112,7 +112,7 @@ def panel_scale(side: int) -> int:
 
 
 def _gt(label_path: Path, m: int) -> np.ndarray:
-    from .metrics import load_label
+    from ..metrics import load_label
 
     return load_label(label_path, m, label_offset=1)
 
@@ -122,13 +122,12 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     """The whole demo; returns the results dictionary also written to ``out/results.json``."""
     import torch
 
-    from .adapt import AdaptOptions, RunWriter, WordGridTrainer, prepare, train
-    from .evaluate import evaluate, segmenter_predictor, torch_predictor
-    from .export import export
-    from .runtime import Segmenter
-    from .runtime.postprocess import labels_from_scores, postprocess
-    from .runtime.preprocess import ImagePolicy, load_image
-    from .synthetic import write_dataset
+    from ..adapt import AdaptOptions, RunWriter, WordGridTrainer, prepare, train
+    from ..evaluate import evaluate
+    from ..export import export
+    from ..runtime import ImagePolicy, Segmenter
+    from ..runtime.preprocess import load_image
+    from .world import write_dataset
 
     t_start = time.perf_counter()
     nano = find_nano(model_dir)
@@ -148,16 +147,20 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     policy = ImagePolicy(short_side=settings.size, max_long_side=4 * settings.size)
     options = AdaptOptions(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed)
     setup = prepare(nano / "model.safetensors", nano, names, options=options)
+    shown = {p for p, _ in pairs[:settings.overlays]}
+    maps: Dict[Path, Dict[str, np.ndarray]] = {p: {} for p in shown}
+
+    def keep(prefix: str):
+        def hook(path: Path, pred: Dict[str, np.ndarray]) -> None:
+            if path in shown:
+                maps[path].update({prefix + k: v for k, v in pred.items()})
+        return hook
 
     t0 = time.perf_counter()
-    log("[2/5] un-adapted baseline (pretrained nano OFA + fresh IFSeg decoder modules)")
-    base_pred = torch_predictor(setup.model, policy=policy)
-    base = evaluate(base_pred, pairs, m, knn=True, progress=progress)
-    # the overlays' un-adapted maps, now: the model is adapted in place below
-    base_maps = []
-    for img_path, _ in pairs[:settings.overlays]:
-        b = base_pred(load_image(img_path))
-        base_maps.append(labels_from_scores(b.logits, b.grid, b.size))
+    log("[2/5] un-adapted baseline (pretrained nano OFA + fresh IFSeg decoder modules), through the runtime")
+    base_seg = Segmenter.from_model(setup.model, names, policy=policy, threads=threads)
+    base = evaluate(base_seg, pairs, knn=True, progress=progress, on_prediction=keep("base_"))
+    del base_seg  # the model is adapted in place below: its cached tables would be stale
     timings["baseline_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -176,8 +179,7 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     t0 = time.perf_counter()
     log("[5/5] segmenting the scenes with the runtime (onnxruntime), plain and with kNN")
     seg = Segmenter.load(out / "model", backend="onnxruntime", device="cpu", threads=threads)
-    predictor = segmenter_predictor(seg)
-    adapted = evaluate(predictor, pairs, m, knn=True, progress=progress)
+    adapted = evaluate(seg, pairs, knn=True, progress=progress, on_prediction=keep(""))
     timings["eval_s"] = time.perf_counter() - t0
 
     over_dir = out / "overlays"
@@ -185,15 +187,12 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     from PIL import Image
 
     written = []
-    for (img_path, lab_path), base_map in zip(pairs[:settings.overlays], base_maps):
-        image = load_image(img_path)
-        gt = _gt(lab_path, m)
-        raw = predictor(image)
-        maps = [("ground truth", gt), ("un-adapted", base_map),
-                ("IFSeg", labels_from_scores(raw.logits, raw.grid, raw.size)),
-                ("IFSeg + kNN", postprocess(raw.logits, raw.grid, raw.size, features=raw.features)[0])]
+    for img_path, lab_path in pairs[:settings.overlays]:
+        got = maps[img_path]
+        panel = [("ground truth", _gt(lab_path, m)), ("un-adapted", got["base_raw"]), ("IFSeg", got["raw"]),
+                 ("IFSeg + kNN", got["knn"])]
         path = over_dir / f"{img_path.stem}.png"
-        Image.fromarray(_overlay_panel(image, maps, names)).save(path)
+        Image.fromarray(_overlay_panel(load_image(img_path), panel, names)).save(path)
         written.append(str(path))
 
     rows = {"un-adapted": base.metrics["raw"], "un-adapted + kNN": base.metrics["knn"],

@@ -1,0 +1,22 @@
+"""File fingerprints shared by checkpoints, exports and model directories (a leaf module: stdlib only)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Dict, Union
+
+
+def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Union[str, Path]) -> Dict[str, Any]:
+    """``{"sha256": ..., "bytes": ...}`` of a file, as model directories list their files."""
+    p = Path(path)
+    return {"sha256": file_sha256(p), "bytes": p.stat().st_size}
