@@ -8,7 +8,7 @@ at 16G x 16G pixels, backward, clipping, AdamW) with the paper's batch of 16 wor
     python benchmarks/adapt.py --size base --device cuda --precision bf16 --steps 20
 
 The CPU number is for the tiny size; the OFA-Base GPU number (the paper's setting) comes from
-``benchmarks/gpu_check.sh``, which runs the second line above.
+``benchmarks/gpu_check.sh`` (its ``gpu_adapt_check.py`` builds the model with :func:`build` below).
 """
 
 from __future__ import annotations

@@ -10,7 +10,19 @@ with_cuda: bool
 """True when the CUDA launchers (knn_cuda, knn_cuda_workspace, resize_argmax_cuda) were compiled in."""
 
 def num_threads() -> int:
-    """Default number of CPU threads the kNN kernel uses (hardware concurrency)."""
+    """Cores this process may run on (sched_getaffinity): the most threads the kNN kernel uses by default."""
+
+def knn_threads(batch: int, n: int, c: int, m: int, k: int, iters: int, num_threads: int = 0,
+                screen: str = "auto") -> int:
+    """Threads knn_cpu uses for these sizes: num_threads (at most n), or for 0 the available cores, fewer when the
+    problem is too small to pay for starting them."""
+
+def screen_isa() -> str:
+    """The screening kernel screen='int16' uses here: 'amx', 'avx512vnni', or '' (fp32 search); screen='auto'
+    screens with 'amx' only (override with IFSEG_KNN_CPU_ISA, a ceiling: amx|avx512vnni|avx512|avx2|generic)."""
+
+knn_screen_margin: int
+"""Candidates kept per row beyond the K - 1 neighbours when screening."""
 
 def cpu_isa() -> str:
     """The fp32 micro-kernel the CPU kNN dispatches to here: 'avx512', 'avx2' or 'generic'
@@ -25,12 +37,14 @@ def knn_cpu(
     k: int,
     iters: int,
     num_threads: int = 0,
+    screen: str = "auto",
 ) -> None:
     """kNN search (and averaging when probs/out are given) on the CPU, in place.
 
     Arguments: features (BxNxC float32/float16, C-contiguous), indices (BxNxK int64, written: row i, then the K-1
     most similar other rows, ties by lower index), probs (BxNxM float32) and out (BxNxM float32, written; must not
-    alias probs), k (1 <= k <= N), iters (>= 0), num_threads (0: num_threads()). Releases the GIL.
+    alias probs), k (1 <= k <= N), iters (>= 0), num_threads (0: knn_threads(...)), screen ('auto' | 'int16' |
+    'fp32', see ifseg_rt.knn). Releases the GIL.
     Raises ValueError/TypeError naming the argument and its shape.
     """
 
@@ -44,7 +58,8 @@ def knn_cuda(
     """Launch the kNN kernels on raw device pointers, asynchronously on `stream` (a cudaStream_t as int).
 
     features: contiguous BxNxC of dtype 'float32' | 'float16' | 'bfloat16'; indices: BxNxK int64; probs/out: BxNxM
-    float32 or 0 (search only); workspace: knn_cuda_workspace(...) bytes. k <= 33. CUDA builds only.
+    float32 or 0 (search only), out must not overlap probs; workspace: knn_cuda_workspace(...) bytes. k <= 33.
+    CUDA builds only.
     """
 
 def resize_argmax_cpu(

@@ -26,3 +26,20 @@ def non_negative_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The formatter of every ifseg_rt command: defaults shown once (not for ``None``, flags and required options,
+    nor when the help already states one), descriptions and ``examples:`` epilogs kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.required \
+                or isinstance(action.default, bool) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def examples(*lines: str) -> str:
+    """An ``examples:`` epilog block."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)

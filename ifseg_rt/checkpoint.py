@@ -488,6 +488,9 @@ def save_checkpoint(model: Union[OFA, SegOFA], path: Union[str, os.PathLike], *,
     tmp = path.with_suffix(".safetensors.tmp")
     save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     canonicalize_safetensors_header(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file 0600; give it the permissions of any other file
     os.replace(tmp, path)
     return path
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._argtypes import non_negative_int, positive_int
+from ._argtypes import HelpFormatter, examples, non_negative_int, positive_int
 from .knn.settings import KnnSettings
 from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, format_table, load_label
 from .runtime.model_dir import MANIFEST
@@ -35,7 +35,7 @@ LABEL_EXTENSIONS = (".png",)
 
 
 # --- the model ---------------------------------------------------------------------------------------------------
-def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", precision: str = "fp32",
+def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", precision: Optional[str] = None,
                    threads: Optional[int] = None, bpe_dir=None, policy: Optional[ImagePolicy] = None,
                    knn: Optional[Dict[str, Any]] = None):
     """A :class:`~ifseg_rt.runtime.Segmenter` for an exported model directory, a run directory or a checkpoint file.
@@ -45,7 +45,8 @@ def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", p
     policy : image policy for checkpoints (default: the paper's short side 512); an exported model keeps its own
     knn : fields overriding the model's kNN settings (``ifseg.json``, or those the checkpoint records, else the
         paper's K = 3, 25 iterations, temperature 1), e.g. ``{"k": 5}``
-    precision : torch compute precision for checkpoints ("fp32", or "bf16"/"fp16" autocast)
+    precision : an exported model's precision ("fp32", "int8", "bf16"; default: its own), or the torch compute
+        precision of checkpoints ("fp32" (default), or "bf16"/"fp16" autocast)
     """
     from .runtime import Segmenter
 
@@ -55,7 +56,7 @@ def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", p
     overrides = {k: v for k, v in (knn or {}).items() if v is not None}
     if path.is_dir() and (path / MANIFEST).exists():
         opts = {"threads": threads} if threads else {}
-        seg = Segmenter.load(path, backend=backend, device=device, **opts)
+        seg = Segmenter.load(path, backend=backend, device=device, precision=precision, **opts)
         seg.knn = seg.knn.replace(**overrides)
         return seg
     if backend not in ("auto", "torch"):
@@ -65,6 +66,9 @@ def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", p
     from .runtime.backends import resolve_device
 
     dev = resolve_device(device)
+    precision = precision or "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"a checkpoint runs in fp32, bf16 or fp16 (torch), not {precision!r}; export it for int8")
     if precision == "fp16" and not dev.startswith("cuda"):
         raise ValueError("--precision fp16 needs a CUDA device")
     loaded = load_checkpoint(path, device=dev)
@@ -145,12 +149,10 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: int
     """
     if label_offset not in LABEL_OFFSETS:
         raise ValueError(f"label_offset must be one of {LABEL_OFFSETS}, got {label_offset}")
-    settings = segmenter.knn.replace(enabled=True)
-    if knn is None:
-        knn = segmenter.knn.enabled
+    settings = scoring_knn(segmenter, knn)
     num_classes = len(segmenter.categories)
     cms = {"raw": ConfusionMatrix(num_classes)}
-    if knn:
+    if settings is not None:
         cms["knn"] = ConfusionMatrix(num_classes)
     t0 = time.perf_counter()
     it = pairs
@@ -159,21 +161,42 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: int
 
         it = tqdm(pairs, desc="eval", unit="img", dynamic_ncols=True)
     for image_path, label_path in it:
-        image = load_image(image_path)
-        gt = load_label(label_path, num_classes, label_offset=label_offset)
-        if gt.shape != image.shape[:2]:
-            raise ValueError(f"label map {label_path} is {gt.shape[0]}x{gt.shape[1]} px but image {image_path} is "
-                             f"{image.shape[0]}x{image.shape[1]} px")
-        out = segmenter.infer([image])[0]
-        pred = {"raw": segmenter.finish(out, knn=False).labels}
-        if knn:
-            pred["knn"] = segmenter.finish(out, knn=settings).labels
+        pred, gt = predict_pair(segmenter, image_path, label_path, label_offset=label_offset, knn=settings)
         for name, labels in pred.items():
             cms[name].update(labels, gt)
         if on_prediction is not None:
             on_prediction(Path(image_path), pred)
     return EvalResult(metrics={k: cm.metrics() for k, cm in cms.items()}, num_images=len(pairs),
-                      seconds=time.perf_counter() - t0, knn=settings if knn else None)
+                      seconds=time.perf_counter() - t0, knn=settings)
+
+
+def scoring_knn(segmenter, knn: Optional[bool] = None) -> Optional[KnnSettings]:
+    """The kNN settings the ``"knn"`` scores use (the segmenter's, switched on), or None when ``knn`` is False, or
+    None and the segmenter's kNN is disabled."""
+    if knn is None:
+        knn = segmenter.knn.enabled
+    return segmenter.knn.replace(enabled=True) if knn else None
+
+
+def predict_pair(segmenter, image_path, label_path, *, label_offset: int = 1, knn: Optional[KnnSettings] = None
+                 ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """One evaluation image: ({"raw": labels, "knn": labels (only with ``knn`` settings)}, decoded label map with
+    ignore = M), from one forward pass. ``evaluate`` and ``eval --ray`` (:mod:`ifseg_rt.distributed`) score every
+    image through this function.
+
+    Raises ``ValueError`` naming the file for an unreadable image or label map and for differing sizes.
+    """
+    num_classes = len(segmenter.categories)
+    image = load_image(image_path)
+    gt = load_label(label_path, num_classes, label_offset=label_offset)
+    if gt.shape != image.shape[:2]:
+        raise ValueError(f"label map {label_path} is {gt.shape[0]}x{gt.shape[1]} px but image {image_path} is "
+                         f"{image.shape[0]}x{image.shape[1]} px")
+    out = segmenter.infer([image])[0]
+    pred = {"raw": segmenter.finish(out, knn=False).labels}
+    if knn is not None:
+        pred["knn"] = segmenter.finish(out, knn=knn).labels
+    return pred, gt
 
 
 def result_dict(result: EvalResult, categories: Sequence[str], **extra: Any) -> Dict[str, Any]:
@@ -186,16 +209,16 @@ def result_dict(result: EvalResult, categories: Sequence[str], **extra: Any) -> 
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (those flags say in their help what applies)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ifseg_rt eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ifseg_rt eval", formatter_class=HelpFormatter,
+        description="mIoU of a model (an exported directory, a run directory or a checkpoint) on a folder of images "
+                    "+ PNG label maps, plain and with the kNN post-processing, through the same Segmenter users get.",
+        epilog=examples("python -m ifseg_rt eval --model models/street --images val/images --labels val/labels",
+                        "python -m ifseg_rt eval --model runs/street --images val/images --labels val/labels "
+                        "--json miou.json",
+                        "python -m ifseg_rt eval --model models/street --images val/images --labels val/labels "
+                        "--precision int8 --ray"))
     p.add_argument("--model", required=True,
                    help="exported model directory, adaptation run directory, or ifseg_rt/IFSeg checkpoint file")
     p.add_argument("--images", required=True, help="folder of images (jpg/png/...)")
@@ -218,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine for exported models (checkpoints always run on torch)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the engine")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="compute precision of checkpoint models (bf16/fp16 = autocast)")
+    p.add_argument("--precision", default=None, choices=("fp32", "int8", "bf16", "fp16"),
+                   help="an exported model's precision (default: the one it was exported for), or the compute "
+                        "precision of checkpoints (default fp32; bf16/fp16 = autocast)")
     p.add_argument("--short-side", type=positive_int, default=512,
                    help="checkpoints: resize the short image side to this (the paper's evaluation: 512)")
     p.add_argument("--max-long-side", type=positive_int, default=2048,
@@ -227,24 +251,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpe-dir", default=None,
                    help="OFA BPE files, only for checkpoints that name their categories but carry no token ids")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .distributed import add_ray_arguments
+
+    add_ray_arguments(p, command="eval")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    from .distributed import check_ray_arguments
     from .runtime import ModelDirError
 
+    check_ray_arguments(p, args)
+    failed: List[str] = []
     try:
         pairs = find_pairs(args.images, args.labels, limit=args.limit)
         policy = ImagePolicy(short_side=args.short_side, max_long_side=args.max_long_side)
-        seg = load_segmenter(args.model, device=args.device, backend=args.backend, precision=args.precision,
-                             threads=args.threads, bpe_dir=args.bpe_dir, policy=policy,
-                             knn={"k": args.knn_k, "iters": args.knn_iters, "temperature": args.temperature})
-        seg.knn_backend = args.knn_backend
-        result = evaluate(seg, pairs, label_offset=args.label_offset, knn=args.knn, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, TypeError, ModelDirError, RuntimeError) as e:
+        knn = {"k": args.knn_k, "iters": args.knn_iters, "temperature": args.temperature}
+        if args.ray is not None:  # the same per-image scoring (predict_pair) on a Ray actor pool
+            from .distributed import evaluate_dataset
+
+            out = evaluate_dataset(pairs, args.model, address=args.ray, actors=args.actors, threads=args.threads,
+                                   gpus_per_actor=args.gpus_per_actor, device=args.device,
+                                   label_offset=args.label_offset, knn=args.knn, knn_backend=args.knn_backend,
+                                   progress=not args.no_progress, backend=args.backend, precision=args.precision,
+                                   bpe_dir=args.bpe_dir, policy=policy, knn_overrides=knn)
+            result, categories, failed = out.result, out.categories, out.failed
+        else:
+            seg = load_segmenter(args.model, device=args.device, backend=args.backend, precision=args.precision,
+                                 threads=args.threads, bpe_dir=args.bpe_dir, policy=policy, knn=knn)
+            seg.knn_backend = args.knn_backend
+            result = evaluate(seg, pairs, label_offset=args.label_offset, knn=args.knn, progress=not args.no_progress)
+            categories = list(seg.categories)
+    except (ValueError, FileNotFoundError, TypeError, ModelDirError, RuntimeError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
-    categories = list(seg.categories)
+    for e in failed:
+        print(f"error: {e}", file=sys.stderr)
     print(format_table(result.metrics, categories))
     summary = "  ".join(f"{k}: mIoU {100 * m.miou:.2f}" for k, m in result.metrics.items())
     print(f"\n{result.num_images} images in {result.seconds:.1f} s  {summary}")
@@ -255,7 +298,10 @@ def main(argv=None) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json_out}")
-    return 0
+    if failed:
+        print(f"error: {len(failed)} image(s) could not be scored; the metrics cover the other {result.num_images}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ OFA BPE files, which users bring with their checkpoints; the specification's key
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -77,3 +76,49 @@ def bpe_dir():
     if not (BPE_DIR / "encoder.json").exists():
         pytest.skip(f"OFA BPE files not found in {BPE_DIR}")
     return BPE_DIR
+
+
+@pytest.fixture(scope="session")
+def quick_nano_model(tmp_path_factory):
+    """An exported model directory of the shipped nano model, adapted for a few steps (``demo --quick``, ~20 s):
+    a real IFSeg model end to end, shared by the tests that need one on disk (serving, repositories)."""
+    import torch
+
+    from ifseg_rt.nano.demo import QUICK, run_demo
+    from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES
+
+    out = tmp_path_factory.mktemp("quick_nano")
+    n = torch.get_num_threads()
+    try:
+        run_demo(out, DEFAULT_DEMO_CATEGORIES, QUICK, threads=1, progress=False, log=lambda *a, **k: None)
+    finally:
+        torch.set_num_threads(n)
+    return out / "model"
+
+
+def adapted_nano_run(root: Path, steps: int = 4) -> Path:
+    """The shipped nano model adapted for a few steps to 6 synthetic-world categories: a run directory (seconds)."""
+    from ifseg_rt.adapt import AdaptOptions, RunWriter, WordGridTrainer, prepare, train
+    from ifseg_rt.nano.demo import find_nano
+
+    nano = find_nano(None)
+    names = ["sky", "grass", "water", "sand", "ball", "star"]
+    options = AdaptOptions(steps=steps, batch_size=2, lr=1e-3, seed=1)
+    setup = prepare(nano / "model.safetensors", nano, names, options=options)
+    trainer = WordGridTrainer(setup.model, options, device="cpu")
+    writer = RunWriter(root / "run", setup, keep_checkpoints=False)
+    train(trainer, writer, save_every=0, log_every=steps, progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def nano_run(tmp_path_factory):
+    """A briefly adapted nano model's run directory, shared by the whole session."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return adapted_nano_run(tmp_path_factory.mktemp("nano_run"))
+    finally:
+        torch.set_num_threads(n)

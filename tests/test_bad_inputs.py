@@ -107,7 +107,7 @@ def test_category_count_must_match_the_graph(model_dir, tmp_path, names, backend
     m["num_categories"] = names
     m["outputs"]["logits"]["shape"][2] = names
     (d / "ifseg.json").write_text(json.dumps(m))
-    file = "model.onnx" if backend == "onnxruntime" else "model.safetensors"
+    file = "body.onnx" if backend == "onnxruntime" else "model.safetensors"  # what each backend loads
     with pytest.raises(ModelDirError, match=rf"{file} outputs {len(CATEGORIES)} category scores per cell .* lists "
                                             rf"{names} categories"):
         Segmenter.load(d, backend=backend, threads=1)
@@ -120,13 +120,14 @@ def test_category_count_must_match_the_graph(model_dir, tmp_path, names, backend
     assert err.startswith("error: ") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("content", [b"garbage", b"", b"\x08\x07" * 1000])
-def test_unloadable_onnx_is_a_model_dir_error(model_dir, tmp_path, content, capsys):
+@pytest.mark.parametrize("content", [b"garbage", b"", b"\x08\x07" * 1000], ids=["garbage", "empty", "binary"])
+@pytest.mark.parametrize("file", ["body.onnx", "tables.onnx"])
+def test_unloadable_onnx_is_a_model_dir_error(model_dir, tmp_path, content, file, capsys):
     d = _copy(model_dir, tmp_path)
-    (d / "model.onnx").write_bytes(content)
-    with pytest.raises(ModelDirError, match=r"model.onnx: onnxruntime cannot load it"):
+    (d / file).write_bytes(content)
+    with pytest.raises(ModelDirError, match=rf"{file}: onnxruntime cannot load it"):
         Segmenter.load(d, backend="onnxruntime", verify=False)
-    with pytest.raises(ModelDirError, match=r"model.onnx: (size|sha256)"):  # with verification: caught earlier
+    with pytest.raises(ModelDirError, match=rf"{file}: (size|sha256)"):  # with verification: caught earlier
         Segmenter.load(d, backend="onnxruntime")
     from ifseg_rt.__main__ import cli
 
@@ -134,7 +135,7 @@ def test_unloadable_onnx_is_a_model_dir_error(model_dir, tmp_path, content, caps
     assert cli(["segment", "--model", str(d), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                 "--no-verify", "--backend", "onnxruntime"]) == 2
     err = capsys.readouterr().err
-    assert "model.onnx: onnxruntime cannot load it" in err and "Traceback" not in err
+    assert f"{file}: onnxruntime cannot load it" in err and "Traceback" not in err
 
 
 # --- geometry ----------------------------------------------------------------------------------------------------

@@ -115,13 +115,15 @@ def test_manifest(model_dir):
     assert d["patch_stride"] == 16 and d["knn"] == {"enabled": True, "k": 3, "iters": 25, "temperature": 1.0}
     assert d["outputs"]["features"]["shape"] == ["batch", "cells", 128]
     assert d["onnx"]["dynamic"] and d["onnx"]["static_shape"] is None and d["onnx"]["opset"] >= 17
-    assert set(d["files"]) == {"model.onnx", "model.safetensors"}
+    assert set(d["files"]) == {"model.onnx", "tables.onnx", "body.onnx", "model.safetensors"}
+    assert d["onnx"]["tables"] == "tables.onnx" and d["onnx"]["body"] == "body.onnx" and d["precision"] == "fp32"
     for name, rec in d["files"].items():
         assert rec["sha256"] == file_sha256(model_dir / name)
         assert rec["bytes"] == (model_dir / name).stat().st_size
     prov = d["provenance"]
     assert prov["weights_sha256"] and prov["versions"]["torch"] and prov["run"]["finished"] is True
-    assert prov["verification"]["max_abs_error"]["logits"] < 1e-4
+    err = prov["verification"]["max_abs_error"]
+    assert err["logits"] < 1e-4 and err["split_logits"] < 1e-4 and err["split_features"] < 1e-3
     spec = load_model_dir(model_dir)
     spec.verify()
     assert spec.config["d_model"] == 32
@@ -185,7 +187,11 @@ def test_cli_rejects_bad_options(tmp_path, capsys, model_dir):
 
     assert resolve_format("trt")["arg"] == resolve_format("tensorrt")["arg"] == "engine"
     run = str(make_run_dir(tmp_path))
-    for argv, msg in [([run, "--out", str(tmp_path / "o"), "--precision", "fp16"], "--precision are not valid for --format onnx"),
+    for argv, msg in [([run, "--out", str(tmp_path / "o"), "--precision", "fp16"], "fp16 is a GPU precision"),
+                      ([run, "--out", str(tmp_path / "o"), "--precision", "int4"], "expected precisions from"),
+                      ([run, "--out", str(tmp_path / "o"), "--format", "engine", "--precision", "int8"],
+                       "--format engine takes one --precision of fp32, fp16, bf16"),
+                      ([run, "--out", str(tmp_path / "o"), "--min-agreement", "1.5"], "--min-agreement must be"),
                       ([run, "--out", str(tmp_path / "o"), "--format", "coreml"], "unknown export format"),
                       ([run, "--out", str(tmp_path / "o"), "--opset", "16"], "--opset must be >= 17"),
                       ([run, "--out", str(tmp_path / "o"), "--static-shape", "8x8"], "must be >= 16 px"),
@@ -221,36 +227,88 @@ def test_tensorrt_module_without_tensorrt(monkeypatch):
     assert engine_file("NVIDIA H100 80GB HBM3", "fp16") == "engines/nvidia-h100-80gb-hbm3-fp16.engine"
 
 
-def test_tensorrt_layer_selection_with_fake_module():
-    from ifseg_rt.export.tensorrt import keeps_fp32, pin_precision
-
+def _fake_tensorrt(version="10.3.0", bf16=True):
+    """The slice of the TensorRT API the exporter uses. Like the real ``network.get_layer``, layers come back as the
+    base ``ILayer`` whatever they are: ``.op`` exists only after a downcast to ``IUnaryLayer``."""
     LT = types.SimpleNamespace(NORMALIZATION="norm", SOFTMAX="softmax", REDUCE="reduce", UNARY="unary",
                                MATRIX_MULTIPLY="mm", ELEMENTWISE="ew", CONVOLUTION="conv")
-    trt = types.SimpleNamespace(LayerType=LT, float32="f32", float16="f16", bfloat16="bf16")
+    ops = types.SimpleNamespace(SQRT="sqrt", ERF="erf", EXP="exp", RECIP="recip", ABS="abs")
 
-    class Out:
-        dtype = "f16"
-
-    class Layer:
+    class ILayer:
         def __init__(self, type, name, op=None):
             self.type, self.name, self.num_outputs, self.precision, self.types = type, name, 1, None, {}
-            if op is not None:
-                self.op = types.SimpleNamespace(name=op)
+            self._unary_op = op  # held by the C++ object; reachable only through IUnaryLayer.op
 
         def get_output(self, j):
-            return Out()
+            return types.SimpleNamespace(dtype="f16")
 
         def set_output_type(self, j, dt):
             self.types[j] = dt
 
-    layers = [Layer("norm", "node_LayerNormalization_3"), Layer("softmax", "node_Softmax_7"),
-              Layer("reduce", "node_ReduceSum_1"), Layer("unary", "node_Erf_2", op="ERF"),
-              Layer("mm", "node_MatMul_4"), Layer("conv", "node_Conv_0"), Layer("ew", "/encoder/attn_ln/Mul"),
-              Layer("unary", "node_Abs", op="ABS")]
-    assert [keeps_fp32(x, trt) for x in layers] == [True, True, True, True, False, False, True, False]
+    class IUnaryLayer(ILayer):
+        @property
+        def op(self):
+            return self._unary_op
+
+    flags = {"FP16": "fp16", "OBEY_PRECISION_CONSTRAINTS": "obey", **({"BF16": "bf16"} if bf16 else {})}
+    return types.SimpleNamespace(__version__=version, LayerType=LT, UnaryOperation=ops, ILayer=ILayer,
+                                 IUnaryLayer=IUnaryLayer, BuilderFlag=types.SimpleNamespace(**flags),
+                                 float32="f32", float16="f16", bfloat16="bf16")
+
+
+def test_tensorrt_layer_selection_with_fake_module():
+    from ifseg_rt.export.tensorrt import keeps_fp32, pin_precision
+
+    trt = _fake_tensorrt()
+    L = trt.ILayer
+    # unary layers named so that only their operation can select them
+    layers = [L("norm", "node_LayerNormalization_3"), L("softmax", "node_Softmax_7"), L("reduce", "node_ReduceSum_1"),
+              L("unary", "node_17", op="erf"), L("mm", "node_MatMul_4"), L("conv", "node_Conv_0"),
+              L("ew", "/encoder/attn_ln/Mul"), L("unary", "node_18", op="abs"), L("unary", "node_19", op="sqrt")]
+    assert not any(hasattr(x, "op") for x in layers)
+    assert [keeps_fp32(x, trt) for x in layers] == [True, True, True, True, False, False, True, False, True]
+    layers = [L(x.type, x.name, x._unary_op) for x in layers]
     outs = [types.SimpleNamespace(dtype="f16"), types.SimpleNamespace(dtype="f16")]
     net = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i], num_outputs=2,
                                 get_output=lambda i: outs[i])
-    assert pin_precision(net, trt) == 5
-    assert layers[0].precision == "f32" and layers[0].types == {0: "f32"} and layers[4].precision is None
+    assert pin_precision(net, trt) == 6
+    assert layers[3].precision == "f32" and layers[3].types == {0: "f32"} and layers[4].precision is None
+    assert layers[7].precision is None and layers[8].precision == "f32"
     assert [o.dtype for o in outs] == ["f32", "f32"]
+
+
+def test_tensorrt_profile_limit(model_dir, monkeypatch):
+    import sys
+
+    from ifseg_rt.export import tensorrt as t
+
+    # the default maximum fits every registry size, even with the longest prompt the text positions allow
+    for heads in (4, 8, 12, 16):
+        t.check_profile(t.DEFAULT_MAX, heads=heads, prompt_tokens=1024)
+    assert t.attention_elements(t.DEFAULT_MAX, heads=12, prompt_tokens=0) == 4 * 12 * 4096 ** 2
+    # the old default, 4x2048x2048: 16 384 cells, 4 x 12 x 16424^2 attention scores
+    with pytest.raises(ValueError, match=r"--max-shape 4x2048x2048 \(16384 cells\) is too large for TensorRT: "
+                                         r"the attention scores would be a 4x12x16424x16424 tensor.*at most 6648 "
+                                         r"cells at batch 4"):
+        t.check_profile((4, 3, 2048, 2048), heads=12, prompt_tokens=40)
+    with pytest.raises(ValueError, match=r"use batch <= 2 at this size"):
+        t.check_profile((3, 3, 1024, 2048), heads=12, prompt_tokens=40)
+    t.check_profile((2, 3, 1024, 2048), heads=12, prompt_tokens=40)
+    # build_engine checks the profile against the model directory's dims before it needs TensorRT
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(ValueError, match="--max-shape 4x2048x2048"):
+        t.build_engine(model_dir / "model.onnx", model_dir, max_shape="4x2048x2048")
+    with pytest.raises(ImportError, match="TensorRT is not installed"):  # the default profile passes the check
+        t.build_engine(model_dir / "model.onnx", model_dir)
+    with pytest.raises(ValueError, match=r"--static-shape.*too large"):
+        t.build_engine(model_dir / "model.onnx", model_dir, static_shape=(2048, 2048), max_shape="4x2048x2048")
+
+
+def test_tensorrt_bf16_needs_tensorrt_9(model_dir, monkeypatch):
+    import sys
+
+    from ifseg_rt.export import tensorrt as t
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("8.6.1", bf16=False))
+    with pytest.raises(ValueError, match=r"precision 'bf16' needs TensorRT >= 9 .*8\.6\.1 is installed"):
+        t.build_engine(model_dir / "model.onnx", model_dir, precision="bf16")

@@ -59,9 +59,9 @@ def test_kernel_source_compiles_with_nvrtc():
     lib = _libnvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
-    from ifseg_rt.knn import _cuda
+    from ifseg_rt.knn import kernel_source
 
-    src = _cuda.kernel_source().encode()
+    src = kernel_source().encode()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"knn_kernel.cuh", 0, None, None) == 0
     opts = [b"--std=c++17", b"--gpu-architecture=compute_80"]

@@ -79,17 +79,155 @@ def test_matches_reference(backend, b, n, c, m, k, iters):
     np.testing.assert_allclose(knn.knn_average(f[0], p[0], k, iters, backend=backend), out[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
-def test_cpu_kernels_agree(monkeypatch, isa):
+CPU_ISAS = ["amx", "avx512vnni", "avx512", "avx2", "generic"]  # IFSEG_KNN_CPU_ISA values, a ceiling
+
+
+@pytest.mark.parametrize("screen", ["auto", "int16", "fp32"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_kernels_agree(monkeypatch, isa, screen):
     pytest.importorskip("ifseg_rt._C")
     monkeypatch.setenv("IFSEG_KNN_CPU_ISA", isa)  # falls back to a supported kernel when the CPU lacks it
     rng = np.random.default_rng(3)
     f = tie_free(rng, 2, 203, 70, 4)
     p = probs_like(rng, 2, 203, 9)
-    np.testing.assert_array_equal(knn.knn_indices(f, 4, backend="cpu"), reference.knn_indices(f, 4))
+    np.testing.assert_array_equal(knn.knn_indices(f, 4, backend="cpu", screen=screen), reference.knn_indices(f, 4))
     ref = reference.knn_average(f.astype(np.float64), p.astype(np.float64), 4, 25)
     for threads in (1, 2, 3):
-        np.testing.assert_allclose(knn.knn_average(f, p, 4, backend="cpu", num_threads=threads), ref, atol=1e-5)
+        out = knn.knn_average(f, p, 4, backend="cpu", num_threads=threads, screen=screen)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# --- int16 screening + exact fp32 ranking (backend="cpu", screen="int16"/"auto") ------------------------------------
+def _screen_isas(monkeypatch):
+    """The screening kernels this CPU has (IFSEG_KNN_CPU_ISA value -> _C.screen_isa() under it)."""
+    _C = pytest.importorskip("ifseg_rt._C")
+    found = []
+    for isa in ("amx", "avx512vnni"):
+        monkeypatch.setenv("IFSEG_KNN_CPU_ISA", isa)
+        if _C.screen_isa() == isa:
+            found.append(isa)
+    monkeypatch.delenv("IFSEG_KNN_CPU_ISA")
+    return found
+
+
+SCREEN_CASES = [  # b, n, c, m, k: N around and off the 96-row tile, K up to 33, C off the 64-byte padding
+    (1, 97, 100, 5, 3),
+    (2, 250, 64, 15, 3),
+    (1, 517, 100, 7, 33),
+    (3, 300, 256, 4, 9),
+    (1, 1000, 1024, 171, 3),
+    (2, 193, 17, 3, 5),
+]
+
+
+@pytest.mark.parametrize("b,n,c,m,k", SCREEN_CASES)
+def test_screened_matches_reference(b, n, c, m, k):
+    pytest.importorskip("ifseg_rt._C")
+    rng = np.random.default_rng(n * 7 + k)
+    f = tie_free(rng, b, n, c, k)
+    p = probs_like(rng, b, n, m)
+    ref_idx = reference.knn_indices(f, k)
+    ref = reference.knn_average(f.astype(np.float64), p.astype(np.float64), k, 25)
+    exact = knn.knn_average(f, p, k, 25, backend="cpu", screen="fp32")
+    for threads in (1, 2):
+        np.testing.assert_array_equal(knn.knn_indices(f, k, backend="cpu", screen="int16", num_threads=threads),
+                                      ref_idx)
+        out = knn.knn_average(f, p, k, 25, backend="cpu", screen="int16", num_threads=threads)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        np.testing.assert_array_equal(out, exact)  # the same neighbours, the same averaging: bitwise
+    np.testing.assert_array_equal(knn.knn_indices(f[0], k, backend="cpu", screen="int16"), ref_idx[0])
+
+
+def near_duplicates(rng, n, c, zero_rows=3):
+    """Features full of exact and near duplicates (within 1e-6 relative, below the screening's resolution) and zero
+    rows, as uniform image regions give: 30 prototypes, each row a copy, a slightly jittered copy or a fresh row."""
+    protos = rng.standard_normal((30, c)).astype(np.float32)
+    f = protos[rng.integers(0, 30, n)]
+    jitter = rng.random(n) < 0.5
+    f[jitter] *= 1 + 1e-6 * rng.standard_normal((int(jitter.sum()), c)).astype(np.float32)
+    fresh = rng.random(n) < 0.1
+    f[fresh] = rng.standard_normal((int(fresh.sum()), c)).astype(np.float32)
+    f[rng.choice(n, zero_rows, replace=False)] = 0.0
+    return np.ascontiguousarray(f)
+
+
+def assert_equally_similar(f, idx, k):
+    """idx (NxK) starts with each row itself, and the others' exact similarities are the K-1 largest (float64) within
+    float32 rounding: what a search with legitimately different tie-breaking among near-duplicates must give."""
+    fn = reference.normalize(f)
+    sim = fn @ fn.T
+    n = f.shape[0]
+    np.testing.assert_array_equal(idx[:, 0], np.arange(n))
+    assert all(len(set(row)) == k for row in idx.tolist())
+    np.fill_diagonal(sim, -np.inf)
+    best = -np.sort(-sim, axis=1)[:, : k - 1]
+    got = -np.sort(-np.take_along_axis(sim, idx[:, 1:], axis=1), axis=1)
+    np.testing.assert_allclose(got, best, rtol=0, atol=2e-6 * max(1.0, np.sqrt(f.shape[1]) / 8))
+
+
+@pytest.mark.parametrize("n,c,k", [(300, 64, 5), (450, 256, 12), (200, 1024, 33)])
+def test_screened_near_duplicates_and_zero_rows(n, c, k):
+    pytest.importorskip("ifseg_rt._C")
+    rng = np.random.default_rng(n + c + k)
+    f = near_duplicates(rng, n, c)
+    for screen in ("int16", "fp32"):
+        assert_equally_similar(f, knn.knn_indices(f, k, backend="cpu", screen=screen), k)
+    # exact duplicates and zero rows tie exactly in both paths: both take the lowest indices
+    zero = np.flatnonzero(~f.any(1))
+    exact = knn.knn_indices(f, k, backend="cpu", screen="fp32")
+    np.testing.assert_array_equal(knn.knn_indices(f, k, backend="cpu", screen="int16")[zero], exact[zero])
+    p = probs_like(rng, 1, n, 6)[0]
+    out = knn.knn_average(f, p, k, 25, backend="cpu", screen="int16")
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+def test_screen_kernels_identical(monkeypatch):
+    # AMX and VNNI compute the same integers: the same candidates, the same neighbours, even among near-duplicates
+    isas = _screen_isas(monkeypatch)
+    if len(isas) < 2:
+        pytest.skip(f"needs both AMX-INT8 and AVX512-VNNI, this CPU has {sorted(isas) or 'neither'}")
+    rng = np.random.default_rng(8)
+    f = near_duplicates(rng, 700, 256)
+    got = {}
+    for isa in isas:
+        monkeypatch.setenv("IFSEG_KNN_CPU_ISA", isa)
+        got[isa] = [knn.knn_indices(f, 7, backend="cpu", screen="int16", num_threads=t) for t in (1, 2)]
+    np.testing.assert_array_equal(got["amx"][0], got["avx512vnni"][0])
+    np.testing.assert_array_equal(got["amx"][0], got["amx"][1])
+    np.testing.assert_array_equal(got["avx512vnni"][0], got["avx512vnni"][1])
+
+
+def test_screen_selection(monkeypatch):
+    _C = pytest.importorskip("ifseg_rt._C")
+    assert _C.knn_screen_margin >= 1
+    assert _C.screen_isa() in ("amx", "avx512vnni", "")
+    for isa in ("avx512", "avx2", "generic"):  # the ceiling below the screening kernels: fp32 search
+        monkeypatch.setenv("IFSEG_KNN_CPU_ISA", isa)
+        assert _C.screen_isa() == ""
+    with pytest.raises(ValueError, match=r"screen must be one of \('auto', 'int16', 'fp32'\), got 'int8'"):
+        knn.knn_indices(np.ones((5, 3), np.float32), 2, screen="int8")
+    f = np.ones((1, 5, 3), np.float32)
+    with pytest.raises(ValueError, match="screen must be 'auto', 'int16' or 'fp32'"):
+        _C.knn_cpu(f, np.empty((1, 5, 2), np.int64), k=2, iters=0, screen="bf16")
+    # ignored by the reference backend
+    np.testing.assert_array_equal(knn.knn_indices(f[0], 2, backend="numpy", screen="int16"),
+                                  reference.knn_indices(f[0], 2))
+
+
+def test_thread_count():
+    _C = pytest.importorskip("ifseg_rt._C")
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert _C.num_threads() == cores
+    assert _C.knn_threads(1, 50, 16, 5, 3, 25) == 1  # too small to pay for a second thread
+    assert _C.knn_threads(1, 4096, 1024, 171, 3, 25) == cores
+    assert _C.knn_threads(1, 4096, 1024, 171, 3, 25, num_threads=3) == 3  # asked for: exactly that many
+    assert _C.knn_threads(1, 2, 16, 5, 2, 1, num_threads=8) == 2  # ... but no more than the rows
+    assert 1 <= _C.knn_threads(8, 256, 256, 15, 3, 25) <= cores
+    with pytest.raises(ValueError, match="num_threads must be >= 0"):
+        _C.knn_cpu(np.ones((1, 5, 3), np.float32), np.empty((1, 5, 2), np.int64), k=2, iters=0, num_threads=-1)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -289,3 +427,173 @@ def test_cuda_ties_and_bad_inputs():
         knn.knn_indices(ft, 11)
     with pytest.raises(ValueError, match="needs host"):
         knn.knn_indices(ft, 3, backend="cpu")
+
+
+# --- CUDA dispatch on the CPU: stand-ins for torch.cuda, CuPy and the compiled launchers ---------------------------
+class FakeCupy:
+    """Enough of CuPy for the NVRTC launch sequence, on numpy memory; like CuPy reading a torch tensor's
+    __cuda_array_interface__, it cannot take bfloat16 tensors. Records every kernel launch."""
+
+    float32, int32, uint16 = np.float32, np.int32, np.uint16
+    empty, empty_like = staticmethod(np.empty), staticmethod(np.empty_like)
+
+    def __init__(self):
+        import contextlib
+        import types
+
+        self.launches = []
+        self.cuda = types.SimpleNamespace(Device=lambda i: contextlib.nullcontext(),
+                                          ExternalStream=lambda s: contextlib.nullcontext())
+
+    def asarray(self, x):
+        torch = _cuda_like.torch
+        if torch.is_tensor(x):
+            if x.dtype == torch.bfloat16:
+                raise TypeError("Unsupported dtype torch.bfloat16")
+            return x.detach().numpy()  # shares the tensor's memory, as CuPy shares device memory
+        return np.asarray(x)
+
+    def RawModule(self, code, options):  # noqa: N802 (CuPy's name)
+        assert "ifseg_knn_normalize_bf16" in code
+        launches = self.launches
+
+        class Module:
+            def get_function(self, name):
+                return lambda grid, block, args: launches.append((name, args))
+
+        return Module()
+
+
+def _cuda_like():
+    """A torch.Tensor subclass living on the CPU that says it is a CUDA tensor and, like a bfloat16 or
+    requires-grad CUDA tensor, raises (not AttributeError) from __cuda_array_interface__."""
+    torch = pytest.importorskip("torch")
+    _cuda_like.torch = torch
+
+    class CudaLike(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("__cuda_array_interface__ was read")
+
+    return CudaLike
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda stand-ins (stream, device guard), a fake CuPy and a fake ifseg_rt._C with CUDA launchers."""
+    import contextlib
+    import types
+
+    import ifseg_rt
+
+    torch = pytest.importorskip("torch")
+    cls = _cuda_like()
+    rec = types.SimpleNamespace(compiled=[], devices=[], cupy=FakeCupy(), cls=cls, torch=torch)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: rec.devices.append(d) or contextlib.nullcontext())
+    ext = types.SimpleNamespace(with_cuda=True, knn_cuda_workspace=lambda *a: 256,
+                                knn_cuda=lambda *a: rec.compiled.append(a))
+    monkeypatch.setitem(sys.modules, "ifseg_rt._C", ext)
+    monkeypatch.setattr(ifseg_rt, "_C", ext, raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", rec.cupy)
+    return rec
+
+
+def _device_inputs(rec, dtype, b=2, n=40, c=16, m=5, grad=False):
+    torch = rec.torch
+    f = torch.randn(b, n, c).to(getattr(torch, dtype)).as_subclass(rec.cls)
+    p = torch.softmax(torch.randn(b, n, m), -1).as_subclass(rec.cls)
+    return f.requires_grad_(grad), p
+
+
+@pytest.mark.parametrize("dtype,kernel", [("float32", "f32"), ("float16", "f16"), ("bfloat16", "bf16"),
+                                          ("float64", "f32")])
+def test_cuda_dtype_routing_nvrtc(fake_cuda, dtype, kernel):
+    f, p = _device_inputs(fake_cuda, dtype, grad=True)
+    out = knn.knn_average(f, p, 3, 2, backend="cuda-nvrtc")
+    names = [name for name, _ in fake_cuda.cupy.launches]
+    assert names == [f"ifseg_knn_normalize_{kernel}", "ifseg_knn_topk_partial", "ifseg_knn_merge",
+                     "ifseg_knn_average_step", "ifseg_knn_average_step"]
+    assert not fake_cuda.compiled
+    feats = fake_cuda.cupy.launches[0][1][0]
+    want = f.detach().float() if dtype == "float64" else f.detach()
+    if dtype in ("float16", "bfloat16"):  # the raw bits, handed over as a 16-bit integer view
+        assert feats.dtype == np.uint16
+        bits = want.view(fake_cuda.torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(feats.reshape(-1), bits.ravel())
+    else:
+        assert feats.dtype == np.float32
+        np.testing.assert_array_equal(feats.reshape(-1), want.numpy().ravel())
+    assert tuple(out.shape) == tuple(p.shape) and out.dtype == fake_cuda.torch.float32
+
+
+@pytest.mark.parametrize("dtype,name", [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
+                                        ("float64", "float32")])
+def test_cuda_dtype_routing_compiled(fake_cuda, dtype, name):
+    f, p = _device_inputs(fake_cuda, dtype, grad=True)
+    knn.knn_indices(f, 3)  # "auto" on device arrays: the compiled launchers when _C has them
+    out = knn.knn_average(f, p, 3, 25, backend="cuda-compiled")
+    assert [a[1] for a in fake_cuda.compiled] == [name, name]
+    (search, avg) = fake_cuda.compiled
+    assert search[3] == 0 and search[4] == 0 and search[9] == 0  # neighbour search only: no probs, out, M
+    assert avg[9] == 5 and avg[10] == 3 and avg[11] == 25 and avg[12] == 7  # M, k, iters, the current stream
+    assert avg[3] == p.data_ptr() and avg[4] == out.data_ptr() != p.data_ptr()
+    assert fake_cuda.devices and all(d == 0 for d in fake_cuda.devices)  # launched under the inputs' device
+    assert not fake_cuda.cupy.launches
+    assert "cuda-compiled" in knn.available_backends() and "cuda-nvrtc" in knn.available_backends()
+
+
+def test_device_check_never_reads_the_array_interface(fake_cuda):
+    # a CUDA tensor that requires grad (or bf16 on older torch) raises from __cuda_array_interface__
+    f, p = _device_inputs(fake_cuda, "bfloat16", grad=True)
+    with pytest.raises(RuntimeError, match="was read"):
+        f.__cuda_array_interface__
+    knn.knn_average(f, p.requires_grad_(), 3, 1)
+    assert len(fake_cuda.compiled) == 1
+    with pytest.raises(ValueError, match="needs host"):
+        knn.knn_average(f, p, backend="cpu")
+    # a CPU tensor that requires grad is a host array: read as numpy, detached
+    torch = fake_cuda.torch
+    rng = np.random.default_rng(4)
+    fh, ph = tie_free(rng, 1, 30, 8, 3)[0], probs_like(rng, 1, 30, 4)[0]
+    out = knn.knn_average(torch.from_numpy(fh).requires_grad_(), torch.from_numpy(ph).requires_grad_(), 3, 5,
+                          backend="numpy")  # (the fake _C has no CPU kernels)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, reference.knn_average(fh.astype(np.float64), ph, 3, 5), atol=1e-5)
+    with pytest.raises(ValueError, match="'cuda-nvrtc' needs device arrays"):
+        knn.knn_indices(fh, 3, backend="cuda-nvrtc")
+
+
+@pytest.mark.parametrize("backend", ["cuda-compiled", "cuda-nvrtc"])
+def test_cuda_refuses_out_aliasing_probs(fake_cuda, monkeypatch, backend):
+    torch = fake_cuda.torch
+    f, p = _device_inputs(fake_cuda, "float32")
+    real_empty = torch.empty
+
+    def aliasing_empty(shape, dtype=None, device=None):  # an allocator handing out probs' memory again
+        return p if dtype == torch.float32 and tuple(shape) == tuple(p.shape) else real_empty(shape, dtype=dtype,
+                                                                                            device=device)
+
+    monkeypatch.setattr(torch, "empty", aliasing_empty)
+    with pytest.raises(ValueError, match="out must not alias probs"):
+        knn.knn_average(f, p, 3, 25, backend=backend)
+    assert not fake_cuda.compiled and not fake_cuda.cupy.launches
+
+
+def test_cuda_path_errors(fake_cuda, monkeypatch):
+    f, p = _device_inputs(fake_cuda, "float32")
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(RuntimeError, match="needs CuPy"):
+        knn.knn_average(f, p, backend="cuda-nvrtc")
+    import ifseg_rt
+
+    monkeypatch.setattr(ifseg_rt, "_C", None)
+    monkeypatch.setitem(sys.modules, "ifseg_rt._C", None)
+    with pytest.raises(RuntimeError, match="'cuda-compiled' needs ifseg_rt._C built with nvcc"):
+        knn.knn_average(f, p, backend="cuda-compiled")
+    assert knn.available_backends()[-1] == "numpy" and "cuda" not in knn.available_backends()

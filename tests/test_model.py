@@ -3,7 +3,6 @@ re-implementation of the equations (tests/ofa_reference.py)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np

@@ -133,13 +133,24 @@ def _copy(model_dir, tmp_path, name="m"):
 
 def test_tampered_and_truncated_files(model_dir, tmp_path):
     d = _copy(model_dir, tmp_path)
-    data = bytearray((d / "model.onnx").read_bytes())
+    for name in ("body.onnx", "tables.onnx"):  # the files the onnxruntime backend reads
+        original = (d / name).read_bytes()
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0xFF
+        (d / name).write_bytes(bytes(data))
+        with pytest.raises(ModelDirError, match=rf"{name}: sha256 .* does not match"):
+            Segmenter.load(d, backend="onnxruntime")
+        (d / name).write_bytes(bytes(data[:-100]))
+        with pytest.raises(ModelDirError, match=rf"{name}: .*truncated"):
+            Segmenter.load(d, backend="onnxruntime")
+        (d / name).write_bytes(original)
+    data = bytearray((d / "model.onnx").read_bytes())  # the portable graph, read without a split graph
     data[len(data) // 2] ^= 0xFF
     (d / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(ModelDirError, match=r"model\.onnx: sha256 .* does not match"):
-        Segmenter.load(d, backend="onnxruntime")
-    (d / "model.onnx").write_bytes(bytes(data[:-100]))
-    with pytest.raises(ModelDirError, match="truncated"):
+        d2 = json.loads((d / "ifseg.json").read_text())
+        del d2["onnx"]["tables"], d2["onnx"]["body"]
+        (d / "ifseg.json").write_text(json.dumps(d2))
         Segmenter.load(d, backend="onnxruntime")
     (d / "model.safetensors").unlink()
     with pytest.raises(ModelDirError, match="model.safetensors listed in ifseg.json is missing"):
@@ -324,7 +335,7 @@ def test_segment_cli(model_dir, tmp_path, capsys):
             assert lab.mode == "P" and lab.size == size
             assert np.asarray(lab).max() < 5
         with Image.open(tmp_path / "out" / f"{stem}.overlay.jpg") as ov:
-            assert ov.size == size
+            assert ov.size[0] == size[0] and ov.size[1] > size[1]  # the image, then a legend below
 
 
 def test_bench_cli(model_dir, tmp_path, capsys):
@@ -340,3 +351,6 @@ def test_bench_cli(model_dir, tmp_path, capsys):
     assert run["input_size"] == [512, 768] and run["throughput_img_s"] > 0
     assert set(run["stages_ms_per_image"]) == {"preprocess", "engine", "knn", "resize_argmax", "total"}
     assert set(run["stages_ms_per_image"]["total"]) >= {"median", "p90"}
+    assert rep["cpu"] and rep["cores"] >= 1 and rep["precision"] == "fp32"
+    printed = capsys.readouterr().out  # a human-readable line per batch size, not JSON
+    assert "batch 2 512x768:" in printed and "img/s" in printed and not printed.lstrip().startswith("{")

@@ -13,6 +13,13 @@ namespace ifseg {
 
 enum class FeatDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// How the CPU path finds the neighbours. kInt16: screen the candidates with 16-bit integer similarities (int8 AMX or
+// AVX512-VNNI passes over the hi and lo bytes), keeping each row's best K - 1 + kKnnScreenMargin, then rank those by
+// their exact fp32 similarities; the fp32 search where the CPU has neither, or where every row would keep all rows
+// anyway. kAuto: kInt16 where the CPU has AMX-INT8 (elsewhere the fp32 search is as fast). kFp32: the exact search.
+enum class KnnScreen : int { kAuto = 0, kInt16 = 1, kFp32 = 2 };
+constexpr int kKnnScreenMargin = 8;  // extra candidates per row kept by the screening
+
 struct KnnParams {
   const void* features = nullptr;  // BxNxC, dtype feat_dtype, rows contiguous (stride C)
   FeatDtype feat_dtype = FeatDtype::kFloat32;
@@ -25,13 +32,21 @@ struct KnnParams {
   int64_t probs_batch_stride = 0;  // elements between images in `probs` and `out` (N*M when contiguous)
   int k = 3;                       // neighbours per row, 1 <= k <= n
   int iters = 25;                  // averaging steps, >= 0
-  int num_threads = 1;             // CPU worker threads (ignored by CUDA)
+  int num_threads = 0;             // CPU worker threads (ignored by CUDA); 0: knn_cpu_available_cores(), fewer for
+                                   // small problems; > 0: exactly that many (at most N)
+  KnnScreen screen = KnnScreen::kAuto;  // CPU only
 };
 
-// CPU: knn_cpu.cpp. Blocking; uses params.num_threads std::threads.
+// CPU: knn_cpu.cpp. Blocking; uses knn_cpu_threads(params) std::threads.
 void knn_cpu(const KnnParams& params);
 // Which fp32 micro-kernel the CPU path dispatches to on this machine ("avx512", "avx2" or "generic").
 const char* knn_cpu_isa();
+// Which screening kernel KnnScreen::kInt16 uses here ("amx", "avx512vnni"), "" when none (fp32 search).
+const char* knn_cpu_screen_isa();
+// Cores this process may run on (sched_getaffinity).
+int knn_cpu_available_cores();
+// Threads knn_cpu uses for these parameters.
+int knn_cpu_threads(const KnnParams& params);
 
 // CUDA: knn_cuda.cu (only when built with nvcc). Asynchronous on `stream` (a cudaStream_t); the caller provides
 // `workspace` of at least knn_cuda_workspace_bytes(params) bytes on the same device.

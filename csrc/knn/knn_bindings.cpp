@@ -70,20 +70,24 @@ void check_indices(const KnnParams& p, const py::array& indices) {
   if (!indices.writeable()) fail("indices", indices, "must be writeable");
 }
 
-int resolve_threads(int num_threads) {
-  if (num_threads > 0) return num_threads;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw ? static_cast<int>(hw) : 1;
+KnnScreen parse_screen(const std::string& screen) {
+  if (screen == "auto") return KnnScreen::kAuto;
+  if (screen == "int16") return KnnScreen::kInt16;
+  if (screen == "fp32") return KnnScreen::kFp32;
+  throw py::value_error("screen must be 'auto', 'int16' or 'fp32', got '" + screen + "'");
 }
 
 void knn_cpu_py(const py::array& features, const py::array& indices, const py::object& probs_obj,
-                const py::object& out_obj, int k, int iters, int num_threads) {
+                const py::object& out_obj, int k, int iters, int num_threads, const std::string& screen) {
   KnnParams p;
   fill_features(p, features);
   check_k(p, k, iters);
   p.k = k;
   p.iters = iters;
-  p.num_threads = resolve_threads(num_threads);
+  if (num_threads < 0)
+    throw py::value_error("num_threads must be >= 0 (0: automatic), got " + std::to_string(num_threads));
+  p.num_threads = num_threads;
+  p.screen = parse_screen(screen);
   check_indices(p, indices);
   p.indices = static_cast<int64_t*>(const_cast<void*>(indices.data()));
   if (probs_obj.is_none() != out_obj.is_none()) throw py::value_error("probs and out must be given together");
@@ -144,11 +148,29 @@ KnnParams cuda_params(uintptr_t features, const std::string& dtype, uintptr_t in
 }  // namespace
 
 void register_knn(py::module_& m) {
-  m.def("num_threads", []() { return resolve_threads(0); }, "Default number of CPU threads the kNN kernel uses.");
+  m.def("num_threads", &knn_cpu_available_cores,
+        "Cores this process may run on (sched_getaffinity): the most threads the kNN kernel uses by default.");
+  m.def(
+      "knn_threads",
+      [](int64_t batch, int64_t n, int64_t c, int64_t m, int k, int iters, int num_threads, const std::string& screen) {
+        KnnParams p;
+        p.batch = batch, p.n = n, p.c = c, p.m = m, p.k = k, p.iters = iters, p.num_threads = num_threads;
+        p.screen = parse_screen(screen);
+        p.probs = m > 0 ? reinterpret_cast<const float*>(1) : nullptr;  // only tested against null
+        return knn_cpu_threads(p);
+      },
+      py::arg("batch"), py::arg("n"), py::arg("c"), py::arg("m"), py::arg("k"), py::arg("iters"),
+      py::arg("num_threads") = 0, py::arg("screen") = "auto",
+      "Threads knn_cpu uses for these sizes (num_threads 0: the available cores, fewer for small problems).");
+  m.def("screen_isa", []() { return std::string(knn_cpu_screen_isa()); },
+        "The screening kernel screen='int16' uses here ('amx', 'avx512vnni'; screen='auto': 'amx' only), '' when "
+        "none (fp32 search).");
+  m.attr("knn_screen_margin") = kKnnScreenMargin;
   m.def("cpu_isa", []() { return std::string(knn_cpu_isa()); },
         "The fp32 micro-kernel the CPU kNN dispatches to here: 'avx512', 'avx2' or 'generic'.");
   m.def("knn_cpu", &knn_cpu_py, py::arg("features"), py::arg("indices"), py::arg("probs") = py::none(),
         py::arg("out") = py::none(), py::kw_only(), py::arg("k"), py::arg("iters"), py::arg("num_threads") = 0,
+        py::arg("screen") = "auto",
         "kNN search (and averaging when probs/out are given) on the CPU; fills indices (and out) in place.");
 #ifdef IFSEG_WITH_CUDA
   m.def(
@@ -164,6 +186,10 @@ void register_knn(py::module_& m) {
       [](uintptr_t features, const std::string& dtype, uintptr_t indices, uintptr_t probs, uintptr_t out,
          uintptr_t workspace, int64_t batch, int64_t n, int64_t c, int64_t m, int k, int iters, uintptr_t stream) {
         KnnParams p = cuda_params(features, dtype, indices, probs, out, batch, n, c, m, k, iters);
+        // the averaging reads probs while writing out: overlapping buffers would give garbage, silently
+        const uintptr_t prob_bytes = static_cast<uintptr_t>(batch * n * m) * sizeof(float);
+        if (probs && prob_bytes && probs < out + prob_bytes && out < probs + prob_bytes)
+          throw py::value_error("out must not alias probs (their device buffers overlap)");
         if (!workspace && knn_cuda_workspace_bytes(p) > 0) throw py::value_error("workspace must be a device pointer");
         py::gil_scoped_release release;
         knn_cuda(p, reinterpret_cast<void*>(workspace), reinterpret_cast<void*>(stream));

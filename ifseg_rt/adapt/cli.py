@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .._argtypes import non_negative_int, positive_int
+from .._argtypes import HelpFormatter, examples, non_negative_int, positive_int
 from ..tokenizer import IFSEG_PROMPT_PREFIX
 from .options import PRECISIONS, AdaptOptions
 
@@ -31,8 +31,15 @@ _OPTION_FLAGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     d = AdaptOptions()
-    p = argparse.ArgumentParser(prog="python -m ifseg_rt adapt", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ifseg_rt adapt", formatter_class=HelpFormatter,
+        description="Image-free adaptation of an OFA checkpoint to a list of category names: trains on synthetic "
+                    "word grids (no images, no masks) and writes a run directory that `python -m ifseg_rt.export` "
+                    "turns into a model directory.",
+        epilog=examples('python -m ifseg_rt adapt --checkpoint ofa_base.pt --bpe-dir ofa-bpe \\',
+                        '    --categories "sky, road, tree, person" --out runs/street',
+                        "python -m ifseg_rt adapt --out runs/street --resume     # continue a stopped run exactly",
+                        "python -m ifseg_rt.export runs/street --out models/street"))
     src = p.add_argument_group("source (not needed with --resume)")
     src.add_argument("--checkpoint", help="OFA checkpoint to adapt: fairseq .pt, HF-port .bin/dir, or ifseg_rt "
                                           ".safetensors (an IFSeg checkpoint with the same M continues training)")
@@ -57,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="float dtype of the saved model.safetensors (training always keeps fp32 weights)")
     run.add_argument("--log-every", type=positive_int, default=10, help="log the mean loss every N updates")
-    run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    run.add_argument("--no-progress", "--quiet", action="store_true",
+                     help="plain log lines instead of a progress bar")
 
-    opt = p.add_argument_group("training recipe (ifseg.md §10)")
+    opt = p.add_argument_group("training recipe (the paper's, for OFA-Base)")
     opt.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser updates")
     opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="word grids per update")
     opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine to 0, no warm-up)")

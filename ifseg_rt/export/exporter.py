@@ -3,10 +3,21 @@
 =========  ==========================  =====================================  ==================================
 Format     ``--format``                Artifact                               Extra options
 =========  ==========================  =====================================  ==================================
-ONNX       ``onnx``                    ``model.onnx`` (+ ``model.onnx.data``)   opset, static_shape, exporter, ...
-TensorRT   ``engine`` (``trt``,         ``engines/<gpu>-<precision>.engine``     + precision, workspace, shapes,
-           ``tensorrt``)                                                        timing cache
+ONNX       ``onnx``                    ``model.onnx`` (+ ``model.onnx.data``),  opset, static_shape, exporter,
+                                       ``tables.onnx`` + ``body.onnx``          precision (fp32 / int8 / bf16),
+                                       (+ ``body.int8.onnx``)                   calibration, min_agreement, ...
+TensorRT   ``engine`` (``trt``,         ``engines/<gpu>-<precision>.engine``     + precision (fp32 / fp16 / bf16),
+           ``tensorrt``)                                                        workspace, shapes, timing cache
+Triton     ``triton``                  ``<name>/`` ensemble, ``<name>_pre/``,   model_name, max_batch_size,
+repository                             ``<name>_onnx/``, ``<name>_post/``       instances, instance_kind, tensorrt,
+                                       (:mod:`ifseg_rt.serve.repository`)       trt_precision, trt_cache, ...
 =========  ==========================  =====================================  ==================================
+
+``model.onnx`` is the portable graph (image -> logits, features; TensorRT and other consumers build from it). The
+runtime's onnxruntime backend prefers the same network split in two: ``tables.onnx`` computes a token grid's
+position tables once, ``body.onnx`` runs the network on them, so that no request recomputes them (2x faster on the
+nano model, and concurrent requests of a grid share one copy). Low precisions (``--precision int8`` / ``bf16``)
+are added behind an accuracy gate (:mod:`ifseg_rt.export.precision`).
 
 Python::
 
@@ -18,19 +29,21 @@ CLI::
     python -m ifseg_rt.export runs/coco15 --out models/coco15
     python -m ifseg_rt.export ofa_base.pt --categories "sky, road" --bpe-dir bpe/ --out models/zeroshot
     python -m ifseg_rt.export runs/coco15 --out models/coco15 --format trt --precision fp16   # on a GPU machine
+    python -m ifseg_rt.export models/coco15 --out triton_repo --format triton     # a model directory -> Triton
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 import platform
 import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,19 +53,24 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..files import file_record, file_sha256
 from ..knn.settings import KnnSettings
 from ..model import SegOFA
-from ..runtime.model_dir import (INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, WEIGHTS_FILE, ModelSpec,
-                                 SCHEMA_VERSION, build_manifest, load_model_dir, write_manifest)
+from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, SCHEMA_VERSION,
+                                 TABLE_NAMES, TABLES_FILE, WEIGHTS_FILE, CPU_PRECISIONS, ModelSpec, build_manifest, load_model_dir,
+                                 write_manifest)
 from ..runtime.preprocess import PATCH, ImagePolicy
-from .onnx_model import IFSegOnnxModel
+from .onnx_model import IFSegBodyGraph, IFSegOnnxModel, IFSegTablesGraph
+from .precision import INT8_BODY, MIN_AGREEMENT, add_precisions
 
 ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; >= 17 for LayerNormalization
 MAX_SIDE = 4096  # px; upper bound of the dynamic H/W dimension declared to torch.export
 PARITY_ATOL = 1e-3  # max |onnxruntime - torch| on logits/features accepted at export time (fp32)
 
-_COMMON = ("categories", "bpe_dir", "prompt_prefix", "image_policy", "knn", "save_weights", "force")
-_ONNX = ("opset", "static_shape", "exporter", "normalize_features", "check")
-_TRT = ("precision", "workspace_gb", "min_shape", "opt_shape", "max_shape", "timing_cache")
+_COMMON = ("categories", "bpe_dir", "prompt_prefix", "image_policy", "knn", "save_weights", "force", "precision")
+_ONNX = ("opset", "static_shape", "exporter", "normalize_features", "check", "calibration", "min_agreement", "split")
+_TRT = ("workspace_gb", "min_shape", "opt_shape", "max_shape", "timing_cache")
+# Triton repository (ifseg_rt.serve.repository.export_repository); from a model directory only these apply
+_TRITON = ("model_name", "max_batch_size", "instances", "instance_kind", "tensorrt", "trt_precision", "trt_cache",
+           "onnx_stand_in")
 
 
 def export_formats() -> List[Dict[str, Any]]:
@@ -62,6 +80,9 @@ def export_formats() -> List[Dict[str, Any]]:
          "options": _COMMON + _ONNX},
         {"format": "TensorRT", "arg": "engine", "aliases": ("trt", "tensorrt"),
          "artifact": "engines/<gpu>-<precision>.engine", "gpu": True, "options": _COMMON + _ONNX + _TRT},
+        {"format": "Triton model repository", "arg": "triton", "aliases": ("triton-repository",),
+         "artifact": "<name>/ (ensemble), <name>_pre/, <name>_onnx/, <name>_post/", "gpu": False,
+         "options": _COMMON + _ONNX + _TRITON},
     ]
 
 
@@ -137,8 +158,9 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
         provenance["run_json_sha256"] = file_sha256(src / "run.json")
     if ck.kind == "ofa":
         if want is None or bpe_dir is None:
-            raise ValueError(f"{weights} is an un-adapted OFA checkpoint: pass --categories and --bpe-dir to build "
-                             f"IFSeg's zero-shot baseline (or export an adaptation run directory)")
+            missing = " and ".join(f for f, v in (("--categories", want), ("--bpe-dir", bpe_dir)) if v is None)
+            raise ValueError(f"{weights} is an un-adapted OFA checkpoint: pass {missing} to build IFSeg's zero-shot "
+                             f"baseline (or export an adaptation run directory)")
         warnings.warn(f"{weights} was never adapted: exporting IFSeg's zero-shot baseline for {len(want)} categories "
                       f"(fresh seg position modules); adapt it first for the paper's image-free results",
                       ZeroShotWarning, stacklevel=3)
@@ -188,8 +210,6 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     The dynamo exporter (``torch.export``) is the default; ``exporter="torchscript"`` uses the legacy tracer
     (faster, deprecated upstream). Both give the same branch-free graph (:class:`IFSegOnnxModel`).
     """
-    import onnx
-
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     if exporter not in ("dynamo", "torchscript"):
@@ -202,6 +222,19 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     dummy = {INPUT_NAME: torch.randn(2, 3, H, W, generator=g)}  # batch 2: a size-1 dim would be specialised
     with torch.inference_mode():
         wrapper(**dummy)  # one eager run first: shape errors surface here, not inside the exporter
+    # the dynamo exporter logs a warning per torchvision op it cannot register (torchvision is not used here)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        return _export_onnx(wrapper, dummy, path, opset, static_shape, exporter, metadata)
+    finally:
+        registration.setLevel(level)
+
+
+def _export_onnx(wrapper, dummy, path: Path, opset: int, static_shape, exporter: str, metadata) -> Dict[str, Any]:
+    import onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings():
@@ -229,12 +262,24 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
                     dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True))
         proto = onnx.load(str(raw), load_external_data=True)
     _name_dims(proto, static_shape)
+    data_file = save_onnx(proto, path, metadata)
+    opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"file": path.name, "data_file": data_file, "opset": opset_used,
+            "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
+            "exporter": exporter, "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+
+
+def save_onnx(proto, path: Path, metadata: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Stamp ``metadata`` and the producer into ``proto``, write it (weights to ``path.data`` when the graph is over
+    protobuf's 2 GB) and run ``onnx.checker``; returns the data file's name, or None."""
+    import onnx
+
     for k, v in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name, proto.producer_version = "ifseg_rt", __version__
-    size = proto.ByteSize()
-    external = size > ONNX_INLINE_LIMIT
+    external = proto.ByteSize() > ONNX_INLINE_LIMIT
     data_name = path.name + ".data"
     path.parent.mkdir(parents=True, exist_ok=True)
     (path.parent / data_name).unlink(missing_ok=True)
@@ -244,11 +289,48 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     else:
         onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path))  # by path: works for external data too
-    opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": path.name, "data_file": data_name if external else None, "opset": opset_used,
-            "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
-            "exporter": exporter, "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
-            "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+    return data_name if external else None
+
+
+def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET,
+                 normalize_features: bool = False, metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Write the runtime's split graph: ``tables.onnx`` (grid -> the grid's position tables, run once per grid and
+    cached by the runtime) and ``body.onnx`` (image + tables -> logits, features). Returns the written file names.
+
+    Traced with the legacy exporter: the table inputs' sizes follow from the image's, a relation ``torch.export``
+    cannot state, while traced dynamic axes need not state it.
+    """
+    import onnx
+
+    out_dir = Path(out_dir)
+    core = IFSegOnnxModel(model, normalize_features=normalize_features).eval()
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, *_dummy_shape(None), generator=g)
+    grid = torch.zeros(-(-image.shape[2] // PATCH), -(-image.shape[3] // PATCH))
+    with torch.inference_mode():
+        tables = IFSegTablesGraph(core)(grid)
+    s_axes, t_axes = {2: "S", 3: "S"}, {2: "T", 3: "T"}
+    table_axes = dict(zip(TABLE_NAMES, (s_axes, t_axes, {1: "T", 2: "S"})))
+    graphs = {
+        TABLES_FILE: (IFSegTablesGraph(core), (grid,), [GRID_NAME], list(TABLE_NAMES),
+                      {GRID_NAME: {0: "grid_h", 1: "grid_w"}, **table_axes}),
+        BODY_FILE: (IFSegBodyGraph(core), (image, *tables), [INPUT_NAME, *TABLE_NAMES], list(OUTPUT_NAMES),
+                    {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **table_axes,
+                     **{o: {0: "batch", 1: "cells"} for o in OUTPUT_NAMES}}),
+    }
+    written = {}
+    for name, (module, args, inputs, outputs, axes) in graphs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "raw.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _quiet(lambda: torch.onnx.export(module.eval(), args, str(raw), input_names=inputs,
+                                                 output_names=outputs, dynamic_axes=axes, opset_version=opset,
+                                                 dynamo=False, do_constant_folding=True))
+            proto = onnx.load(str(raw), load_external_data=True)
+        data_file = save_onnx(proto, out_dir / name, metadata)
+        written[name] = [name] + ([data_file] if data_file else [])
+    return {"tables": TABLES_FILE, "body": BODY_FILE, "files": [f for fs in written.values() for f in fs]}
 
 
 def _quiet(fn):
@@ -284,24 +366,38 @@ def _name_dims(proto, static_shape) -> None:
 
 
 def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequence[Tuple[int, int, int]], *,
-                      normalize_features: bool = False, seed: int = 0) -> Dict[str, float]:
-    """Run onnxruntime (CPU) and SegOFA on random images of ``shapes`` (B, H, W); max abs errors."""
+                      normalize_features: bool = False, seed: int = 0,
+                      split: Optional[Tuple[Union[str, Path], Union[str, Path]]] = None) -> Dict[str, float]:
+    """Run onnxruntime (CPU) and SegOFA on random images of ``shapes`` (B, H, W); max abs errors. With ``split`` =
+    (tables.onnx, body.onnx), the split graph is checked too (its errors under ``split_<output>``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+    def session(path):
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    sess = session(onnx_path)
+    tables, body = (session(split[0]), session(split[1])) if split else (None, None)
     g = torch.Generator().manual_seed(seed)
     err = {name: 0.0 for name in OUTPUT_NAMES}
+    if split:
+        err.update({f"split_{name}": 0.0 for name in OUTPUT_NAMES})
     for b, h, w in shapes:
         x = torch.randn(b, 3, h, w, generator=g)
         with torch.inference_mode():
             logits, feats = model(x)
         if normalize_features:
             feats = torch.nn.functional.normalize(feats, dim=-1)
-        outputs = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-        for name, got, want in zip(OUTPUT_NAMES, outputs, (logits, feats)):
-            err[name] = max(err[name], float(np.abs(got - want.numpy()).max()))
+        runs = {"": sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})}
+        if split:
+            grid = np.zeros((-(-h // PATCH), -(-w // PATCH)), np.float32)
+            feeds = dict(zip(TABLE_NAMES, tables.run(list(TABLE_NAMES), {GRID_NAME: grid})))
+            runs["split_"] = body.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy(), **feeds})
+        for prefix, outputs in runs.items():
+            for name, got, want in zip(OUTPUT_NAMES, outputs, (logits, feats)):
+                err[prefix + name] = max(err[prefix + name], float(np.abs(got - want.numpy()).max()))
     return err
 
 
@@ -321,9 +417,10 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
            prompt_prefix: Optional[str] = None, image_policy: Optional[ImagePolicy] = None,
            knn: Union[None, KnnSettings, Dict[str, Any]] = None, save_weights: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
            static_shape: Optional[Tuple[int, int]] = None, exporter: str = "dynamo",
-           normalize_features: bool = False, check: bool = True, precision: str = "fp16",
+           normalize_features: bool = False, check: bool = True, precision: Union[None, str, Sequence[str]] = None,
+           calibration=None, min_agreement: float = MIN_AGREEMENT, split: bool = True,
            workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
-           timing_cache: Union[None, str, Path] = None) -> ModelSpec:
+           timing_cache: Union[None, str, Path] = None, log: Optional[Callable[[str], None]] = None) -> ModelSpec:
     """Export ``source`` to the model directory ``out`` (see the module docstring for formats).
 
     Parameters
@@ -339,15 +436,34 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     save_weights : also write ``model.safetensors`` (the torch backend's weights)
     static_shape : (H, W) to export a graph with fixed spatial size and constant-folded position tables
     check : run ``onnx.checker`` and compare onnxruntime with PyTorch at two resolutions and two batch sizes
+    precision : ONNX format: the CPU precision(s) to offer besides fp32, the first being the one the runtime loads
+        by default (``"int8"``, ``"bf16"``, ``["int8", "bf16"]``; see :mod:`ifseg_rt.export.precision`); engine
+        format: the TensorRT precision ("fp32", "fp16" (default), "bf16")
+    calibration, min_agreement : the accuracy gate of low precisions: images (a folder; default synthetic scenes)
+        and the fraction of pixels whose label must equal fp32's
+    split : also write the runtime's split graph (``tables.onnx`` + ``body.onnx``; dynamic shapes only)
+    log : called with a line per step (the CLI prints them)
 
     Returns
     -------
     ModelSpec of the written directory (re-read and verified)
     """
     fmt = resolve_format(format)
-    trt_given = {"precision": precision if precision != "fp16" else None, "workspace_gb": workspace_gb,
-                 "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape, "timing_cache": timing_cache}
+    if fmt["arg"] == "triton":  # a repository is made from a model directory: export one, then export_repository
+        raise ValueError("export() writes model directories; for a Triton repository call "
+                         "ifseg_rt.serve.export_repository(model_dir, repo) (the CLI's --format triton does both)")
+    trt_given = {"workspace_gb": workspace_gb, "min_shape": min_shape, "opt_shape": opt_shape,
+                 "max_shape": max_shape, "timing_cache": timing_cache}
     validate_args(fmt, trt_given)
+    if fmt["arg"] == "engine":
+        engine_precision, cpu_precisions = precision or "fp16", ["fp32"]
+    else:
+        cpu_precisions = [precision] if isinstance(precision, str) else list(precision or ["fp32"])
+        bad = [p for p in cpu_precisions if p not in CPU_PRECISIONS]
+        if bad or not cpu_precisions:
+            raise ValueError(f"--precision {','.join(cpu_precisions)}: the CPU engines offer {list(CPU_PRECISIONS)}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be a fraction in [0, 1], got {min_agreement}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -383,29 +499,49 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     if not model.has_prompt:
         raise ValueError("the model has no prompt (set_categories) to bake into the graph")
     cfg = model.config
+    if fmt["arg"] == "engine":  # refuse an engine profile TensorRT cannot build before minutes of ONNX export
+        from .tensorrt import check_profile, profile_shapes
+
+        check_profile(profile_shapes(min_shape, opt_shape, max_shape, static_shape)[2], heads=cfg.heads,
+                      prompt_tokens=model.prompt_tokens.numel(),
+                      flag="--max-shape" if static_shape is None else "--static-shape (with the batch of --max-shape)")
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (ONNX_FILE, ONNX_FILE + ".data", WEIGHTS_FILE, MANIFEST):
+    for stale in (ONNX_FILE, ONNX_FILE + ".data", TABLES_FILE, BODY_FILE, INT8_BODY, WEIGHTS_FILE, MANIFEST):
         (out / stale).unlink(missing_ok=True)
     meta = {"ifseg_rt.schema_version": str(SCHEMA_VERSION), "ifseg_rt.categories": json.dumps(names),
             "ifseg_rt.config": json.dumps(cfg.to_dict()), "ifseg_rt.image_policy": json.dumps(policy.to_dict()),
             "ifseg_rt.knn": json.dumps(knn.to_dict()), "ifseg_rt.version": __version__}
+    say = log or (lambda msg: None)
+    say(f"[1/5] {ONNX_FILE}: the portable graph ({exporter} exporter, opset {opset})")
     onnx_info = export_onnx(model, out / ONNX_FILE, opset=opset, static_shape=static_shape,
                             normalize_features=normalize_features, exporter=exporter, metadata=meta)
+    files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
+    split_pair = None
+    if split and static_shape is None:  # a static graph has its tables folded in already
+        say(f"[2/5] {TABLES_FILE} + {BODY_FILE}: the runtime's split graph")
+        info = export_split(model, out, opset=opset, normalize_features=normalize_features, metadata=meta)
+        onnx_info.update(tables=info["tables"], body=info["body"])
+        files += info["files"]
+        split_pair = (out / info["tables"], out / info["body"])
+    elif "int8" in cpu_precisions:
+        raise ValueError("--precision int8 needs the split graph: not with --static-shape or --no-split")
     verification = None
     if check:
+        say("[3/5] onnxruntime vs PyTorch parity check")
         if static_shape is None:
             g = cfg.seg_grid
             # non-square, N < G^2 off the G x G grid (direct position lookup), and N > G^2 (resized positions)
             shapes = [(1, 128, 160), (2, 96, 80), (1, PATCH * (g + 1), PATCH * (g + 2))]
         else:
             shapes = [(1, *static_shape), (2, *static_shape)]
-        err = check_onnx_parity(model, out / ONNX_FILE, shapes, normalize_features=normalize_features)
+        err = check_onnx_parity(model, out / ONNX_FILE, shapes, normalize_features=normalize_features,
+                                split=split_pair)
         verification = {"shapes": [list(s) for s in shapes], "max_abs_error": err, "atol": PARITY_ATOL}
         if max(err.values()) > PARITY_ATOL:
             raise RuntimeError(f"onnxruntime disagrees with PyTorch beyond {PARITY_ATOL}: {err}; the export is wrong")
 
-    files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
+    say(f"[4/5] {WEIGHTS_FILE} + {MANIFEST}" if save_weights else f"[4/5] {MANIFEST}")
     if save_weights:
         save_checkpoint(model, out / WEIGHTS_FILE, categories=names, provenance=provenance, knn=knn)
         files.append(WEIGHTS_FILE)
@@ -417,13 +553,20 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
                               precision="fp32", onnx=onnx_info, files={f: file_record(out / f) for f in files},
                               provenance=provenance)
     write_manifest(out, manifest)
+    if cpu_precisions != ["fp32"]:
+        say(f"[5/5] precisions {', '.join(p for p in cpu_precisions if p != 'fp32')}: build, measure the label "
+            f"agreement with fp32, gate at {100 * min_agreement:.1f} %")
+        add_precisions(out, manifest, cpu_precisions, spec=load_model_dir(out), calibration=calibration,
+                       min_agreement=min_agreement, write=lambda m: write_manifest(out, m))
+        manifest["precision"] = cpu_precisions[0]
+        write_manifest(out, manifest)
 
     if fmt["arg"] == "engine":
         from .tensorrt import build_engine
 
-        rec = build_engine(out / ONNX_FILE, out, precision=precision, workspace_gb=workspace_gb,
+        rec = build_engine(out / ONNX_FILE, out, precision=engine_precision, workspace_gb=workspace_gb,
                            min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, timing_cache=timing_cache,
-                           static_shape=static_shape)
+                           static_shape=static_shape, prompt_tokens=model.prompt_tokens.numel())
         manifest["engines"].append(rec)
         manifest["files"][rec["file"]] = file_record(out / rec["file"])
         write_manifest(out, manifest)

@@ -158,7 +158,7 @@ class IFSegOnnxModel(nn.Module):
         """(``enc_pos`` Sxd, encoder biases LyrxHxSxS, decoder self biases LyrxHxTxT incl. causal mask,
         cross bias HxTxS) for an h x w grid."""
         enc, dec = self.model.encoder, self.model.decoder
-        G, H, L = self.G, self.heads, self.text_len
+        G, L = self.G, self.text_len
         dev = self.text_embed.device
         n = h * w
         # absolute image positions: both IFSeg rules, selected in-graph on N > G^2
@@ -187,6 +187,13 @@ class IFSegOnnxModel(nn.Module):
         return enc_pos, enc_bias, dec_bias, cross
 
     # --- forward ---------------------------------------------------------------------------------------------
+    def tables(self, h, w) -> Tuple[Tensor, Tensor, Tensor]:
+        """The per-grid position tables the transformer reads: (encoder biases LyrxHxSxS, decoder self biases
+        LyrxHxTxT incl. the causal mask, cross bias HxTxS). Pixel-independent: callers may cache them per grid."""
+        if self.static_grid is not None:
+            return self.s_enc_bias, self.s_dec_bias, self.s_cross
+        return self._tables(h, w)[1:]
+
     def forward(self, image: Tensor) -> Tuple[Tensor, Tensor]:
         """
         Arguments:
@@ -197,16 +204,16 @@ class IFSegOnnxModel(nn.Module):
           (torch.Tensor): features, BxNxC ResNet layer3 features (L2-normalised when built with
             ``normalize_features``)
         """
+        f = self.model.encoder.embed_images(image)
+        return self.transformer(f, *self.tables(f.shape[2], f.shape[3]))
+
+    def transformer(self, f: Tensor, enc_bias: Tensor, dec_bias: Tensor, cross: Tensor) -> Tuple[Tensor, Tensor]:
+        """ResNet feature map ``f`` (BxCxhxw) + the grid's tables -> (logits, features)."""
         m = self.model
         enc, dec = m.encoder, m.decoder
-        f = enc.embed_images(image)
         B, h, w = f.shape[0], f.shape[2], f.shape[3]
         n = h * w
         features = f.flatten(2).transpose(1, 2)
-        if self.static_grid is not None:
-            enc_pos, enc_bias, dec_bias, cross = self.s_enc_pos, self.s_enc_bias, self.s_dec_bias, self.s_cross
-        else:
-            enc_pos, enc_bias, dec_bias, cross = self._tables(h, w)
         u = enc.embed_patches(features)
         x = torch.cat([u, self.text_embed.to(u.dtype).expand(B, -1, -1)], dim=1)
         for i, layer in enumerate(enc.layers):
@@ -221,3 +228,27 @@ class IFSegOnnxModel(nn.Module):
         if self.normalize_features:
             features = F.normalize(features.float(), dim=-1, eps=1e-12)
         return logits, features
+
+
+class IFSegTablesGraph(nn.Module):
+    """The split graph's first half: ``grid`` (an h x w tensor whose values are unused: only its shape is read)
+    -> the grid's position tables (``enc_bias``, ``dec_bias``, ``cross``). Run once per grid and cached by the
+    runtime, so that no request recomputes them (``tables.onnx``)."""
+
+    def __init__(self, core: IFSegOnnxModel):
+        super().__init__()
+        self.core = core
+
+    def forward(self, grid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return self.core.tables(grid.shape[0], grid.shape[1])
+
+
+class IFSegBodyGraph(nn.Module):
+    """The split graph's second half: ``image`` + the grid's tables -> (``logits``, ``features``) (``body.onnx``)."""
+
+    def __init__(self, core: IFSegOnnxModel):
+        super().__init__()
+        self.core = core
+
+    def forward(self, image: Tensor, enc_bias: Tensor, dec_bias: Tensor, cross: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.core.transformer(self.core.model.encoder.embed_images(image), enc_bias, dec_bias, cross)

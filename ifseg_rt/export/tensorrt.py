@@ -3,7 +3,15 @@
 Written against the official TensorRT Python API (8.6 / 10.x: ``trt.Builder``, ``OnnxParser``, ``BuilderConfig``,
 optimisation profiles, ``OBEY_PRECISION_CONSTRAINTS``, timing caches). **Not executed in this project's CI**:
 TensorRT cannot be installed on the development machines. What is tested without it: the import guard and its
-message, shape parsing, the engine file name, and the layer-selection rule (:func:`keeps_fp32`) with a fake module.
+message, shape parsing, the profile's size limit (:func:`check_profile`), the engine file name, and the layer-selection
+rule (:func:`keeps_fp32`, :func:`pin_precision`) with a fake module that hands out base ``ILayer`` objects as the real
+``network.get_layer`` does.
+
+Profile size: TensorRT refuses tensors of more than 2^31 - 1 elements, and the largest tensor of this graph is the
+encoder's attention scores, ``B x heads x S x S`` with ``S = cells + prompt tokens``. The default profile therefore
+stops at 4 096 cells (1024 x 1024: the paper policy's inputs up to an aspect ratio of 2:1, both orientations; its
+extreme 512 x 2048 needs ``--max-shape 4x512x2048``, landscape only); :func:`check_profile` rejects larger profiles
+before the build, naming the largest batch and cell count that fit.
 
 fp16 overflow spots kept in fp32: normalisation layers (LayerNormalization -> ``INormalizationLayer``, or the
 Reduce/Pow/Sqrt/Div chain when a parser decomposes it), softmax (attention scores + biases reach large magnitudes),
@@ -12,15 +20,18 @@ the feature L2 norm (a sum of 1024 squares overflows fp16's 65504), exp/erf (GEL
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from ..runtime.model_dir import ENGINES_DIR, INPUT_NAME, engine_file
+from ..runtime.preprocess import PATCH
 
 DEFAULT_MIN = (1, 3, 256, 256)
 DEFAULT_OPT = (1, 3, 512, 688)  # a 4:3 image under the paper policy (short side 512)
-DEFAULT_MAX = (4, 3, 2048, 2048)  # long side capped at 2048 by the paper policy
+DEFAULT_MAX = (4, 3, 1024, 1024)  # 4 096 cells: both orientations up to 2:1 within TensorRT's tensor size limit
+TRT_MAX_ELEMENTS = 2 ** 31 - 1  # elements per tensor TensorRT accepts (32-bit volumes)
 DEFAULT_WORKSPACE_GB = 8.0
 INSTALL_HINT = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA wheels, Linux/Windows with a CUDA GPU) "
                 "or use the NGC PyTorch/TensorRT containers; the ONNX model and the onnxruntime/torch backends work "
@@ -71,6 +82,44 @@ def profile_shapes(min_shape=None, opt_shape=None, max_shape=None, static_shape=
     return mn, op, mx
 
 
+def attention_elements(shape: Sequence[int], *, heads: int, prompt_tokens: int) -> int:
+    """Elements of the largest attention tensor for input ``shape`` (B, 3, H, W): the encoder's ``B x heads x S x S``
+    scores, ``S = ceil(H/16) * ceil(W/16) + prompt_tokens`` (the decoder's T = cells + 1 <= S)."""
+    b, _, h, w = (int(v) for v in shape)
+    s = -(-h // PATCH) * -(-w // PATCH) + int(prompt_tokens)
+    return b * int(heads) * s * s
+
+
+def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, flag: str = "--max-shape") -> None:
+    """Raise ``ValueError`` (naming ``flag``) when the profile maximum needs a tensor above TensorRT's element limit.
+
+    ``prompt_tokens``: the prompt's length, or an upper bound of it (then the check errs on the safe side).
+    """
+    b, _, h, w = (int(v) for v in max_shape)
+    n = attention_elements(max_shape, heads=heads, prompt_tokens=prompt_tokens)
+    if n <= TRT_MAX_ELEMENTS:
+        return
+    cells = -(-h // PATCH) * -(-w // PATCH)
+    s = cells + int(prompt_tokens)
+    fit_b = TRT_MAX_ELEMENTS // (int(heads) * s * s)
+    fit_cells = max(0, math.isqrt(TRT_MAX_ELEMENTS // (b * int(heads))) - int(prompt_tokens))
+    hint = f"batch <= {fit_b} at this size, or " if fit_b >= 1 else ""
+    raise ValueError(f"{flag} {b}x{h}x{w} ({cells} cells) is too large for TensorRT: the attention scores would be a "
+                     f"{b}x{heads}x{s}x{s} tensor of {n:,} elements ({heads} heads, {prompt_tokens} prompt tokens), "
+                     f"above its limit of 2^31 - 1; use {hint}at most {fit_cells} cells at batch {b} "
+                     f"(cells = ceil(H/16) * ceil(W/16); the default maximum {DEFAULT_MAX[0]}x{DEFAULT_MAX[2]}x"
+                     f"{DEFAULT_MAX[3]} has 4096)")
+
+
+def _attention_dims(model_dir: Union[str, Path], prompt_tokens: Optional[int]) -> Tuple[int, int]:
+    """(heads, prompt length or its bound) from the model directory's ``ifseg.json``."""
+    from ..runtime.model_dir import load_model_dir
+
+    cfg = load_model_dir(model_dir).config
+    # without the exact prompt length, the text position table's size bounds it
+    return int(cfg["heads"]), int(prompt_tokens if prompt_tokens is not None else cfg["max_positions"])
+
+
 def gpu_name() -> str:
     try:
         import torch
@@ -97,8 +146,10 @@ def keeps_fp32(layer, trt) -> bool:
     if layer.type in kinds:
         return True
     if layer.type == getattr(lt, "UNARY", None):
-        op = getattr(getattr(layer, "op", None), "name", str(getattr(layer, "op", "")))
-        if any(k in str(op).upper() for k in ("SQRT", "ERF", "EXP", "RECIP")):
+        # network.get_layer() returns the base ILayer, which has no .op: downcast first, as TensorRT's own samples do
+        layer.__class__ = trt.IUnaryLayer
+        ops = trt.UnaryOperation
+        if layer.op in {getattr(ops, n) for n in ("SQRT", "ERF", "EXP", "RECIP") if hasattr(ops, n)}:
             return True
     return bool(_FP32_NAME.search(layer.name or ""))
 
@@ -125,13 +176,24 @@ def pin_precision(network, trt) -> int:
 
 def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, precision: str = "fp16",
                  workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
-                 timing_cache: Union[None, str, Path] = None, static_shape=None) -> Dict[str, Any]:
+                 timing_cache: Union[None, str, Path] = None, static_shape=None,
+                 prompt_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Parse ``onnx_path``, build and serialise an engine into ``model_dir/engines/``; returns its ``ifseg.json``
-    record (file, gpu, precision, tensorrt_version, profile, fp32-pinned layer count)."""
-    trt = import_tensorrt()
+    record (file, gpu, precision, tensorrt_version, profile, fp32-pinned layer count).
+
+    ``prompt_tokens``: the baked prompt's length, for the profile size check (default: bounded by the model's text
+    positions, which can refuse a profile within about 1.5x of the limit that would fit).
+    """
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     mn, op, mx = profile_shapes(min_shape, opt_shape, max_shape, static_shape)
+    heads, text = _attention_dims(model_dir, prompt_tokens)
+    check_profile(mx, heads=heads, prompt_tokens=text, flag="--max-shape" if static_shape is None else
+                  "--static-shape (with the batch of --max-shape)")
+    trt = import_tensorrt()
+    if precision == "bf16" and not hasattr(trt.BuilderFlag, "BF16"):
+        raise ValueError(f"precision 'bf16' needs TensorRT >= 9 (BuilderFlag.BF16); TensorRT {trt.__version__} is "
+                         f"installed: use --precision fp16 or fp32, or a newer TensorRT")
     gpu = gpu_name()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -20,23 +20,48 @@ Conventions, identical in every backend:
 
 Backends: ``"numpy"`` (:mod:`ifseg_rt.knn.reference`), ``"cpu"`` (``ifseg_rt._C``: tiled, multi-threaded, never holds
 the NxN matrix), ``"cuda"`` (the kernels of ``csrc/knn/knn_kernel.cuh``, compiled into ``ifseg_rt._C`` or runtime-
-compiled through CuPy/NVRTC). ``"auto"`` picks ``cuda`` for device arrays and ``cpu`` (else ``numpy``, with a
-one-time warning) for host arrays. numpy in, numpy out; CuPy/torch CUDA tensors in, the same kind out on the same
-device and stream (other ``__cuda_array_interface__``/DLPack device arrays come back as CuPy arrays).
+compiled through CuPy/NVRTC; ``"cuda-compiled"`` and ``"cuda-nvrtc"`` insist on one of the two, e.g. to check one
+against the other). ``"auto"`` picks ``cuda`` for device arrays and ``cpu`` (else ``numpy``, with a one-time warning)
+for host arrays. numpy in, numpy out; CuPy/torch CUDA tensors in, the same kind out on the same device and stream
+(other ``__cuda_array_interface__``/DLPack device arrays come back as CuPy arrays); torch CPU tensors are read as
+numpy arrays (detached: the averaging is not differentiable). :func:`kernel_source` is the CUDA source both paths
+compile.
+
+Screening (``backend="cpu"``, argument ``screen``). ``"fp32"`` is the exact fp32 search. ``"int16"`` first screens the
+candidates with 16-bit integer similarities (each row of ``Fn`` quantised to 16 bits with its own scale; int8 GEMM
+passes over the high and low bytes, on AMX-INT8 or AVX512-VNNI), keeps each row's best ``K - 1 + 8`` of them
+(``ifseg_rt._C.knn_screen_margin``) and ranks those by their exact fp32 similarities, computed exactly as the fp32
+search computes them, ties to the lower index: the neighbours equal the fp32 search's whenever its ``K - 1`` are among
+the candidates. ``"auto"`` (the default) screens where the CPU has AMX-INT8 (three VNNI passes cost about as much as
+the fp32 search itself) and falls back to fp32 elsewhere, also where ``K - 1 + 8 >= N - 1``.
+Caveat: the margin is fixed, not derived from the quantisation error. A rigorous bound on |screening - fp32| exists
+(Cauchy-Schwarz on each row's rounding error, plus fp32's own C 2^-24, ~1e-4 at C = 1024) and is used to skip
+re-computing candidates that cannot make the best ``K - 1``, but sizing the candidate list by it would keep whole
+rows wherever many rows lie within it. Rows with many near-duplicates (uniform image regions), whose similarities
+differ by less than the 16-bit error, may therefore get other, equally similar neighbours than the fp32 search. On
+the nano model's synthetic scenes (``benchmarks/knn.py --agreement``): none of the 256 px scenes' cells, ~0.2 % of the
+512 px scenes' cells (N = 1024), their neighbours' similarities within 5e-6 of the best, changing 0.003-0.015 % of
+the pixels' labels; for scale, fp32 itself picks other neighbours than a float64 search for 0.3-0.7 % of those cells
+and 0.15-0.5 % of the labels. On random Gaussian features: no differences. Screening with int8 alone is not offered:
+with the same margin it changed 50-70 % of the 512 px cells' neighbours and 3-8 % of the labels.
 
 This module imports without torch.
 """
 
+import sys
 import warnings
 
 import numpy as np
 
 from . import reference
-from .settings import DEFAULT_ITERS, DEFAULT_K, MAX_ITERS, KnnSettings
+from ._cuda import kernel_source
+from .settings import DEFAULT_ITERS, DEFAULT_K, DEFAULT_SCREEN, MAX_ITERS, SCREENS, KnnSettings
 
-__all__ = ["BACKENDS", "KnnSettings", "available_backends", "knn_average", "knn_indices", "reference"]
+__all__ = ["BACKENDS", "KnnSettings", "available_backends", "kernel_source", "knn_average", "knn_indices",
+           "reference"]
 
-BACKENDS = ("auto", "cuda", "cpu", "numpy")
+BACKENDS = ("auto", "cuda", "cuda-compiled", "cuda-nvrtc", "cpu", "numpy")
+_CUDA_PATHS = {"cuda": "auto", "cuda-compiled": "compiled", "cuda-nvrtc": "nvrtc"}  # backend -> _cuda.run(path=)
 _HOST_FEATURE_DTYPES = (np.float16, np.float32, np.float64)
 _PROB_DTYPES = (np.float32, np.float64)
 _warned = set()
@@ -57,7 +82,17 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def _torch_tensor(x):
+    """Whether ``x`` is a torch tensor (torch is never imported here: a tensor implies it already is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.is_tensor(x)
+
+
 def _is_device_array(x):
+    if _torch_tensor(x):
+        # decided without touching __cuda_array_interface__: torch raises from it (not AttributeError, so hasattr
+        # does not help) for CUDA tensors that require grad, and for bfloat16 on older releases
+        return bool(x.is_cuda)
     if hasattr(x, "__cuda_array_interface__"):
         return True
     dlpack_device = getattr(x, "__dlpack_device__", None)
@@ -70,15 +105,14 @@ def _is_device_array(x):
 
 
 def available_backends():
-    """Names of the backends usable here (``"cuda"`` only reports whether a CUDA path is installed)."""
-    names = ["numpy"]
-    if _extension() is not None:
-        names.insert(0, "cpu")
+    """Names of the backends usable here. The ``"cuda*"`` names only report that a CUDA path is installed
+    (``"cuda-compiled"``: ``ifseg_rt._C`` built with nvcc; ``"cuda-nvrtc"``: CuPy importable), not that a GPU is."""
     from . import _cuda
 
-    if _cuda.available():
-        names.insert(0, "cuda")
-    return names
+    names = [b for b, path in _CUDA_PATHS.items() if _cuda.available(path)]
+    if _extension() is not None:
+        names.append("cpu")
+    return names + ["numpy"]
 
 
 def _shape(a):
@@ -115,6 +149,10 @@ def check_args(features, probs, k, iters):
 
 
 def _host_inputs(features, probs, check_finite):
+    if _torch_tensor(features):
+        features = features.detach()
+    if _torch_tensor(probs):
+        probs = probs.detach()
     features = np.asarray(features)
     if features.dtype not in _HOST_FEATURE_DTYPES:
         raise TypeError(f"features must be float16, float32 or float64, got {features.dtype} shape {features.shape}")
@@ -135,9 +173,9 @@ def _resolve_backend(backend, device):
     if device:
         if backend in ("cpu", "numpy"):
             raise ValueError(f"backend={backend!r} needs host (numpy) arrays; got device arrays (use 'cuda' or 'auto')")
-        return "cuda"
-    if backend == "cuda":
-        raise ValueError("backend='cuda' needs device arrays (CuPy, torch CUDA, DLPack); got host arrays")
+        return "cuda" if backend == "auto" else backend
+    if backend in _CUDA_PATHS:
+        raise ValueError(f"backend={backend!r} needs device arrays (CuPy, torch CUDA, DLPack); got host arrays")
     if backend == "auto":
         if _extension() is not None:
             return "cpu"
@@ -148,15 +186,17 @@ def _resolve_backend(backend, device):
     return backend
 
 
-def _run(features, probs, k, iters, backend, num_threads, check_finite):
+def _run(features, probs, k, iters, backend, num_threads, check_finite, screen=DEFAULT_SCREEN):
+    if screen not in SCREENS:
+        raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
     device = _is_device_array(features)
     if probs is not None and _is_device_array(probs) != device:
         raise ValueError("features and probs must both be host arrays or both device arrays")
     backend = _resolve_backend(backend, device)
-    if backend == "cuda":
+    if backend in _CUDA_PATHS:
         from . import _cuda
 
-        return _cuda.run(features, probs, k, iters, check_finite=check_finite)
+        return _cuda.run(features, probs, k, iters, check_finite=check_finite, path=_CUDA_PATHS[backend])
 
     features, probs = _host_inputs(features, probs, check_finite)
     batched, b, n, c, m = check_args(features, probs, k, iters)
@@ -174,14 +214,15 @@ def _run(features, probs, k, iters, backend, num_threads, check_finite):
     if probs is not None:
         p3 = np.ascontiguousarray(probs.reshape(b, n, m), dtype=np.float32)
         out = np.empty_like(p3)
-    _extension().knn_cpu(f3, idx, p3, out, k=int(k), iters=int(iters), num_threads=int(num_threads or 0))
+    _extension().knn_cpu(f3, idx, p3, out, k=int(k), iters=int(iters), num_threads=int(num_threads or 0),
+                         screen=screen)
     idx = idx if batched else idx[0]
     if out is not None:
         out = (out if batched else out[0]).astype(probs.dtype, copy=False)
     return idx, out
 
 
-def knn_indices(features, k=DEFAULT_K, *, backend="auto", num_threads=None, check_finite=True):
+def knn_indices(features, k=DEFAULT_K, *, backend="auto", num_threads=None, screen=DEFAULT_SCREEN, check_finite=True):
     """Indices of each row's ``k`` nearest rows by cosine similarity (the row itself first).
 
     Parameters
@@ -191,9 +232,14 @@ def knn_indices(features, k=DEFAULT_K, *, backend="auto", num_threads=None, chec
         CUDA array (CuPy, torch, ``__cuda_array_interface__``/DLPack).
     k : int
         Neighbours per row, ``1 <= k <= N``.
-    backend : {"auto", "cuda", "cpu", "numpy"}
+    backend : {"auto", "cuda", "cuda-compiled", "cuda-nvrtc", "cpu", "numpy"}
     num_threads : int, optional
-        CPU threads for ``backend="cpu"`` (default: all cores).
+        CPU threads for ``backend="cpu"``: exactly that many (at most N). Default: the cores this process may run
+        on (its affinity mask), fewer when the problem is too small to pay for starting them.
+    screen : {"auto", "int16", "fp32"}
+        How ``backend="cpu"`` finds the neighbours (ignored by the other backends): 16-bit integer screening + exact
+        fp32 ranking of the candidates (``"int16"``; ``"auto"`` where the CPU has AMX-INT8), or the exact fp32
+        search; see the module docstring.
     check_finite : bool
         Raise ``ValueError`` on NaN/Inf inputs (on CUDA this costs one synchronisation).
 
@@ -203,10 +249,11 @@ def knn_indices(features, k=DEFAULT_K, *, backend="auto", num_threads=None, chec
         Row ``i``: ``i``, then the others by descending similarity, ties by lower index. Same array kind and device
         as ``features``.
     """
-    return _run(features, None, k, 0, backend, num_threads, check_finite)[0]
+    return _run(features, None, k, 0, backend, num_threads, check_finite, screen)[0]
 
 
-def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, backend="auto", num_threads=None, check_finite=True):
+def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, backend="auto", num_threads=None,
+                screen=DEFAULT_SCREEN, check_finite=True):
     """Average ``probs`` ``iters`` times over each row's ``k`` nearest neighbours in feature space.
 
     Parameters
@@ -219,9 +266,14 @@ def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, backend="a
         Neighbours per row including the row itself, ``1 <= k <= N`` (spec: 3).
     iters : int
         Averaging steps, ``>= 0`` (spec: 25).
-    backend : {"auto", "cuda", "cpu", "numpy"}
+    backend : {"auto", "cuda", "cuda-compiled", "cuda-nvrtc", "cpu", "numpy"}
     num_threads : int, optional
-        CPU threads for ``backend="cpu"`` (default: all cores).
+        CPU threads for ``backend="cpu"``: exactly that many (at most N). Default: the cores this process may run
+        on (its affinity mask), fewer when the problem is too small to pay for starting them.
+    screen : {"auto", "int16", "fp32"}
+        How ``backend="cpu"`` finds the neighbours (ignored by the other backends): 16-bit integer screening + exact
+        fp32 ranking of the candidates (``"int16"``; ``"auto"`` where the CPU has AMX-INT8), or the exact fp32
+        search; see the module docstring.
     check_finite : bool
         Raise ``ValueError`` on NaN/Inf inputs (on CUDA this costs one synchronisation).
 
@@ -233,4 +285,4 @@ def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, backend="a
     """
     if probs is None:
         raise TypeError("probs must be an array, got None")
-    return _run(features, probs, k, iters, backend, num_threads, check_finite)[1]
+    return _run(features, probs, k, iters, backend, num_threads, check_finite, screen)[1]

@@ -4,7 +4,8 @@
 Inputs stay on their device: torch CUDA tensors are processed with torch allocations on the current torch stream;
 everything else goes through CuPy (``cupy.asarray`` for ``__cuda_array_interface__``, ``cupy.from_dlpack``
 otherwise) on CuPy's current stream. The NVRTC path mirrors ``csrc/knn/knn_cuda.cu`` (workspace layout, launch
-shapes); keep the two in step.
+shapes); keep the two in step. 16-bit torch features reach CuPy as int16 views (the kernels read raw bits): torch
+gives bfloat16 tensors no ``__cuda_array_interface__`` and CuPy has no bfloat16 dtype.
 """
 
 import functools
@@ -52,14 +53,21 @@ def _cupy():
     return cupy
 
 
-def available():
-    """True when a CUDA path is installed (compiled launchers or CuPy); says nothing about a GPU being present."""
-    return _compiled() is not None or _cupy() is not None
+PATHS = ("auto", "compiled", "nvrtc")  # run(path=): either, the launchers in ifseg_rt._C, CuPy/NVRTC
+
+
+def available(path="auto"):
+    """True when that CUDA path is installed (compiled launchers, CuPy); says nothing about a GPU being present."""
+    compiled = path in ("auto", "compiled") and _compiled() is not None
+    return compiled or (path in ("auto", "nvrtc") and _cupy() is not None)
+
+
+def _module(device_id):
+    return _compile(_cupy(), device_id)
 
 
 @functools.lru_cache(maxsize=None)
-def _module(device_id):
-    cupy = _cupy()
+def _compile(cupy, device_id):  # keyed by the cupy module too: a test's stand-in never gets a real module
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
 
@@ -99,6 +107,9 @@ class _Torch:
 
     def ptr(self, x):
         return x.data_ptr()
+
+    def nbytes(self, x):
+        return x.numel() * x.element_size()
 
     def copy(self, x):
         return x.clone()
@@ -141,6 +152,9 @@ class _CuPy:
     def ptr(self, x):
         return x.data.ptr
 
+    def nbytes(self, x):
+        return int(x.nbytes)
+
     def copy(self, x):
         return x.copy()
 
@@ -148,17 +162,49 @@ class _CuPy:
         return x.astype(dtype)
 
 
-def run(features, probs, k, iters, *, check_finite=True):
-    """Neighbour indices (and averaged probs when ``probs`` is given) for CUDA arrays; see ``ifseg_rt.knn``."""
+def _check_disjoint(xp, a_name, a, b_name, b):
+    """The kernels read ``a`` while writing ``b``: refuse overlapping buffers before a launch (the compiled binding
+    refuses them too; this check also covers the NVRTC path, and runs where the binding cannot be tested)."""
+    pa, pb = xp.ptr(a), xp.ptr(b)
+    if pa < pb + xp.nbytes(b) and pb < pa + xp.nbytes(a):
+        raise ValueError(f"{b_name} must not alias {a_name}: they share device memory ({a_name} at {pa:#x}, "
+                         f"{xp.nbytes(a)} bytes; {b_name} at {pb:#x}, {xp.nbytes(b)} bytes)")
+
+
+def _select(path):
+    """The compiled extension for ``path`` ('auto', 'compiled', 'nvrtc'), or None for the NVRTC path."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    ext = _compiled() if path != "nvrtc" else None
+    if path == "compiled" and ext is None:
+        raise RuntimeError("backend='cuda-compiled' needs ifseg_rt._C built with nvcc (pip install -e . with "
+                           "IFSEG_CUDA=ON); use backend='cuda-nvrtc' or 'cuda'")
+    if ext is None and _cupy() is None:
+        need = ("CuPy (pip install cupy-cuda12x or cupy-cuda13x)" if path == "nvrtc" else
+                "ifseg_rt._C built with nvcc, or CuPy for the NVRTC path")
+        raise RuntimeError(f"the CUDA kNN backend needs {need}")
+    return ext
+
+
+def run(features, probs, k, iters, *, check_finite=True, path="auto"):
+    """Neighbour indices (and averaged probs when ``probs`` is given) for CUDA arrays; see ``ifseg_rt.knn``.
+
+    ``path``: "auto" (the compiled launchers when ``ifseg_rt._C`` has them, else NVRTC), "compiled" or "nvrtc".
+    """
     from . import check_args
 
+    ext = _select(path)
     if _is_torch(features):
         xp = _Torch(features)
         if probs is not None and not _is_torch(probs):
             raise TypeError("features is a torch tensor, so probs must be one too")
+        # the averaging is not differentiable, and CuPy cannot read a tensor that requires grad
+        features = features.detach()
+        probs = None if probs is None else probs.detach()
     else:
         if _cupy() is None:
-            raise RuntimeError("CUDA arrays other than torch tensors need CuPy (pip install cupy-cuda12x)")
+            raise RuntimeError("CUDA arrays other than torch tensors need CuPy (pip install cupy-cuda12x or "
+                               "cupy-cuda13x)")
         cp = _cupy()
         features = cp.asarray(features) if hasattr(features, "__cuda_array_interface__") else cp.from_dlpack(features)
         xp = _CuPy(features)
@@ -189,8 +235,9 @@ def run(features, probs, k, iters, *, check_finite=True):
         p3 = xp.contiguous(probs.reshape(b, n, m), xp.float32)
         out = xp.empty((b, n, m), "float32")
     idx = xp.empty((b, n, k), "int64")
+    if p3 is not None:
+        _check_disjoint(xp, "probs", p3, "out", out)
 
-    ext = _compiled()
     if ext is not None:
         nbytes = ext.knn_cuda_workspace(b, n, c, m if p3 is not None else 0, k, iters)
         ws = xp.empty((max(nbytes, 1),), "uint8")
@@ -230,8 +277,6 @@ def _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters):
     import numpy as np
 
     cp = _cupy()
-    if cp is None:
-        raise RuntimeError("the CUDA backend needs ifseg_rt._C built with nvcc, or CuPy for the NVRTC path")
     device_id = _device_id(f3)
     mod = _module(device_id)
     as_cp = (lambda x: cp.asarray(x)) if isinstance(xp, _Torch) else (lambda x: x)
@@ -240,9 +285,12 @@ def _launch_nvrtc(xp, f3, fdtype, idx, p3, out, b, n, c, m, k, iters):
         indices = as_cp(idx)
         if L > 0:
             fn = cp.empty((rows, c), dtype=cp.float32)
-            feats = as_cp(f3)
-            if fdtype != "float32":
-                feats = feats.view(cp.uint16)
+            if fdtype == "float32":
+                feats = as_cp(f3)
+            elif isinstance(xp, _Torch):  # 16-bit: the kernels read the bits (bfloat16 has no CUDA array interface)
+                feats = cp.asarray(f3.view(xp.t.int16)).view(cp.uint16)
+            else:
+                feats = f3.view(cp.uint16)
             threads = 256 if c >= 256 else 32 * ((c + 31) // 32)
             mod.get_function(f"ifseg_knn_normalize_{ {'float32': 'f32', 'float16': 'f16', 'bfloat16': 'bf16'}[fdtype] }")(
                 (rows,), (threads,), (feats, fn, np.int32(c))

@@ -16,6 +16,11 @@ DEFAULT_TEMPERATURE = 1.0  # softmax temperature before averaging
 MAX_K = 33  # the CUDA kernel keeps up to 33 neighbours per cell; far above any useful value (the paper: 3)
 MAX_ITERS = 1000  # the averaging converges long before; a typo such as 10**9 would otherwise hang a request
 MAX_TEMPERATURE = 1e4
+# How the CPU backend finds the neighbours (``ifseg_rt.knn.knn_average(..., screen=)``): "int16" screens candidates with
+# 16-bit integer similarities and ranks them by their exact fp32 ones, "fp32" is the exact fp32 search, "auto" screens
+# where the CPU has AMX-INT8 (else fp32). An execution choice, not a model setting: not in KnnSettings.
+SCREENS = ("auto", "int16", "fp32")
+DEFAULT_SCREEN = "auto"
 
 
 @dataclass(frozen=True)

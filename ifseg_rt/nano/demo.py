@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._argtypes import positive_int
+from .._argtypes import HelpFormatter, examples, positive_int
 from .world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, check_categories
 
 _CHECKOUT_NANO = Path(__file__).resolve().parents[2] / "export" / "nano"  # the shipped model in a source checkout
@@ -78,10 +77,10 @@ def find_nano(model_dir: Optional[str]) -> Path:
 # --- pieces ----------------------------------------------------------------------------------------------------
 def _overlay_panel(image: np.ndarray, maps: Sequence[Tuple[str, np.ndarray]], names: Sequence[str]) -> np.ndarray:
     """Side by side: the image, then every (title, label map) blended over it, each tile scaled up (nearest) to at
-    least :data:`TILE` px; titles and a colour legend below."""
+    least :data:`TILE` px; titles, then a colour legend of every category shown, below."""
     from PIL import Image, ImageDraw
 
-    from ..runtime.palette import overlay, palette
+    from ..runtime.palette import legend, overlay
 
     m = len(names)
     s = panel_scale(image.shape[0])
@@ -89,21 +88,12 @@ def _overlay_panel(image: np.ndarray, maps: Sequence[Tuple[str, np.ndarray]], na
     tiles = [big(image)] + [overlay(big(image), big(np.where(lab >= m, 0, lab)), m) for _, lab in maps]
     strip = np.concatenate(tiles, axis=1)
     h, w = tiles[0].shape[:2]
-    titles = ["image"] + [t for t, _ in maps]
+    titles = Image.new("RGB", (strip.shape[1], 14), (255, 255, 255))
+    draw = ImageDraw.Draw(titles)
+    for i, t in enumerate(["image"] + [t for t, _ in maps]):
+        draw.text((i * w + 2, 1), t, fill=(0, 0, 0))
     present = sorted({int(v) for _, lab in maps for v in np.unique(lab) if v < m})
-    per_row = max(1, strip.shape[1] // 96)
-    pad_h = 14 + 12 * (-(-len(present) // per_row))
-    canvas = Image.new("RGB", (strip.shape[1], h + pad_h), (255, 255, 255))
-    canvas.paste(Image.fromarray(strip), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, t in enumerate(titles):
-        draw.text((i * w + 2, h + 1), t, fill=(0, 0, 0))
-    pal = palette(m)
-    for j, c in enumerate(present):
-        x, y = (j % per_row) * 96, h + 14 + 12 * (j // per_row)
-        draw.rectangle([x + 2, y + 1, x + 10, y + 9], fill=tuple(int(v) for v in pal[c]))
-        draw.text((x + 13, y), names[c], fill=(0, 0, 0))
-    return np.asarray(canvas)
+    return np.concatenate([strip, np.asarray(titles), legend(names, present, strip.shape[1])], axis=0)
 
 
 def panel_scale(side: int) -> int:
@@ -117,9 +107,39 @@ def _gt(label_path: Path, m: int) -> np.ndarray:
     return load_label(label_path, m, label_offset=1)
 
 
+OUTPUTS = ("scenes", "run", "model", "overlays", "results.json")  # what a run writes into --out
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite``; with it, remove a previous run's outputs first (so that no
+    stale scene or overlay survives among the new ones). Folders holding anything else are never emptied."""
+    import shutil
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace a previous demo run there, "
+                                  f"or choose another folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if foreign:
+            raise FileExistsError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}); "
+                                  f"refusing to overwrite it")
+        for name in OUTPUTS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
 def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_dir: Optional[str] = None,
-             seed: int = 1, threads: int = 2, progress: bool = True, log=print) -> Dict[str, Any]:
-    """The whole demo; returns the results dictionary also written to ``out/results.json``."""
+             seed: int = 1, threads: Optional[int] = None, progress: bool = True, log=print) -> Dict[str, Any]:
+    """The whole demo; returns the results dictionary also written to ``out/results.json`` (paths absolute).
+
+    ``threads``: CPU threads for every engine (default: the idle cores available to the process, see
+    :func:`ifseg_rt.system.idle_cores`)."""
     import torch
 
     from ..adapt import AdaptOptions, RunWriter, WordGridTrainer, prepare, train
@@ -129,13 +149,15 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     from ..runtime.preprocess import load_image
     from .world import write_dataset
 
+    from ..system import idle_cores
+
     t_start = time.perf_counter()
     nano = find_nano(model_dir)
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    threads = threads or idle_cores()
     torch.set_num_threads(threads)
-    # the ONNX exporter logs a warning per missing torchvision op; they are irrelevant here
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    log(f"using {threads} thread(s)")
     m = len(names)
     timings: Dict[str, float] = {}
 
@@ -173,7 +195,8 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
 
     t0 = time.perf_counter()
     log(f"[4/5] exporting -> {out / 'model'}")
-    export(out / "run", out / "model", image_policy=policy, force=True, check=settings.check_export)
+    export(out / "run", out / "model", image_policy=policy, force=True, check=settings.check_export,
+           log=lambda msg: log(f"      {msg}"))
     timings["export_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -199,7 +222,7 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
             "IFSeg": adapted.metrics["raw"], "IFSeg + kNN": adapted.metrics["knn"]}
     results = {
         "format": "ifseg_rt.demo", "categories": list(names), "settings": settings.__dict__, "seed": seed,
-        "model": str(nano), "scene_seeds": [DEMO_SEED, DEMO_SEED + settings.images - 1],
+        "model": str(nano.resolve()), "scene_seeds": [DEMO_SEED, DEMO_SEED + settings.images - 1],
         "miou": {k: _pct(v.miou) for k, v in rows.items()},
         "metrics": {k: v.to_dict(names) for k, v in rows.items()},
         "adaptation": {k: summary[k] for k in ("steps", "final_loss", "steps_per_s", "seconds")},
@@ -238,17 +261,17 @@ def _size(text: str) -> int:
     return v
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (flags whose default depends on --quick state theirs in the help text)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d, q = DemoSettings(), QUICK
-    p = argparse.ArgumentParser(prog="python -m ifseg_rt demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ifseg_rt demo", formatter_class=HelpFormatter,
+        description="IFSeg end to end on the embedded nano model and its synthetic world: held-out scenes, the "
+                    "un-adapted baseline, image-free adaptation, export, segmentation through the runtime, an mIoU "
+                    "table and overlay panels (a few minutes on a laptop CPU).",
+        epilog=examples("python -m ifseg_rt demo                          # 14 default categories",
+                        'python -m ifseg_rt demo --categories "sky, grass, water, sand, brick, snow, ball, star"',
+                        "python -m ifseg_rt demo --quick --out /tmp/demo  # seconds: checks the pipeline only",
+                        "python -m ifseg_rt demo --out demo_out --overwrite"))
     p.add_argument("--categories", default=None,
                    help=f"comma-separated names from the synthetic world (default: {', '.join(DEFAULT_DEMO_CATEGORIES)}"
                         f"; all: {', '.join(CATEGORY_NAMES)})")
@@ -263,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
     p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
     p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for torch and onnxruntime")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for every engine (default: the idle cores available to this process)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -284,9 +309,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--lr must be > 0, got {changes['lr']}")
     settings = DemoSettings(**{**base.__dict__, **changes})
     try:
+        prepare_out(Path(args.out), args.overwrite)
         results = run_demo(Path(args.out), names, settings, model_dir=args.model, seed=args.seed,
                            threads=args.threads, progress=not args.no_progress)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()
@@ -294,8 +320,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_results(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}   overlays: {Path(args.out) / 'overlays'}   "
           f"({results['timings_s']['total_s']:.0f} s)")
-    print(f"segment your own images: python -m ifseg_rt segment --model {results['model_dir']} --out OUT_DIR "
+    print(f"more scenes of this world: python -m ifseg_rt segment --model {results['model_dir']} --out OUT_DIR "
           f"--overlay IMAGES...")
+    print("real photos: the nano model knows only its synthetic world (on a photo it splits bright from dark). "
+          "Download a real OFA\ncheckpoint and adapt it to your categories: python -m ifseg_rt download ofa-base, "
+          "then the adapt command it prints.")
     return 0
 
 

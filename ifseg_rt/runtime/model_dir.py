@@ -5,6 +5,9 @@ Layout::
 
     DIR/ifseg.json                     schema below; everything the runtime needs to configure itself
     DIR/model.onnx                     image -> (logits, features), prompt baked in (+ model.onnx.data when > 2 GB)
+    DIR/tables.onnx, DIR/body.onnx     the same graph split in two for the runtime: grid -> position tables (run once
+                                       per grid and cached), image + tables -> (logits, features)
+    DIR/body.int8.onnx                 the body with int8 weights (``--precision int8``)
     DIR/model.safetensors              the same weights for the torch backend (optional)
     DIR/engines/<gpu>-<precision>.engine   TensorRT engines (optional, one per GPU model and precision)
 
@@ -31,12 +34,18 @@ MANIFEST = "ifseg.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "model.safetensors"
 ENGINES_DIR = "engines"
+TABLES_FILE = "tables.onnx"
+BODY_FILE = "body.onnx"
 INPUT_NAME = "image"  # Bx3xHxW float32, normalised
 OUTPUT_NAMES = ("logits", "features")  # BxNxM, BxNxC
-PRECISIONS = ("fp32", "fp16", "bf16")
+GRID_NAME = "grid"  # tables.onnx input: an h x w float tensor, only its shape is read
+TABLE_NAMES = ("enc_bias", "dec_bias", "cross")  # tables.onnx outputs = body.onnx inputs after the image
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # of the whole directory's default and of engines
+CPU_PRECISIONS = ("fp32", "int8", "bf16")  # what the CPU engines offer: onnxruntime fp32 / int8, torch bf16
 
-__all__ = ["SCHEMA_VERSION", "FORMAT", "MANIFEST", "ONNX_FILE", "WEIGHTS_FILE", "ENGINES_DIR", "INPUT_NAME",
-           "OUTPUT_NAMES", "PRECISIONS", "ModelDirError", "EngineSpec", "ModelSpec", "gpu_slug", "engine_file",
+__all__ = ["SCHEMA_VERSION", "FORMAT", "MANIFEST", "ONNX_FILE", "WEIGHTS_FILE", "ENGINES_DIR", "TABLES_FILE",
+           "BODY_FILE", "INPUT_NAME", "OUTPUT_NAMES", "GRID_NAME", "TABLE_NAMES", "PRECISIONS", "CPU_PRECISIONS",
+           "ModelDirError", "EngineSpec", "PrecisionSpec", "ModelSpec", "gpu_slug", "engine_file",
            "build_manifest", "parse_manifest", "spec_for_model", "load_model_dir", "write_manifest", "file_record", "file_sha256"]
 
 
@@ -95,6 +104,17 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class PrecisionSpec:
+    """One compute precision a model directory offers to the CPU engines, with its accuracy gate."""
+
+    name: str  # "fp32", "int8" or "bf16"
+    backend: str  # "onnxruntime" (fp32, int8) or "torch" (bf16)
+    body: Optional[str] = None  # the split graph's body for this precision (onnxruntime)
+    method: str = ""  # how it was made (e.g. "onnxruntime dynamic int8, MatMul weights per channel")
+    agreement: Optional[Dict[str, Any]] = None  # {"pixels": fraction of labels equal to fp32's, "images": n, ...}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Parsed, validated ``ifseg.json``."""
 
@@ -111,6 +131,9 @@ class ModelSpec:
     precision: str
     config: Dict[str, Any]
     onnx_file: Optional[str]
+    tables_file: Optional[str]  # the split graph, when exported (dynamic shapes only)
+    body_file: Optional[str]
+    precisions: Dict[str, PrecisionSpec]  # always holds "fp32"
     opset: Optional[int]
     static_shape: Optional[Tuple[int, int]]
     seg_grid: int
@@ -133,6 +156,16 @@ class ModelSpec:
     def source(self) -> str:
         """How errors name this model: its directory, or ``<in-memory model>``."""
         return str(self.root) if self.root is not None else "<in-memory model>"
+
+    def files_for(self, backend: str, precision: str = "fp32") -> List[str]:
+        """The listed files ``backend`` reads for ``precision`` (what loading verifies; what ``bench`` sizes)."""
+        if backend == "onnxruntime":
+            rec = self.precisions.get(precision)
+            names = [self.onnx_file] if rec is None or rec.body is None else [self.tables_file, rec.body]
+            return [f for f in self.files if f in names or f in [n + ".data" for n in names]]
+        if backend == "torch":
+            return [WEIGHTS_FILE] if self.has_file(WEIGHTS_FILE) else []
+        return [e.file for e in self.engines if e.precision == precision] or [e.file for e in self.engines]
 
     def check_outputs(self, num_categories: int, feature_dim: Optional[int], file: str) -> None:
         """Raise :class:`ModelDirError` when an engine's output widths disagree with ``ifseg.json``."""
@@ -179,8 +212,8 @@ class ModelSpec:
 def build_manifest(*, categories: Sequence[str], config: Mapping[str, Any], policy: ImagePolicy, knn: KnnSettings,
                    feature_dim: int, normalize_features: bool = False, precision: str = "fp32",
                    onnx: Optional[Mapping[str, Any]] = None, files: Optional[Mapping[str, Any]] = None,
-                   engines: Sequence[Mapping[str, Any]] = (), provenance: Optional[Mapping[str, Any]] = None
-                   ) -> Dict[str, Any]:
+                   engines: Sequence[Mapping[str, Any]] = (), provenance: Optional[Mapping[str, Any]] = None,
+                   precisions: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
     """The ``ifseg.json`` dictionary of a model (validated by :func:`parse_manifest` before it is returned).
 
     Parameters
@@ -192,6 +225,8 @@ def build_manifest(*, categories: Sequence[str], config: Mapping[str, Any], poli
     onnx : facts of the ONNX file (``file``, ``opset``, ``static_shape``, ...); None when there is none
     files : ``{relative path: file_record(...)}`` of every file the directory holds
     engines : TensorRT engine records (``file``, ``gpu``, ``precision``, ``tensorrt_version``, ``profile``)
+    precision : the CPU precision the runtime loads by default; precisions: the low-precision variants on offer,
+        ``{name: {"backend": ..., "body": file (onnxruntime), "method": ..., "agreement": {...}}}``
     """
     names = list(categories)
     manifest: Dict[str, Any] = {
@@ -218,6 +253,8 @@ def build_manifest(*, categories: Sequence[str], config: Mapping[str, Any], poli
     }
     if onnx is not None:
         manifest["onnx"] = dict(onnx)
+    if precisions:
+        manifest["precisions"] = {k: dict(v) for k, v in precisions.items()}
     parse_manifest(manifest, None)
     return manifest
 
@@ -287,10 +324,15 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
                "must be a path inside the model directory")
 
     od = _get(d, "onnx", "", dict, optional=True)
-    onnx_file = opset = static = None
+    onnx_file = opset = static = tables = body = None
     if od is not None:
         onnx_file = _get(od, "file", "onnx", str)
         _check(onnx_file in files, "onnx.file", f"names {onnx_file!r}, which is not listed in 'files'")
+        tables = _get(od, "tables", "onnx", str, optional=True)
+        body = _get(od, "body", "onnx", str, optional=True)
+        _check((tables is None) == (body is None), "onnx.tables", "and 'onnx.body' come together")
+        for key, f in (("tables", tables), ("body", body)):
+            _check(f is None or f in files, f"onnx.{key}", f"names {f!r}, which is not listed in 'files'")
         opset = _get(od, "opset", "onnx", int)
         _check(opset >= 17, "onnx.opset", f"must be >= 17, got {opset}")
         st = _get(od, "static_shape", "onnx", list, optional=True)
@@ -308,10 +350,27 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
         engines.append(EngineSpec(file=ef, gpu=_get(e, "gpu", where, str), precision=_get(e, "precision", where, str),
                                   tensorrt_version=_get(e, "tensorrt_version", where, str),
                                   profile=_get(e, "profile", where, dict, optional=True, default={})))
+    precisions = {"fp32": PrecisionSpec("fp32", "onnxruntime" if onnx_file else "torch", body=body)}
+    for name, rec in _get(d, "precisions", "", dict, optional=True, default={}).items():
+        where = f"precisions.{name}"
+        _check(name in CPU_PRECISIONS, where, f"is not one of {CPU_PRECISIONS}")
+        backend = _get(rec, "backend", where, str)
+        _check(backend in ("onnxruntime", "torch"), f"{where}.backend", f"must be onnxruntime or torch, got {backend!r}")
+        pb = _get(rec, "body", where, str, optional=True)
+        _check(pb is None or pb in files, f"{where}.body", f"names {pb!r}, which is not listed in 'files'")
+        _check(backend != "onnxruntime" or (pb is not None and tables is not None), f"{where}.body",
+               "is required (with onnx.tables) for an onnxruntime precision")
+        _check(backend != "torch" or WEIGHTS_FILE in files, where, f"needs {WEIGHTS_FILE} for the torch backend")
+        precisions[name] = PrecisionSpec(name, backend, body=pb,
+                                         method=_get(rec, "method", where, str, optional=True, default=""),
+                                         agreement=_get(rec, "agreement", where, dict, optional=True))
+    _check(prec in precisions or prec in ("fp16",), "precision",
+           f"is {prec!r}, which the directory does not offer (precisions: {sorted(precisions)})")
     prov = _get(d, "provenance", "", dict)
     return ModelSpec(root=None if root is None else Path(root), categories=tuple(cats), policy=policy,
                      mean=tuple(mean), std=tuple(std), input_dtype=dtype, patch_stride=stride, knn=knn, feature_dim=fshape[2],
-                     features_normalized=normalized, precision=prec, config=cfg, onnx_file=onnx_file, opset=opset,
+                     features_normalized=normalized, precision=prec, config=cfg, onnx_file=onnx_file,
+                     tables_file=tables, body_file=body, precisions=precisions, opset=opset,
                      static_shape=static, seg_grid=cfg["patch_image_size"] // PATCH,
                      image_bucket_size=cfg["image_bucket_size"], files=dict(files), engines=tuple(engines),
                      provenance=prov, raw=d)

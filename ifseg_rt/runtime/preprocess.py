@@ -13,6 +13,7 @@ Images read from files or given as PIL images are turned upright by their EXIF o
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -28,7 +29,7 @@ MAX_CELLS = 4096  # token cells per network input: 32 x 128, the paper's policy 
 MAX_MULTIPLE = 256  # px; largest rounding multiple of a policy
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what folders are searched for
-ImageLike = Union[str, Path, np.ndarray, Any]  # Any = PIL.Image.Image
+ImageLike = Union[str, Path, bytes, np.ndarray, Any]  # bytes = an encoded image file; Any = PIL.Image.Image
 
 
 @dataclass(frozen=True)
@@ -103,15 +104,34 @@ class ImagePolicy:
         return cls(**d)
 
 
-def load_image(image: ImageLike) -> np.ndarray:
-    """A path, a PIL image or an array -> ``HxWx3`` uint8 RGB (grayscale replicated, alpha dropped).
+def load_image(image: ImageLike, *, max_pixels: Optional[int] = None) -> np.ndarray:
+    """A path, encoded image bytes (a JPEG/PNG/... file's contents), a PIL image or an array -> ``HxWx3`` uint8 RGB
+    (grayscale replicated, alpha dropped).
+
+    ``max_pixels`` (default :data:`MAX_PIXELS`): refuse larger originals. Files and bytes are checked from their
+    header, before any pixel is decoded, so a decompression bomb is never expanded.
 
     Raises
     ------
-    ValueError for arrays of the wrong shape/dtype and images too small for one 16 px patch or absurdly large
+    ValueError for arrays of the wrong shape/dtype, undecodable bytes, and images too small for one 16 px patch or
+    above ``max_pixels``
     """
     from PIL import Image
 
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        what = f"encoded image ({len(image)} bytes)"
+        if len(image) == 0:
+            raise ValueError("cannot read encoded image: it is empty (0 bytes)")
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                _check_size(im.height, im.width, what, max_pixels)
+                arr = _pil_to_rgb(_upright(im), what)
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"cannot read {what}: not an image format Pillow recognises (corrupt, truncated or not "
+                             f"an image)") from None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read {what}: {e}") from None
+        return np.ascontiguousarray(arr)
     if isinstance(image, (str, Path)):
         p = Path(image)
         if not p.exists():
@@ -120,7 +140,7 @@ def load_image(image: ImageLike) -> np.ndarray:
             raise ValueError(f"cannot read image {p}: it is a directory")
         try:
             with Image.open(p) as im:
-                _check_size(im.height, im.width, str(p))
+                _check_size(im.height, im.width, str(p), max_pixels)
                 arr = _pil_to_rgb(_upright(im), str(p))
         except Image.UnidentifiedImageError:
             raise ValueError(f"cannot read image {p}: not an image file Pillow recognises (corrupt, empty or another "
@@ -130,7 +150,7 @@ def load_image(image: ImageLike) -> np.ndarray:
             raise ValueError(f"cannot read image {p}: {reason}") from None
         return np.ascontiguousarray(arr)
     if isinstance(image, Image.Image):
-        _check_size(image.height, image.width, "PIL image")
+        _check_size(image.height, image.width, "PIL image", max_pixels)
         try:
             return np.ascontiguousarray(_pil_to_rgb(_upright(image), "PIL image"))
         except (OSError, SyntaxError) as e:
@@ -146,13 +166,14 @@ def load_image(image: ImageLike) -> np.ndarray:
         elif arr.dtype != np.uint8:
             raise ValueError(f"image array must be uint8 (0..255) or uint16, got {arr.dtype}; convert floats in "
                              f"[0, 1] with (x * 255).round().astype(np.uint8)")
-        _check_size(arr.shape[0], arr.shape[1], f"array of shape {image.shape}")
+        _check_size(arr.shape[0], arr.shape[1], f"array of shape {image.shape}", max_pixels)
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
         elif arr.shape[2] == 4:
             arr = arr[:, :, :3]
         return np.ascontiguousarray(arr)
-    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, encoded image bytes, a PIL image or "
+                    f"an HxWx3 uint8 array")
 
 
 def _upright(im):
@@ -182,11 +203,12 @@ def _pil_to_rgb(im, what: str) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def _check_size(h: int, w: int, what: str) -> None:
+def _check_size(h: int, w: int, what: str, max_pixels: Optional[int] = None) -> None:
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if h < MIN_SIDE or w < MIN_SIDE:
         raise ValueError(f"{what} is {h}x{w} px: too small for one {PATCH}x{PATCH} patch (need >= {MIN_SIDE} px per side)")
-    if h * w > MAX_PIXELS:
-        raise ValueError(f"{what} is {h}x{w} px = {h * w / 1e6:.0f} Mpx, above the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+    if h * w > limit:
+        raise ValueError(f"{what} is {h}x{w} px = {h * w / 1e6:.3g} Mpx, above the {limit / 1e6:.3g} Mpx limit")
 
 
 def _linear_weights(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

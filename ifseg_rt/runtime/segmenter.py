@@ -21,7 +21,7 @@ import numpy as np
 
 from ..knn.settings import KnnSettings
 from .backends import create_backend, resolve_backend, resolve_device
-from .model_dir import ModelSpec, load_model_dir, spec_for_model
+from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
 from .preprocess import PATCH, ImageLike, load_image, normalize, resize_bilinear
 
@@ -60,6 +60,31 @@ class SegmentationResult:
     def pixel_counts(self) -> np.ndarray:
         """Pixels per category, ``M`` int64."""
         return np.bincount(self.labels.ravel(), minlength=len(self.categories))[:len(self.categories)]
+
+    def plot(self, image: Optional[ImageLike] = None, *, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
+        """The picture: label colours blended over ``image`` (the segmented image: a path, PIL image or array; the
+        colours alone when omitted) with a legend below naming the categories present. ``HxWx3`` uint8."""
+        from .palette import plot
+
+        img = None if image is None else load_image(image)
+        if img is not None and img.shape[:2] != self.labels.shape:
+            raise ValueError(f"image is {img.shape[0]}x{img.shape[1]} px but the labels are "
+                             f"{self.labels.shape[0]}x{self.labels.shape[1]}: pass the image that was segmented")
+        return plot(self.labels, self.categories, img, alpha=alpha, show_legend=legend)
+
+    def save(self, path: Union[str, Path], image: Optional[ImageLike] = None, *, legend: bool = True) -> Path:
+        """Write :meth:`plot` to ``path`` (PNG, JPEG, ... by its suffix)."""
+        from PIL import Image
+
+        path = Path(path)
+        Image.fromarray(self.plot(image, legend=legend)).save(path)
+        return path
+
+    def save_labels(self, path: Union[str, Path]) -> Path:
+        """Write the label map as a palette PNG: pixel values are category indices, colours those of :meth:`plot`."""
+        from .palette import save_label_png
+
+        return save_label_png(self.labels, path, len(self.categories))
 
 
 @dataclass
@@ -117,6 +142,9 @@ class Segmenter:
         self.categories = spec.categories
         self.knn = self._knn(knn)
         self.knn_backend = knn_backend
+        self.threads: Optional[int] = getattr(backend, "threads", None)  # CPU threads of engine and post-processing
+        self.precision: str = getattr(backend, "precision", None) or "fp32"  # the compute precision the engine runs
+        self.agreement: Optional[Dict[str, Any]] = None  # its measured label agreement with fp32 (ifseg.json)
 
     def _knn(self, knn: Union[None, bool, KnnSettings]) -> KnnSettings:
         if knn is None:
@@ -128,8 +156,9 @@ class Segmenter:
         raise TypeError(f"knn must be None, a bool or a KnnSettings, got {type(knn).__name__}")
 
     @classmethod
-    def load(cls, model_dir: Union[str, Path], backend: str = "auto", device: str = "cpu", *, verify: bool = True,
-             knn: Union[None, bool, KnnSettings] = None, knn_backend: str = "auto", **backend_options) -> "Segmenter":
+    def load(cls, model_dir: Union[str, Path], backend: str = "auto", device: str = "cpu", *,
+             precision: Optional[str] = None, verify: bool = True, knn: Union[None, bool, KnnSettings] = None,
+             knn_backend: str = "auto", **backend_options) -> "Segmenter":
         """Read and validate ``ifseg.json``, verify the sha256 of the files the backend uses, build the engine and
         check its output widths against ``ifseg.json``.
 
@@ -138,6 +167,9 @@ class Segmenter:
         model_dir : directory written by ``python -m ifseg_rt.export``
         backend : "auto" | "onnxruntime" | "tensorrt" | "torch"
         device : "cpu" | "cuda" | "cuda:N" | "auto" (cuda when torch sees a GPU)
+        precision : on the CPU, one of the directory's precisions ("fp32", "int8", "bf16"; default: the one it was
+            exported for, ``spec.precision``); ``seg.agreement`` then reports its measured label agreement with fp32.
+            On a GPU: the torch compute dtype / TensorRT engine precision ("fp32", "fp16", "bf16")
         verify : check sizes and sha256s before loading (a tampered or truncated file raises ``ModelDirError``)
         knn : override ``ifseg.json``'s kNN settings (a bool switches them on/off)
         backend_options : e.g. ``threads=2`` (onnxruntime/torch CPU), ``dtype="bf16"``, ``cuda_graphs=True`` (torch),
@@ -150,18 +182,32 @@ class Segmenter:
         """
         spec = load_model_dir(model_dir)
         device = resolve_device(device)
+        on_gpu = device.startswith("cuda")
+        if not on_gpu:
+            precision = precision or (spec.precision if spec.precision in spec.precisions else "fp32")
+            if precision == "bf16" and backend == "torch" and precision not in spec.precisions:
+                pass  # the torch backend runs any weights in bfloat16 on request (no recorded agreement)
+            elif precision not in spec.precisions:
+                raise ModelDirError(f"{spec.source} offers the CPU precisions {sorted(spec.precisions)}, not "
+                                    f"{precision!r}; re-export it with --precision {precision}")
+            rec = spec.precisions.get(precision) or PrecisionSpec(precision, "torch")
+            if backend == "auto" and precision != "fp32":
+                backend = rec.backend
+            elif backend not in ("auto", rec.backend) and precision != "fp32":
+                raise ValueError(f"precision {precision!r} runs on the {rec.backend} backend, not {backend!r}")
         name = resolve_backend(backend, device, spec)
         if name == "tensorrt":
             backend_options.pop("threads", None)  # a CPU-thread count means nothing to a TensorRT engine
+        if precision is not None:
+            backend_options.setdefault("dtype" if name == "torch" else "precision", precision)
         if verify:
-            if name == "onnxruntime":
-                spec.verify([f for f in spec.files if f == spec.onnx_file or f == spec.onnx_file + ".data"])
-            elif name == "torch":
-                spec.verify(["model.safetensors"] if spec.has_file("model.safetensors") else [])
-            else:
-                spec.verify([e.file for e in spec.engines])
-        return cls(spec, create_backend(name, spec, device=device, **backend_options), knn=knn,
-                   knn_backend=knn_backend)
+            spec.verify(spec.files_for(name, backend_options.get("precision", "fp32")))
+        seg = cls(spec, create_backend(name, spec, device=device, **backend_options), knn=knn,
+                  knn_backend=knn_backend)
+        seg.precision = precision or getattr(seg.backend, "precision", None) or "fp32"
+        rec = spec.precisions.get(seg.precision)
+        seg.agreement = rec.agreement if rec is not None else None
+        return seg
 
     @classmethod
     def from_model(cls, model, categories: Optional[Sequence[str]] = None, *, policy=None,
@@ -232,10 +278,11 @@ class Segmenter:
         on_gpu = is_torch(out.logits) and out.logits.is_cuda
         t0 = time.perf_counter()
         with _device_of(out.logits):
-            scores = cell_scores(out.logits, out.features, settings, knn_backend=self.knn_backend)
+            scores = cell_scores(out.logits, out.features, settings, knn_backend=self.knn_backend,
+                                 num_threads=self.threads)
             _sync(scores, on_gpu)
             t1 = time.perf_counter()
-            labels = labels_from_scores(scores, out.grid, out.original_size)
+            labels = labels_from_scores(scores, out.grid, out.original_size, threads=self.threads)
             probs = None
             if return_probabilities:
                 probs = cell_probabilities(scores, settings).reshape(*out.grid, -1)

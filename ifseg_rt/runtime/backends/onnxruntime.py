@@ -1,15 +1,26 @@
 """onnxruntime backend: CPU provider (numpy in/out) or CUDA provider with I/O binding (outputs stay on the GPU as
-torch tensors, so kNN and the resize run there)."""
+torch tensors, so kNN and the resize run there).
+
+On the CPU it runs the split graph when the directory has one (``tables.onnx`` + ``body.onnx``, or
+``body.int8.onnx`` for ``precision="int8"``): the position tables of a token grid are computed once and kept (an LRU
+of :data:`CACHE_GRIDS` grids), so a request only pays for the network itself and concurrent requests of one grid
+share one copy of the tables. Without the split graph it runs ``model.onnx``, which recomputes them every call.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from collections import OrderedDict
+from typing import Optional, Tuple
 
 import numpy as np
 
-from ..model_dir import INPUT_NAME, OUTPUT_NAMES, ModelDirError
+from ...system import available_cores
+from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
 from ..preprocess import PATCH
 from . import BackendUnavailable
+
+CACHE_GRIDS = 8  # token grids whose position tables are kept
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -26,12 +37,16 @@ class OnnxRuntimeBackend:
     Arguments:
       spec (ModelSpec): verified model directory
       device (str): "cpu", "cuda" or "cuda:N"
-      threads (int or None): intra-op threads for the CPU provider (None: onnxruntime's default, all cores)
+      threads (int or None): intra-op threads for the CPU provider (None: the cores available to the process)
+      precision (str): "fp32" or "int8" (the int8 body the directory was exported with)
+      spin (bool): let idle worker threads spin-wait for work. Off by default: spinning threads keep the cores busy
+        after a run and slow the post-processing that follows it (kNN, resize) by up to ~1.7x on 2 cores
     """
 
     name = "onnxruntime"
 
-    def __init__(self, spec, *, device: str = "cpu", threads: Optional[int] = None):
+    def __init__(self, spec, *, device: str = "cpu", threads: Optional[int] = None, precision: str = "fp32",
+                 spin: bool = False):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -43,12 +58,25 @@ class OnnxRuntimeBackend:
         self.device = device
         self.on_gpu = str(device).startswith("cuda")
         self.device_id = int(str(device).split(":")[1]) if ":" in str(device) else 0
+        rec = spec.precisions.get(precision)
+        if rec is None or rec.backend != "onnxruntime":
+            offered = sorted(p for p, r in spec.precisions.items() if r.backend == "onnxruntime")
+            raise BackendUnavailable(f"{spec.source} has no onnxruntime graph in precision {precision!r} (offers "
+                                     f"{offered}); re-export with --precision {precision}")
+        if self.on_gpu and precision != "fp32":
+            raise BackendUnavailable(f"precision {precision!r} runs on the CPU provider only")
+        self.precision = precision
+        self.split = not self.on_gpu and rec.body is not None and spec.tables_file is not None
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
+        # the cores this process may use, not onnxruntime's count of the machine's (containers, taskset)
+        self.threads = int(threads) if threads else available_cores()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.on_gpu:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
@@ -56,41 +84,79 @@ class OnnxRuntimeBackend:
             providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        path = spec.path(spec.onnx_file)
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own pybind types (InvalidProtobuf, InvalidArgument, Fail...)
-            raise ModelDirError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).strip()}); the file "
-                                f"is corrupt or not an ifseg_rt ONNX model - re-export it") from None
+        self.file = rec.body if self.split else spec.onnx_file
+        self.session = self._open(ort, self.file, so, providers)
         if self.on_gpu and "CUDAExecutionProvider" not in self.session.get_providers():
             # available is not loaded: a missing CUDA/cuDNN library makes the session fall back to the CPU silently
-            raise BackendUnavailable(f"onnxruntime could not start its CUDA provider for {path} (session providers: "
-                                     f"{self.session.get_providers()}); check the CUDA / cuDNN libraries that "
-                                     f"onnxruntime-gpu needs, or use backend='torch'")
-        self._check_io(path)
+            raise BackendUnavailable(f"onnxruntime could not start its CUDA provider for {spec.path(self.file)} "
+                                     f"(session providers: {self.session.get_providers()}); check the CUDA / cuDNN "
+                                     f"libraries that onnxruntime-gpu needs, or use backend='torch'")
+        self.tables_session = self._open(ort, spec.tables_file, so, providers) if self.split else None
+        self._tables: "OrderedDict[Tuple[int, int], Tuple[np.ndarray, ...]]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._check_io()
         self.feature_dim = spec.feature_dim
         self.num_categories = spec.num_categories
 
-    def _check_io(self, path) -> None:
-        """The graph's names and output widths must be the ones ``ifseg.json`` describes."""
+    def _open(self, ort, name: str, so, providers):
+        path = self.spec.path(name)
+        try:
+            return ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own pybind types (InvalidProtobuf, InvalidArgument, Fail...)
+            raise ModelDirError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).strip()}); the file "
+                                f"is corrupt or not an ifseg_rt ONNX model - re-export it") from None
+
+    def _check_io(self) -> None:
+        """The graphs' names and output widths must be the ones ``ifseg.json`` describes."""
+        path = self.spec.path(self.file)
+        want_in = [INPUT_NAME, *TABLE_NAMES] if self.split else [INPUT_NAME]
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if inputs != [INPUT_NAME] or set(OUTPUT_NAMES) - set(outputs):
-            raise ModelDirError(f"{path}: inputs {inputs} and outputs {sorted(outputs)}, expected [{INPUT_NAME!r}] "
-                                f"and {list(OUTPUT_NAMES)}: not an ifseg_rt model graph")
+        if inputs != want_in or set(OUTPUT_NAMES) - set(outputs):
+            raise ModelDirError(f"{path}: inputs {inputs} and outputs {sorted(outputs)}, expected {want_in} and "
+                                f"{list(OUTPUT_NAMES)}: not an ifseg_rt model graph")
+        if self.split:
+            t_in = [i.name for i in self.tables_session.get_inputs()]
+            t_out = [o.name for o in self.tables_session.get_outputs()]
+            if t_in != [GRID_NAME] or t_out != list(TABLE_NAMES):
+                raise ModelDirError(f"{self.spec.path(self.spec.tables_file)}: inputs {t_in} and outputs {t_out}, "
+                                    f"expected [{GRID_NAME!r}] and {list(TABLE_NAMES)}")
         m, c = _last_dim(outputs[OUTPUT_NAMES[0]]), _last_dim(outputs[OUTPUT_NAMES[1]])
         if m is None:  # symbolic width: one forward of the smallest valid input tells
             size = self.spec.static_shape or (PATCH, PATCH)
-            lo, fo = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.zeros((1, 3, *size), np.float32)})
+            lo, fo = self._run_cpu(np.zeros((1, 3, *size), np.float32))
             m, c = lo.shape[-1], fo.shape[-1]
-        self.spec.check_outputs(m, c, self.spec.onnx_file)
+        self.spec.check_outputs(m, c, self.file)
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def tables(self, h: int, w: int) -> Tuple[np.ndarray, ...]:
+        """The split graph's position tables for an h x w grid (computed once, then from the cache)."""
+        key = (h, w)
+        with self._lock:
+            hit = self._tables.get(key)
+            if hit is not None:
+                self._tables.move_to_end(key)
+                return hit
+        grid = np.zeros(key, dtype=np.float32)  # only its shape is read
+        hit = tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}))
+        with self._lock:
+            self._tables[key] = hit
+            while len(self._tables) > CACHE_GRIDS:
+                self._tables.popitem(last=False)
+        return hit
 
     def run(self, x: np.ndarray):
         """``Bx3xHxW`` float32 -> (logits, features): numpy on CPU, torch CUDA tensors on CUDA."""
         if not self.on_gpu:
-            logits, feats = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-            return logits, feats
+            return self._run_cpu(x)
         return self._run_cuda(x)
+
+    def _run_cpu(self, x: np.ndarray):
+        feeds = {INPUT_NAME: x}
+        if self.split:
+            feeds.update(zip(TABLE_NAMES, self.tables(_cdiv(x.shape[2], PATCH), _cdiv(x.shape[3], PATCH))))
+        logits, feats = self.session.run(list(OUTPUT_NAMES), feeds)
+        return logits, feats
 
     def _run_cuda(self, x: np.ndarray):  # unverified here: needs onnxruntime-gpu and a GPU
         import torch

@@ -49,6 +49,7 @@ class TensorRTBackend:
             raise BackendUnavailable(f"no TensorRT engine for {gpu}{' ' + precision if precision else ''} in "
                                      f"{spec.source} (built: {built}); re-export with --format engine on this GPU")
         self.engine_spec = engines[0]
+        self.precision = self.engine_spec.precision
         if self.engine_spec.tensorrt_version != trt.__version__:
             raise BackendUnavailable(f"engine built with TensorRT {self.engine_spec.tensorrt_version}, installed "
                                      f"{trt.__version__}: engines are version-specific; rebuild it")

@@ -63,8 +63,10 @@ class TorchBackend:
         if dtype == "fp16" and not self.on_gpu:
             raise ValueError("dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         self.dtype = getattr(torch, DTYPES[dtype])
-        if threads and not self.on_gpu:
-            torch.set_num_threads(int(threads))
+        self.precision = dtype
+        self.threads = int(threads) if threads and not self.on_gpu else None
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.spec = spec
         self.autocast = False
         if model is None:  # a model directory: load its weights in the compute dtype

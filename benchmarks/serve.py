@@ -1,0 +1,250 @@
+"""Served vs in-process throughput and latency: ``python -m ifseg_rt serve`` (Triton) against ``Segmenter.seg`` on
+the same model, images and machine, for 1, 4 and 8 concurrent clients, plus the server's memory.
+
+    python benchmarks/serve.py --json benchmarks/results/serve.json             # 200 requests per client
+    python benchmarks/serve.py --model models/street --size 512 --protocols grpc http
+    python benchmarks/serve.py --quick                                          # checks the script (20 requests)
+
+Without ``--model`` the quick nano model is built (``demo --quick``, ~20 s) and its image policy set to
+``--size`` (short side), so the network sees ``size/16`` cells per side. Every client sends JPEG bytes of
+``--images`` generated scenes (``--size`` px, square); the in-process baseline decodes the same bytes
+(``Segmenter.seg(bytes)``), with C threads sharing one ``Segmenter`` for C clients. Each client runs
+``--requests`` requests back to back. Reported per level: requests/s (all clients), p50 / p99 latency, failed
+requests, and the served/in-process throughput ratio; server RSS (tritonserver + its python-backend stubs) after
+loading and at its peak under load. The clients run on the same machine and share its cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+
+def cpu_info() -> Dict[str, object]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores, "loadavg": list(os.getloadavg())}
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants (Linux /proc), in MiB."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every_s: float = 0.2):
+        super().__init__(daemon=True)
+        self.pid, self.every_s, self.peak, self._done = pid, every_s, 0.0, threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self._done.wait(self.every_s)
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
+def run_clients(clients: int, requests: int, call: Callable[[int, int], None]) -> Dict[str, object]:
+    """``clients`` threads, each calling ``call(client, k)`` ``requests`` times back to back."""
+    latencies: List[float] = []
+    failures: List[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def worker(c: int):
+        mine = []
+        barrier.wait()
+        for k in range(requests):
+            t0 = time.perf_counter()
+            try:
+                call(c, k)
+                mine.append(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with lock:
+                    failures.append(f"{type(e).__name__}: {e}"[:300])
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1e3
+    return {"clients": clients, "requests": clients * requests, "failed": len(failures),
+            "first_failures": failures[:3], "wall_s": wall, "rps": len(latencies) / wall if wall else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None}
+
+
+def quick_model(work: Path, short_side: int) -> Path:
+    """The quick nano model (demo --quick) with its image policy's short side set to ``short_side``."""
+    from ifseg_rt.nano.demo import QUICK, run_demo
+    from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES
+    from ifseg_rt.runtime.model_dir import MANIFEST, load_model_dir
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the adaptation's step lines
+        run_demo(work / "demo", DEFAULT_DEMO_CATEGORIES, QUICK, threads=1, progress=False, log=lambda *a, **k: None)
+    model = work / "demo" / "model"
+    manifest = json.loads((model / MANIFEST).read_text())
+    manifest["image"]["policy"].update(short_side=short_side, max_long_side=4 * short_side)
+    (model / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    load_model_dir(model)  # still valid
+    return model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="exported model directory (default: the quick nano model, built here)")
+    p.add_argument("--size", type=int, default=256, help="scene size in px (and the quick model's short side)")
+    p.add_argument("--images", type=int, default=16, help="distinct scenes the clients cycle through")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
+    p.add_argument("--requests", type=int, default=200, help="requests per client per level")
+    p.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=["grpc"], help="served protocols")
+    p.add_argument("--instances", type=int, default=1, help="server model instances")
+    p.add_argument("--threads", type=int, default=0, help="engine threads (0: all cores; per instance: / instances)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="server max batch size")
+    p.add_argument("--quick", action="store_true", help="20 requests per client: checks that the script works")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, 20)
+
+    from PIL import Image
+
+    from ifseg_rt import Segmenter
+    from ifseg_rt.nano.world import render_scene
+    from ifseg_rt.serve import Client
+    from ifseg_rt.serve.server import ServeOptions, start_server
+
+    info = cpu_info()
+    cores = int(info["cores"])
+    work = Path(tempfile.mkdtemp(prefix="ifseg_bench_serve_"))
+    try:
+        model = Path(args.model) if args.model else quick_model(work, args.size)
+        scenes = []
+        for i in range(args.images):
+            buf = io.BytesIO()
+            Image.fromarray(render_scene(100 + i, args.size).image).save(buf, format="JPEG", quality=90)
+            scenes.append(buf.getvalue())
+        threads = args.threads or cores
+        result = {"machine": info, "model": str(model), "size": args.size, "requests_per_client": args.requests,
+                  "instances": args.instances, "threads": threads, "max_batch_size": args.max_batch_size,
+                  "python": platform.python_version(), "levels": []}
+
+        seg = Segmenter.load(model, threads=threads)
+        want = [seg.seg(s).labels for s in scenes]
+        inproc = {c: run_clients(c, args.requests, lambda ci, k: seg.seg(scenes[(ci * 7 + k) % len(scenes)]))
+                  for c in args.clients}
+        seg = None  # free the in-process model before the server loads its own
+
+        options = ServeOptions(http_port=0, grpc_port=0, metrics_port=0, instances=args.instances,
+                               threads=max(1, threads // args.instances), max_batch_size=args.max_batch_size)
+        server = start_server(model, work, options)
+        try:
+            rss_loaded = tree_rss_mb(server.pid)
+            served = {}
+            sampler = RssSampler(server.pid)
+            sampler.start()
+            for proto in args.protocols:
+                client = Client(server.http_url if proto == "http" else "grpc://" + server.grpc_url)
+                wrong = []
+
+                def call(ci, k, client=client, wrong=wrong):
+                    i = (ci * 7 + k) % len(scenes)
+                    if not np.array_equal(client.seg(scenes[i]).labels, want[i]):
+                        wrong.append(i)
+                        raise AssertionError(f"labels differ from in-process for scene {i}")
+
+                client.seg(scenes[0])  # connect + warm
+                served[proto] = {c: run_clients(c, args.requests, call) for c in args.clients}
+                client.close()
+            rss_peak = sampler.stop()
+            with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{options.name}/stats", timeout=10) as r:
+                stats = json.loads(r.read())
+        finally:
+            server.stop()
+        s = stats["model_stats"][0]
+        result["server"] = {"rss_mb_loaded": rss_loaded, "rss_mb_peak": rss_peak,
+                            "inference_count": int(s.get("inference_count", 0)),
+                            "execution_count": int(s.get("execution_count", 0))}
+        for c in args.clients:
+            level = {"clients": c, "in_process": inproc[c]}
+            for proto in args.protocols:
+                level[proto] = served[proto][c]
+                level[f"{proto}_vs_in_process"] = served[proto][c]["rps"] / inproc[c]["rps"]
+            result["levels"].append(level)
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"CPU: {info['cpu']}, {cores} cores, load average {info['loadavg'][0]:.2f} at start, "
+          f"{result['machine']['loadavg_end'][0]:.2f} at the end; model {result['model']}; {args.size} px JPEG scenes; "
+          f"{args.requests} requests per client; server: {args.instances} instance(s) x {options.threads} thread(s), "
+          f"max batch {args.max_batch_size}")
+    head = f"{'clients':>7} | {'in-process req/s':>16} {'p50':>7} {'p99':>7}"
+    for proto in args.protocols:
+        head += f" | {proto + ' req/s':>10} {'p50':>7} {'p99':>7} {'failed':>6} {'ratio':>6}"
+    print(head)
+    for level in result["levels"]:
+        ip = level["in_process"]
+        row = f"{level['clients']:>7} | {ip['rps']:>16.1f} {ip['p50_ms']:>7.1f} {ip['p99_ms']:>7.1f}"
+        for proto in args.protocols:
+            sv = level[proto]
+            row += (f" | {sv['rps']:>10.1f} {sv['p50_ms'] or float('nan'):>7.1f} {sv['p99_ms'] or float('nan'):>7.1f} "
+                    f"{sv['failed']:>6d} {level[proto + '_vs_in_process']:>6.2f}")
+        print(row)
+    srv = result["server"]
+    print(f"server RSS (tritonserver + stubs): {srv['rss_mb_loaded']:.0f} MiB loaded, {srv['rss_mb_peak']:.0f} MiB "
+          f"peak; {srv['inference_count']} images in {srv['execution_count']} executions "
+          f"(mean batch {srv['inference_count'] / max(1, srv['execution_count']):.2f})")
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    failed = sum(level[proto]["failed"] for level in result["levels"] for proto in args.protocols)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""``python -m ifseg_rt serve --model DIR [options]``: a Triton Inference Server around an exported model."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Optional, Sequence
+
+from .._argtypes import HelpFormatter, examples, non_negative_int, positive_int
+from . import protocol as P
+
+
+def _port(text: str) -> int:
+    v = positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1..65535), got {v}")
+    return v
+
+
+def _model_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"model names are 1-64 letters, digits, '_', '.' or '-', got {text!r}")
+    return text
+
+
+def _min_pixels(text: str) -> int:
+    v = positive_int(text)
+    if v < 256:
+        raise argparse.ArgumentTypeError(f"must be >= 256 (one 16x16 patch), got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .repository import MAX_QUEUE_SIZE
+
+    p = argparse.ArgumentParser(
+        prog="python -m ifseg_rt serve", formatter_class=HelpFormatter,
+        epilog=examples("python -m ifseg_rt serve --model models/street --http-port 8000 --grpc-port 8001",
+                        "python -m ifseg_rt serve --model models/street --instances 2 --max-batch-size 8",
+                        'python -c "from ifseg_rt.serve import Client; '
+                        "print(Client('localhost:8000').seg('street.jpg').names())\""),
+        description="Serve an exported model with NVIDIA Triton Inference Server (the tritonserver that "
+                    "nvidia-pytriton bundles): model NAME, input 'image' (BYTES, one encoded image file per item), "
+                    "outputs 'labels' (INT32, original size), 'probabilities' (on request), 'original_size', "
+                    "'input_size', 'grid'; category names in the model config's 'categories' parameter. Health: "
+                    "/v2/health/ready, metrics: the metrics port. Stops cleanly on SIGINT / SIGTERM. Client: "
+                    "ifseg_rt.serve.Client.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory written by python -m ifseg_rt.export")
+    src.add_argument("--repository", help="serve this Triton model repository as it is instead (e.g. python -m "
+                                          "ifseg_rt.export DIR --format triton --onnx-stand-in --out REPO: this "
+                                          "tritonserver has the python backend only); the model options are its own")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
+                   help="inference engine of each instance (torch is imported only for --backend torch)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--name", type=_model_name, default=P.MODEL_NAME, help="Triton model name")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="interface to listen on; 0.0.0.0 accepts connections from other machines")
+    p.add_argument("--http-port", type=_port, default=8000, help="HTTP/REST port (KServe v2 protocol)")
+    p.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=_port, default=8002, help="Prometheus metrics port (/metrics)")
+    g = p.add_argument_group("capacity and memory bounds")
+    g.add_argument("--max-batch-size", type=positive_int, default=8,
+                   help="most images one instance runs at once (Triton's dynamic batcher joins requests)")
+    g.add_argument("--instances", type=positive_int, default=1,
+                   help="model instances (processes), each holding one Segmenter and running one batch at a time")
+    g.add_argument("--threads", type=non_negative_int, default=0,
+                   help="engine CPU threads per instance (0: the available cores divided by --instances)")
+    g.add_argument("--max-queue-size", type=positive_int, default=MAX_QUEUE_SIZE,
+                   help="requests waiting for an instance; more are rejected at once (HTTP 503 / gRPC UNAVAILABLE)")
+    g.add_argument("--max-queue-delay-us", type=non_negative_int, default=0,
+                   help="how long the batcher may hold a request to fill a batch (0: batch what is waiting)")
+    g.add_argument("--max-request-bytes", type=positive_int, default=P.MAX_REQUEST_BYTES,
+                   help="largest encoded image accepted, checked before decoding")
+    g.add_argument("--max-pixels", type=_min_pixels, default=P.MAX_PIXELS,
+                   help="largest image accepted (width x height), read from the file header before decoding")
+    g = p.add_argument_group("process")
+    g.add_argument("--exit-timeout", type=non_negative_int, default=10,
+                   help="seconds in-flight requests get to finish after SIGINT / SIGTERM")
+    g.add_argument("--ready-file", help="write the ports and process ids here (JSON) once the model is ready")
+    g.add_argument("--quiet", action="store_true", help="do not echo tritonserver's log")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .server import ServeOptions, serve
+    from .tritonserver import ServerError
+
+    parser = build_parser()
+    ports = (args.http_port, args.grpc_port, args.metrics_port)
+    if len(set(ports)) != 3:
+        parser.error(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    if args.repository:
+        model_opts = ("backend", "device", "name", "max_batch_size", "instances", "threads", "max_queue_size",
+                      "max_queue_delay_us", "max_request_bytes", "max_pixels")
+        given = [k for k in model_opts if getattr(args, k) != parser.get_default(k)]
+        if given:
+            parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) the served model; with "
+                         f"--repository the repository's own config.pbtxt files decide")
+    options = ServeOptions(name=args.name, backend=args.backend, device=args.device, threads=args.threads,
+                           max_batch_size=args.max_batch_size, instances=args.instances,
+                           max_queue_size=args.max_queue_size, max_queue_delay_us=args.max_queue_delay_us,
+                           max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
+                           address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
+                           metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout)
+    try:
+        return serve(args.model, options, repository=args.repository, ready_file=args.ready_file,
+                     log=None if args.quiet else (lambda line: print(line, flush=True)),
+                     announce=lambda line: print(line, flush=True))
+    except (ValueError, RuntimeError, ImportError) as e:  # ModelDirError, BackendUnavailable, ServerError
+        kind = "server error" if isinstance(e, ServerError) else "error"
+        print(f"{kind}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

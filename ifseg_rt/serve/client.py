@@ -1,0 +1,251 @@
+"""``Client``: segment images on an ifseg_rt Triton server (``python -m ifseg_rt serve`` or an exported repository's
+ensemble) and get the same :class:`~ifseg_rt.runtime.SegmentationResult` as ``Segmenter.seg``, over HTTP or gRPC.
+
+::
+
+    from ifseg_rt.serve import Client
+
+    client = Client("localhost:8000")               # HTTP; Client("grpc://localhost:8001") for gRPC
+    result = client.seg("street.jpg")                # a path, encoded bytes, an HxWx3 uint8 array or a PIL image
+    result.labels, result.names()
+    results = client.seg(paths, return_exceptions=True)   # a bad image becomes an ImageError in its place
+
+Files and bytes are sent as they are (the server decodes them, EXIF orientation included, exactly as
+``Segmenter.seg(path)``); arrays and PIL images go as lossless PNG of what ``load_image`` makes of them, so every
+kind of input gives the labels ``Segmenter.seg`` gives for it. One ``Client`` may be used from many threads (each
+thread gets its own HTTP connection; gRPC shares one channel).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..runtime.preprocess import ImageLike, load_image
+from ..runtime.segmenter import ImageError, SegmentationResult, describe
+from . import protocol as P
+
+PROTOCOLS = ("http", "grpc")
+
+
+class ServeError(RuntimeError):
+    """The server could not answer (unreachable, busy, internal error, not an ifseg_rt model).
+
+    Attributes: ``status`` (HTTP status or gRPC status code as a string, None when unreachable).
+    """
+
+    def __init__(self, message: str, status: Optional[str] = None):
+        self.status = status
+        super().__init__(message)
+
+
+def encode_image(image: ImageLike) -> bytes:
+    """What the client sends for ``image``: a file's bytes or the given bytes unchanged; a lossless PNG of
+    ``load_image(image)`` for arrays and PIL images."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, Path)):
+        p = Path(image)
+        if not p.exists():
+            raise FileNotFoundError(f"image not found: {p}")
+        if p.is_dir():
+            raise ValueError(f"cannot read image {p}: it is a directory")
+        return p.read_bytes()
+    from PIL import Image
+
+    arr = load_image(image)  # the checks and conversions Segmenter applies (dtype, channels, EXIF of PIL images)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _describe(image: ImageLike) -> str:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"{len(image)} bytes"
+    return describe(image)
+
+
+def parse_url(url: str, protocol: Optional[str] = None) -> Tuple[str, str, bool]:
+    """``"localhost:8000"``, ``"http://..."``, ``"https://..."`` or ``"grpc://..."`` -> (host:port, protocol, ssl)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    schemes = {"": (protocol or "http", False), "http": ("http", False), "https": ("http", True),
+               "grpc": ("grpc", False), "grpcs": ("grpc", True)}
+    if scheme.lower() not in schemes:
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}: use host:port, http://, https://, grpc:// "
+                         f"or grpcs://")
+    proto, ssl = schemes[scheme.lower()]
+    if protocol is not None and protocol != proto:
+        raise ValueError(f"protocol={protocol!r} contradicts the URL {url!r}")
+    if proto not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {proto!r}")
+    rest = rest.rstrip("/")
+    if not rest or "/" in rest:
+        raise ValueError(f"expected host:port in {url!r}")
+    return rest, proto, ssl
+
+
+class Client:
+    """A client of one ifseg_rt model on a Triton server.
+
+    Arguments:
+      url (str): ``host:port`` (HTTP, e.g. ``localhost:8000``), or with a scheme: ``http://``, ``https://``,
+        ``grpc://`` (e.g. ``grpc://localhost:8001``), ``grpcs://``
+      model (str): the model's name on the server
+      protocol (str or None): "http" or "grpc" for a URL without scheme
+      timeout_s (float): per request (and for connecting)
+
+    Raises ``ServeError`` at construction when the server cannot be reached or the model is not an ifseg_rt model.
+    """
+
+    def __init__(self, url: str = "localhost:8000", *, model: str = P.MODEL_NAME, protocol: Optional[str] = None,
+                 timeout_s: float = 60.0):
+        self.address, self.protocol, self.ssl = parse_url(url, protocol)
+        self.url = f"{'https' if self.ssl else 'http'}://{self.address}" if self.protocol == "http" else \
+            f"{'grpcs' if self.ssl else 'grpc'}://{self.address}"
+        self.model = model
+        self.timeout_s = float(timeout_s)
+        try:
+            if self.protocol == "http":
+                import tritonclient.http as tc
+            else:
+                import tritonclient.grpc as tc
+            from tritonclient.utils import InferenceServerException
+        except ImportError as e:
+            raise ImportError(f"the client needs tritonclient[{self.protocol}]: pip install 'ifseg_rt[serve]' "
+                              f"({e})") from e
+        self._tc, self._exc = tc, InferenceServerException
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: List[Any] = []
+        self._grpc = None
+        config = self._call(lambda c: c.get_model_config(model) if self.protocol == "http"
+                            else c.get_model_config(model, as_json=True)["config"], what="reading the model config")
+        where = f"model '{model}' at {self.url}"
+        inputs = {t.get("name"): t.get("data_type") for t in config.get("input", [])}
+        if inputs.get(P.INPUT) != "TYPE_STRING":
+            raise ServeError(f"{where} is not an ifseg_rt model: it has no BYTES input '{P.INPUT}' (inputs: "
+                             f"{inputs})")
+        try:
+            self.categories: Tuple[str, ...] = P.categories_from_config(config, where)
+        except ValueError as e:
+            raise ServeError(str(e)) from None
+        self.max_batch_size = int(config.get("max_batch_size") or 1)
+
+    # --- connections ------------------------------------------------------------------------------------------
+    def _client(self):
+        if self.protocol == "grpc":  # one channel, safe to share between threads
+            with self._lock:
+                if self._grpc is None:
+                    self._grpc = self._tc.InferenceServerClient(self.address, ssl=self.ssl)
+                    self._clients.append(self._grpc)
+                return self._grpc
+        c = getattr(self._local, "client", None)  # the HTTP client is gevent-based: one per thread
+        if c is None:
+            c = self._tc.InferenceServerClient(self.address, ssl=self.ssl, connection_timeout=self.timeout_s,
+                                               network_timeout=self.timeout_s)
+            self._local.client = c
+            with self._lock:
+                self._clients.append(c)
+        return c
+
+    def _call(self, fn, what: str):
+        try:
+            return fn(self._client())
+        except self._exc as e:
+            status = e.status()
+            raise ServeError(f"{what} from {self.url} (model '{self.model}') failed: "
+                             f"{e.message() or e}" + (f" [status {status}]" if status else ""), status) from None
+        except (OSError, ConnectionError) as e:
+            raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients:
+                try:
+                    c.close()
+                except Exception:  # closing a gevent client from another thread may complain; it is going anyway
+                    pass
+            self._clients.clear()
+            self._grpc = None
+        self._local = threading.local()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def is_ready(self, model: Optional[str] = None) -> bool:
+        """Whether the server has ``model`` (default: this client's) loaded and ready; False when unreachable."""
+        try:
+            return bool(self._client().is_model_ready(model or self.model))
+        except Exception:  # unreachable or refused: not ready, whatever the transport's exception type
+            return False
+
+    # --- segmentation ---------------------------------------------------------------------------------------
+    def seg(self, image: Union[ImageLike, Sequence[ImageLike]], *, return_probabilities: bool = False,
+            return_exceptions: bool = False) -> Union[SegmentationResult, List[Union[SegmentationResult, ImageError]]]:
+        """Segment one image (-> result) or a list/tuple of images (-> list of results, input order; one request
+        each), as :meth:`Segmenter.seg <ifseg_rt.runtime.Segmenter.seg>`.
+
+        An image the server refuses (or that cannot be read here) raises :class:`ImageError` (a ``ValueError``)
+        naming the problem, or with ``return_exceptions=True`` takes its place in the list. ``timings`` of a result
+        hold this client's milliseconds: ``encode``, ``request`` (the round trip), ``total``.
+
+        Raises
+        ------
+        ImageError (ValueError), FileNotFoundError, TypeError for unusable inputs; ServeError when the server
+        cannot answer (unreachable, queue full: status 503 / UNAVAILABLE, internal error)
+        """
+        if not isinstance(image, (list, tuple)):
+            return self._one(image, 0, return_probabilities)
+        out: List[Union[SegmentationResult, ImageError]] = []
+        for i, img in enumerate(image):
+            try:
+                out.append(self._one(img, i, return_probabilities))
+            except (ImageError, FileNotFoundError, TypeError, ValueError) as e:
+                if not return_exceptions:
+                    raise
+                out.append(e if isinstance(e, ImageError) else ImageError(i, _describe(img), str(e)))
+        return out
+
+    def _one(self, image: ImageLike, index: int, probabilities: bool) -> SegmentationResult:
+        t0 = time.perf_counter()
+        data = encode_image(image)
+        t1 = time.perf_counter()
+        names = [P.LABELS, *P.SIZE_OUTPUTS] + ([P.PROBABILITIES] if probabilities else [])
+        tc = self._tc
+        arr = np.array([[data]], dtype=np.object_)
+        inp = tc.InferInput(P.INPUT, [1, 1], "BYTES")
+        if self.protocol == "http":
+            inp.set_data_from_numpy(arr, binary_data=True)
+            outs = [tc.InferRequestedOutput(n, binary_data=True) for n in names]
+        else:
+            inp.set_data_from_numpy(arr)
+            outs = [tc.InferRequestedOutput(n) for n in names]
+        try:
+            c = self._client()
+            if self.protocol == "http":
+                r = c.infer(self.model, inputs=[inp], outputs=outs)
+            else:
+                r = c.infer(self.model, inputs=[inp], outputs=outs, client_timeout=self.timeout_s)
+        except self._exc as e:
+            status = str(e.status() or "")
+            if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+                raise ImageError(index, _describe(image), e.message() or str(e)) from None
+            raise ServeError(f"request to {self.url} (model '{self.model}') failed: {e.message() or e} "
+                             f"[status {status or 'none'}]", status or None) from None
+        except (OSError, ConnectionError) as e:
+            raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
+        t2 = time.perf_counter()
+        result = P.unpack_results({n: r.as_numpy(n) for n in names}, self.categories)[0]
+        result.timings = {"encode": (t1 - t0) * 1e3, "request": (t2 - t1) * 1e3,
+                          "total": (time.perf_counter() - t0) * 1e3}
+        return result

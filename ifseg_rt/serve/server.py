@@ -1,0 +1,148 @@
+"""``serve``: a Triton Inference Server around one exported model (a :class:`~ifseg_rt.runtime.Segmenter` per
+model instance), until SIGINT or SIGTERM.
+
+The model directory is validated here first (clear errors before anything starts); then a one-model repository
+(:func:`~ifseg_rt.serve.repository.write_serving_repository`) goes into a temporary directory and PyTriton's bundled
+tritonserver runs it (:class:`~ifseg_rt.serve.tritonserver.TritonServer`). Every instance loads the model once;
+requests are batched dynamically; the contract is :mod:`ifseg_rt.serve.protocol`. Torch is imported only when
+the torch backend is chosen (inside the model instances).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+from ..runtime.backends import resolve_backend, resolve_device
+from ..runtime.model_dir import load_model_dir
+from . import protocol as P
+from .repository import MAX_QUEUE_SIZE, check_repository, write_serving_repository
+from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``python -m ifseg_rt serve`` runs; see ``python -m ifseg_rt serve --help`` for each field."""
+
+    name: str = P.MODEL_NAME
+    backend: str = "auto"
+    device: str = "cpu"
+    threads: int = 0  # engine CPU threads per instance; 0: cores // instances
+    max_batch_size: int = 8
+    instances: int = 1
+    max_queue_size: int = MAX_QUEUE_SIZE
+    max_queue_delay_us: int = 0
+    max_request_bytes: int = P.MAX_REQUEST_BYTES
+    max_pixels: int = P.MAX_PIXELS
+    address: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    exit_timeout_s: int = EXIT_TIMEOUT_S
+
+
+def _threads(options: ServeOptions) -> int:
+    if options.threads:
+        return options.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // options.instances)
+
+
+def start_server(model_dir: Union[str, Path], workdir: Union[str, Path], options: ServeOptions = ServeOptions(),
+                 *, log: Optional[Callable[[str], None]] = None, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
+    """Validate ``model_dir``, write the serving repository under ``workdir`` and start the server; returns the
+    running :class:`TritonServer` (stop it with ``.stop()``) once the model is ready.
+
+    Raises
+    ------
+    ModelDirError / BackendUnavailable / ValueError for a model or option that cannot serve; ServerError when
+    tritonserver does not come up (its error lines are in the message)
+    """
+    spec = load_model_dir(model_dir)
+    device = resolve_device(options.device)
+    backend = resolve_backend(options.backend, device, spec)  # BackendUnavailable here, not inside Triton
+    repo = Path(workdir) / "models"
+    write_serving_repository(repo, spec, name=options.name, backend=backend, device=device,
+                             threads=_threads(options) if backend != "tensorrt" else 0,
+                             max_batch_size=options.max_batch_size, instances=options.instances,
+                             max_queue_size=options.max_queue_size, max_queue_delay_us=options.max_queue_delay_us,
+                             max_request_bytes=options.max_request_bytes, max_pixels=options.max_pixels)
+    server = TritonServer(repo, http_port=options.http_port, grpc_port=options.grpc_port,
+                          metrics_port=options.metrics_port, address=options.address, log=log,
+                          exit_timeout_s=options.exit_timeout_s, gpu_metrics=device.startswith("cuda"))
+    return server.start(timeout_s)
+
+
+def start_repository(repository: Union[str, Path], options: ServeOptions = ServeOptions(), *,
+                     log: Optional[Callable[[str], None]] = None, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
+    """Start the server on an existing model repository (e.g. ``export --format triton --onnx-stand-in``; this
+    tritonserver has the python backend only) after :func:`~ifseg_rt.serve.repository.check_repository`."""
+    check_repository(repository)
+    server = TritonServer(repository, http_port=options.http_port, grpc_port=options.grpc_port,
+                          metrics_port=options.metrics_port, address=options.address, log=log,
+                          exit_timeout_s=options.exit_timeout_s)
+    return server.start(timeout_s)
+
+
+def _write_ready_file(path: Union[str, Path], server: TritonServer, options: ServeOptions) -> None:
+    info: Dict[str, Any] = {"pid": os.getpid(), "server_pid": server.pid, "model": options.name,
+                            "address": server.host, **server.ports, "options": asdict(options)}
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(p)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOptions(), *,
+          repository: Union[None, str, Path] = None, ready_file: Union[None, str, Path] = None,
+          log: Optional[Callable[[str], None]] = print, announce: Callable[[str], None] = print) -> int:
+    """Serve ``model_dir`` (or the model ``repository`` as it is) until SIGINT / SIGTERM (then in-flight requests
+    finish and everything is removed).
+
+    Returns 0 after a signal, else the server's exit code (it ended on its own) or 1.
+    """
+    # SIGTERM takes SIGINT's path; SIGINT is reset too, because a process started in the background by a
+    # non-interactive shell inherits it ignored and would never stop on Ctrl-C / kill -INT
+    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _interrupt),
+                                                    (signal.SIGINT, signal.default_int_handler))}
+    server = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="ifseg_serve_") as work:
+            try:
+                if repository is None:
+                    server = start_server(model_dir, work, options, log=log)
+                    what = f"{model_dir} as model '{options.name}'"
+                else:
+                    server = start_repository(repository, options, log=log)
+                    what = f"the models of {repository}"
+                if ready_file:
+                    _write_ready_file(ready_file, server, options)
+                announce(f"serving {what}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+                         f"{server.metrics_url} (Ctrl-C or SIGTERM stops)")
+                announce(f"  client: python -c \"from ifseg_rt.serve import Client; "
+                         f"print(Client('{server.http_url}').seg('image.jpg').names())\"")
+                code = server.wait()
+                announce(f"tritonserver exited on its own (code {code}):\n{server.errors()}")
+                return code or 1
+            except KeyboardInterrupt:
+                announce("stopping: finishing in-flight requests")
+                return 0
+            finally:
+                for s in previous:  # a second signal must not cut the shutdown short (it takes <= exit timeout + 20 s)
+                    signal.signal(s, signal.SIG_IGN)
+                if server is not None:
+                    server.stop()
+                if ready_file:
+                    Path(ready_file).unlink(missing_ok=True)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,307 @@
+"""Run a real ``tritonserver`` on a model repository: the binary and python backend that ``nvidia-pytriton`` ships
+(Triton 2.51 with the Python backend only), in a child process that we start, watch and stop.
+
+Why not PyTriton's ``Triton.bind`` API: its proxy fails a whole dynamic batch when one request is bad, and has no
+place for config ``parameters`` (our category names); a python-backend model of our own answers each request
+on its own and is the same artefact a stock Triton loads. What we take from the wheel is located in one place,
+:func:`bundled_tritonserver`.
+
+Three facts the launch relies on (checked on this machine, see the README):
+
+* The python-backend stub links ``libpython3.X.so``; a system copy of another patch release fails model loading
+  (``'_thread.RLock' object has no attribute '_recursion_count'``). The running interpreter's ``LIBDIR`` goes first
+  on ``LD_LIBRARY_PATH``, then the wheel's ``nvidia_pytriton.libs`` (the copied stub's RPATH no longer reaches it).
+* The stub picks its interpreter and site-packages from the first ``python3`` on ``PATH`` (it ignores
+  ``PYTHONPATH``): the running interpreter's directory goes first.
+* Model control is ``none`` (the repository API cannot load or unload models, hence cannot run code), and the
+  shared-memory, model-repository, trace and logging APIs require a random header only this process knows.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Optional, Union
+
+READY_TIMEOUT_S = 300.0  # model loading can take minutes (engine builds, big checkpoints)
+EXIT_TIMEOUT_S = 10  # tritonserver's own grace period for in-flight requests on shutdown
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"  # need ADMIN_HEADER on HTTP and gRPC
+ADMIN_HEADER = "ifseg-admin-token"
+LOG_LINES = 400  # last lines of the server log kept for error messages
+# harmless log lines on a machine without a GPU, left out of error messages
+NOISE = ("CudaDriverHelper", "CUDA driver version", "Failed to initialize NVML", "model_config_content_name_")
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be started (missing dependency, busy port, a model that failed to load, ...)."""
+
+
+@dataclass(frozen=True)
+class BundledTriton:
+    """The parts of nvidia-pytriton's wheel that run a stand-alone Triton."""
+
+    executable: Path  # tritonserver
+    python_backend: Path  # libtriton_python.so + triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for this interpreter's major.minor
+    libs: Path  # nvidia_pytriton.libs: the shared libraries tritonserver and the stub need
+
+
+def bundled_tritonserver() -> BundledTriton:
+    """Locate tritonserver, the python backend and the stub for this interpreter in the installed nvidia-pytriton.
+
+    This is the only code that knows the wheel's layout (``pytriton/tritonserver/{bin,backends/python,
+    python_backend_stubs/X.Y}``, found through ``pytriton.utils.distribution``, as PyTriton itself does); a test
+    fails loudly when a release moves anything.
+
+    Raises
+    ------
+    ServerError when nvidia-pytriton is missing or lacks a part (the message names it)
+    """
+    try:
+        from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+    except ImportError as e:
+        raise ServerError(f"serving needs nvidia-pytriton (it bundles tritonserver): pip install 'ifseg_rt[serve]' "
+                          f"({e})") from None
+    root = Path(get_root_module_path()) / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    found = BundledTriton(executable=root / "bin" / "tritonserver", python_backend=root / "backends" / "python",
+                          stub=Path(get_stub_path(version)), libs=Path(get_libs_path()))
+    parts = (("tritonserver", found.executable), ("python backend", found.python_backend / "libtriton_python.so"),
+             (f"python {version} backend stub", found.stub), ("libraries", found.libs))
+    for what, p in parts:
+        if not p.exists():
+            raise ServerError(f"nvidia-pytriton is installed but its {what} is not at {p}: this release is laid out "
+                              f"differently from 0.7 (or lacks Python {version}); install nvidia-pytriton 0.7.x")
+    return found
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the usual race applies until the server binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def server_environment(bundle: BundledTriton, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Environment for tritonserver: this interpreter's libpython and the wheel's libraries first on
+    ``LD_LIBRARY_PATH``, this interpreter's directory first on ``PATH`` (see the module docstring)."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    first = [p for p in (libdir, str(bundle.libs)) if p]
+    rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in first]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(first + rest)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir])
+    return env
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: tritonserver gets SIGTERM when its parent dies
+
+
+class TritonServer:
+    """A tritonserver child process on a model repository.
+
+    ``start()`` returns once every model is ready (``GET /v2/health/ready``), or raises :class:`ServerError` with
+    the server's own error lines; ``stop()`` (also on ``with`` exit) lets in-flight requests finish, then ends it.
+
+    Arguments:
+      repository: model repository directory
+      http_port, grpc_port, metrics_port: ports (0: a free one, chosen at start)
+      address: interface to listen on ("127.0.0.1": this machine only; "0.0.0.0": every interface)
+      log: called with every line of the server's output (default: dropped; the last lines are kept for errors)
+      log_verbose: tritonserver's verbosity (0: info, warnings, errors)
+      exit_timeout_s: grace period for in-flight requests at shutdown
+    """
+
+    def __init__(self, repository: Union[str, Path], *, http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, address: str = "127.0.0.1", log: Optional[Callable[[str], None]] = None,
+                 log_verbose: int = 0, exit_timeout_s: int = EXIT_TIMEOUT_S, gpu_metrics: bool = False):
+        self.repository = Path(repository)
+        self.address = address
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.log = log
+        self.log_verbose = log_verbose
+        self.exit_timeout_s = exit_timeout_s
+        self.gpu_metrics = gpu_metrics
+        self.process: Optional[subprocess.Popen] = None
+        self.lines: Deque[str] = collections.deque(maxlen=LOG_LINES)
+        self._work: Optional[tempfile.TemporaryDirectory] = None
+        self._reader: Optional[threading.Thread] = None
+        self._token = secrets.token_hex(16)
+
+    # --- properties -------------------------------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        """Where clients on this machine reach the server."""
+        return "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self.process is None else self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    def command(self, bundle: BundledTriton, backends: Path) -> List[str]:
+        p = self.ports
+        restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={self._token}"
+        return [str(bundle.executable), f"--model-repository={self.repository.resolve()}",
+                f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}",
+                "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+                f"--http-address={self.address}", f"--http-port={p['http']}",
+                f"--grpc-address={self.address}", f"--grpc-port={p['grpc']}",
+                f"--metrics-address={self.address}", f"--metrics-port={p['metrics']}",
+                f"--allow-gpu-metrics={str(self.gpu_metrics).lower()}",
+                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
+                f"--exit-timeout-secs={int(self.exit_timeout_s)}", f"--log-verbose={int(self.log_verbose)}",
+                # one shared-memory namespace per server: two servers on one machine must not share regions
+                f"--backend-config=python,shm-region-prefix-name=ifseg{os.getpid()}_{self._token[:8]}_",
+                "--backend-config=python,shm-default-byte-size=4194304",
+                "--backend-config=python,shm-growth-byte-size=1048576"]
+
+    def _backends(self, bundle: BundledTriton) -> Path:
+        """A backend directory with the python backend and the stub of this interpreter beside it (where the
+        backend looks for it); the libraries are linked, the small stub is copied as PyTriton does."""
+        self._work = tempfile.TemporaryDirectory(prefix="ifseg_triton_")
+        backends = Path(self._work.name) / "backends"
+        py = backends / "python"
+        py.mkdir(parents=True)
+        for f in bundle.python_backend.iterdir():
+            if f.is_file():
+                (py / f.name).symlink_to(f)
+        shutil.copy2(bundle.stub, py / "triton_python_backend_stub")
+        (Path(self._work.name) / "caches").mkdir()
+        return backends
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> "TritonServer":
+        if self.is_alive():
+            raise ServerError(f"tritonserver already running (pid {self.pid})")
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository not found: {self.repository}")
+        bundle = bundled_tritonserver()
+        for k, v in self.ports.items():
+            if v == 0:
+                self.ports[k] = free_port(self.host)
+        backends = self._backends(bundle)
+        self.lines.clear()
+        try:
+            self.process = subprocess.Popen(
+                self.command(bundle, backends), env=server_environment(bundle), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                start_new_session=True)  # a terminal's Ctrl-C reaches us only; we stop the server in order
+        except OSError as e:
+            self._cleanup()
+            raise ServerError(f"cannot start {bundle.executable}: {e}") from None
+        self._reader = threading.Thread(target=self._read, name="tritonserver-log", daemon=True)
+        self._reader.start()
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if self.log is not None:
+                self.log(line)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.host}:{self.ports['http']}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                if self._reader is not None:
+                    self._reader.join(timeout=5)
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready:\n"
+                                  f"{self.errors()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.errors()}")
+
+    def errors(self) -> str:
+        """The server's error lines (Triton's ``E...`` log lines and Python tracebacks), else its last lines."""
+        lines = [ln for ln in self.lines if not any(n in ln for n in NOISE)]
+        picked = [ln for ln in lines if re.match(r"^E\d{4} ", ln) or "Error" in ln or "error:" in ln]
+        return "\n".join((picked or lines)[-40:])
+
+    def wait(self, timeout_s: Optional[float] = None) -> Optional[int]:
+        """Block until the server exits (or ``timeout_s`` passes); its exit code, or None while it runs."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
+        """SIGTERM (Triton stops accepting, finishes in-flight requests within ``exit_timeout_s``, unloads the
+        models), then SIGKILL if it is still there ``timeout_s`` later. Returns the exit code."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 20)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+        self._cleanup()
+        return code
+
+    def _cleanup(self) -> None:
+        if self._work is not None:
+            self._work.cleanup()
+            self._work = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if not self.is_alive() else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,56 @@
+"""Facts about the machine that thread counts and benchmark reports depend on (a leaf module: stdlib only)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: containers and ``taskset`` restrict it), not the machine's
+    total. Thread counts default to this, so that a process never oversubscribes the cores it actually has."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows; benchmark numbers carry it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def idle_cores(sample_s: float = 0.25) -> int:
+    """How many of the cores available to this process are idle right now: their idle share of a short sample of
+    ``/proc/stat``, rounded (at least 1; :func:`available_cores` where ``/proc/stat`` is absent). Compute-bound tools
+    use it to avoid spreading over a core another process keeps busy (a 2-thread forward on two cores of which one
+    is busy can be 5x slower than a 1-thread one)."""
+    import time
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+    def snapshot():
+        rows = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *vals = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in vals]
+                rows[int(name[3:])] = (v[3] + (v[4] if len(v) > 4 else 0), sum(v))  # idle + iowait, total
+        return rows
+
+    try:
+        a = snapshot()
+        time.sleep(sample_s)
+        b = snapshot()
+    except (OSError, ValueError, IndexError):
+        return available_cores()
+    ids = [c for c in (cores or list(b)) if c in a and c in b]
+    idle = sum((b[c][0] - a[c][0]) / max(1, b[c][1] - a[c][1]) for c in ids)
+    return max(1, min(len(ids) or 1, int(idle + 0.5)))

@@ -1,0 +1,162 @@
+"""Low-precision CPU variants behind the accuracy gate, and the split graph with per-grid cached tables."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from ifseg_rt.export import export  # noqa: E402
+from ifseg_rt.export.precision import INT8_BODY, PrecisionGateError, calibration_images  # noqa: E402
+from ifseg_rt.runtime import ImagePolicy, Segmenter  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+POLICY = ImagePolicy(short_side=64, max_long_side=256)  # small inputs: a few seconds per export check
+CALIB = 4
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return calibration_images(None, CALIB)
+
+
+@pytest.fixture(scope="module")
+def int8_dir(nano_run, tmp_path_factory, calib):
+    out = tmp_path_factory.mktemp("int8") / "model"
+    export(nano_run, out, image_policy=POLICY, precision=["int8"], calibration=calib, check=False)
+    return out
+
+
+def _fp32_copy(int8_dir, tmp_path):
+    """The int8 directory without its int8 variant: an fp32 export, without exporting again."""
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(int8_dir, out)
+    m = json.loads((out / "ifseg.json").read_text())
+    del m["precisions"], m["files"][INT8_BODY]
+    m["precision"] = "fp32"
+    (out / INT8_BODY).unlink()
+    (out / "ifseg.json").write_text(json.dumps(m))
+    return out, m
+
+
+def _add(out, m, precisions, calib, min_agreement):
+    from ifseg_rt.export.precision import add_precisions
+    from ifseg_rt.runtime.model_dir import load_model_dir, write_manifest
+
+    add_precisions(out, m, precisions, spec=load_model_dir(out), calibration=calib, min_agreement=min_agreement,
+                   write=lambda d: write_manifest(out, d))
+    m["precision"] = precisions[0]
+    write_manifest(out, m)
+
+
+def _agreement(a: Segmenter, b: Segmenter, images) -> float:
+    same = total = 0
+    for im in images:
+        la, lb = a.seg(im).labels, b.seg(im).labels
+        same, total = same + int((la == lb).sum()), total + la.size
+    return same / total
+
+
+def test_int8_export_records_its_agreement(int8_dir, calib):
+    m = json.loads((int8_dir / "ifseg.json").read_text())
+    assert m["precision"] == "int8"
+    rec = m["precisions"]["int8"]
+    assert rec["backend"] == "onnxruntime" and rec["body"] == INT8_BODY and INT8_BODY in m["files"]
+    assert rec["agreement"]["images"] == CALIB and rec["agreement"]["pixels"] >= 0.99
+    seg = Segmenter.load(int8_dir, threads=1)  # the exported default
+    assert seg.precision == "int8" and seg.backend.file == INT8_BODY and seg.agreement == rec["agreement"]
+    ref = Segmenter.load(int8_dir, precision="fp32", threads=1)
+    assert ref.precision == "fp32" and ref.backend.file == "body.onnx"
+    # the recorded number is what the two pipelines give on the same images, recomputed here
+    assert _agreement(ref, seg, calib) == pytest.approx(rec["agreement"]["pixels"], abs=0)
+    # int8 weights really are int8: the quantised body is much smaller than the fp32 one
+    assert (int8_dir / INT8_BODY).stat().st_size < 0.6 * (int8_dir / "body.onnx").stat().st_size
+
+
+def test_the_gate_refuses_and_leaves_a_valid_directory(int8_dir, tmp_path, calib):
+    out, m = _fp32_copy(int8_dir, tmp_path)
+    with pytest.raises(PrecisionGateError, match=r"int8: labels agree with fp32 on [\d.]+ % of the pixels of 4 "
+                                                  r"calibration images, below the gate of 100.00 %"):
+        _add(out, m, ["int8"], calib, 1.0)
+    m = json.loads((out / "ifseg.json").read_text())
+    assert "int8" not in m.get("precisions", {}) and INT8_BODY not in m["files"] and not (out / INT8_BODY).exists()
+    seg = Segmenter.load(out, threads=1)
+    assert seg.precision == "fp32"
+    from ifseg_rt.runtime import ModelDirError
+
+    with pytest.raises(ModelDirError, match=r"offers the CPU precisions \['fp32'\], not 'int8'"):
+        Segmenter.load(out, precision="int8")
+
+
+def test_bf16_runs_on_the_torch_backend(int8_dir, tmp_path, calib):
+    out, m = _fp32_copy(int8_dir, tmp_path)
+    _add(out, m, ["bf16"], calib, 0.0)
+    m = json.loads((out / "ifseg.json").read_text())
+    assert m["precision"] == "bf16" and m["precisions"]["bf16"]["backend"] == "torch"
+    assert 0.5 < m["precisions"]["bf16"]["agreement"]["pixels"] <= 1.0
+    seg = Segmenter.load(out)
+    assert seg.backend.name == "torch" and seg.backend.dtype == torch.bfloat16 and seg.precision == "bf16"
+    with pytest.raises(ValueError, match="precision 'bf16' runs on the torch backend, not 'onnxruntime'"):
+        Segmenter.load(out, backend="onnxruntime", precision="bf16")
+
+
+def test_split_graph_computes_tables_once_per_grid(int8_dir):
+    from ifseg_rt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from ifseg_rt.runtime.model_dir import PrecisionSpec
+
+    seg = Segmenter.load(int8_dir, precision="fp32", threads=1)
+    backend = seg.backend
+    calls = []
+    real = backend.tables_session
+
+    class Counting:
+        def run(self, names, feeds):
+            calls.append(feeds["grid"].shape)
+            return real.run(names, feeds)
+
+    backend.tables_session = Counting()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    images.append(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    results = seg.seg(images, batch_size=2) + [seg.seg(images[0])]
+    assert calls == [(4, 6), (6, 4)]  # two grids, each computed once for five images
+    # the split graph gives the portable model.onnx's outputs
+    portable = OnnxRuntimeBackend(dataclasses.replace(seg.spec, tables_file=None,
+                                                      precisions={"fp32": PrecisionSpec("fp32", "onnxruntime")}),
+                                  threads=1)
+    assert not portable.split and portable.file == "model.onnx"
+    x = np.stack([seg.preprocess(im)[0] for im in images[:2]])
+    for a, b in zip(backend.run(x), portable.run(x)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert results[0].labels.shape == (48, 64)
+
+
+def test_bench_formats_table(int8_dir, tmp_path, capsys):
+    from ifseg_rt.__main__ import cli
+    from ifseg_rt.nano.world import write_dataset
+
+    pairs = write_dataset(tmp_path / "data", [7, 8], ["sky", "grass", "water", "sand", "ball", "star"], size=64)
+    out = tmp_path / "bench.json"
+    assert cli(["bench", "--model", str(int8_dir), "--formats", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                "--size", "48x64", "--images", str(pairs[0][0].parent), "--labels", str(pairs[0][1].parent),
+                "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "backend" in printed and "agree" in printed and "mIoU" in printed
+    rep = json.loads(out.read_text())
+    rows = {(r["backend"], r["precision"], r.get("graph", "")): r for r in rep["formats"]}
+    assert set(rows) == {("onnxruntime", "int8", ""), ("onnxruntime", "fp32", ""), ("onnxruntime", "fp32", "portable"),
+                         ("torch", "fp32", "")}
+    first = rep["formats"][0]
+    assert first["agreement"] == 1.0  # the reference row
+    m = json.loads((int8_dir / "ifseg.json").read_text())
+    assert rows[("onnxruntime", "int8", "")]["recorded_agreement"] == m["precisions"]["int8"]["agreement"]["pixels"]
+    assert rows[("onnxruntime", "int8", "")]["size_mb"] < rows[("onnxruntime", "fp32", "")]["size_mb"]
+    for r in rows.values():
+        assert set(r["ms"]) == {"preprocess", "engine", "knn", "resize_argmax", "total"} and r["img_s"] > 0
+        assert 0 <= r["miou"] <= 100 and 0.9 <= r["agreement"] <= 1.0

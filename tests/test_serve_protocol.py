@@ -1,0 +1,177 @@
+"""The serving contract without a server: request decoding and its limits, output packing, the client's encoding
+and URLs, category parameters, and the torch-free imports of ifseg_rt.serve."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ifseg_rt.runtime.preprocess import load_image
+from ifseg_rt.runtime.segmenter import SegmentationResult
+from ifseg_rt.serve import protocol as P
+from ifseg_rt.serve.client import encode_image, parse_url
+
+PHOTO = Path(__file__).parent / "data" / "photo_stm32f3discovery.jpg"
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def items(*datas) -> np.ndarray:
+    return np.array([[d] for d in datas], dtype=np.object_)
+
+
+def test_decode_items_matches_load_image_of_the_file(tmp_path):
+    rot = tmp_path / "rotated.jpg"  # EXIF orientation 6: the decoded image must come out upright (transposed)
+    im = Image.open(PHOTO)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(rot, exif=exif.tobytes(), quality=95)
+    for path in (PHOTO, rot):
+        (got,) = P.decode_items(items(path.read_bytes()))
+        np.testing.assert_array_equal(got, load_image(path))
+    assert load_image(rot).shape[:2] == load_image(PHOTO).shape[1::-1]
+
+
+@pytest.mark.parametrize("data, limit, match", [
+    (b"", {}, r"input 'image' is empty \(0 bytes\)"),
+    (b"GIF89a not really", {}, "not an image format Pillow recognises"),
+    (None, {"max_bytes": 100}, "above this server's limit of 100 bytes"),
+    ("bomb", {"max_pixels": 1_000_000}, r"3000x3000 px = 9 Mpx, above the 1 Mpx limit"),
+    ("truncated", {}, "truncated"),
+])
+def test_decode_items_refuses_bad_items_before_decoding(data, limit, match):
+    if data is None:
+        data = PHOTO.read_bytes()
+    elif data == "bomb":  # 9 Mpx of zeros in a few KB: refused from the header, never decoded
+        buf = io.BytesIO()
+        Image.new("L", (3000, 3000)).save(buf, format="PNG")
+        data = buf.getvalue()
+        assert len(data) < 100_000
+    elif data == "truncated":
+        data = PHOTO.read_bytes()[:2000]
+    with pytest.raises(P.RequestError, match=match):
+        P.decode_items(items(data), **limit)
+
+
+def test_decode_items_names_the_item_and_checks_the_shape():
+    good = png(np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(P.RequestError, match=r"item 1 of input 'image' is empty"):
+        P.decode_items(items(good, b""))
+    with pytest.raises(P.RequestError, match=r"must have shape \[batch, 1\]"):
+        P.decode_items(np.array([[good, good]], dtype=np.object_))
+    with pytest.raises(P.RequestError, match="must be the bytes of an encoded image file, got int"):
+        P.decode_items(items(3))
+
+
+def _result(h0, w0, grid, m=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return SegmentationResult(labels=rng.integers(0, m, (h0, w0)).astype(np.int32), categories=("a", "b", "c"),
+                              grid=grid, original_size=(h0, w0), input_size=(grid[0] * 16, grid[1] * 16),
+                              probabilities=rng.random((*grid, m)).astype(np.float32))
+
+
+def test_pack_and_unpack_round_trip_with_padding():
+    results = [_result(20, 30, (2, 2)), _result(33, 17, (3, 1), seed=1)]
+    out = P.pack_results(results)
+    assert out[P.LABELS].shape == (2, 33, 30) and out[P.LABELS].dtype == np.int32
+    assert (out[P.LABELS][0, 20:] == P.PAD_LABEL).all() and (out[P.LABELS][1, :, 17:] == P.PAD_LABEL).all()
+    assert out[P.PROBABILITIES].shape == (2, 3, 2, 3)
+    back = P.unpack_results(out, ("a", "b", "c"))
+    for r, b in zip(results, back):
+        np.testing.assert_array_equal(b.labels, r.labels)
+        np.testing.assert_array_equal(b.probabilities, r.probabilities)
+        assert (b.grid, b.original_size, b.input_size) == (r.grid, r.original_size, r.input_size)
+    only = P.pack_results(results[:1], [P.LABELS, P.GRID])
+    assert set(only) == {P.LABELS, P.GRID}
+
+
+def test_unpack_rejects_labels_outside_the_category_list():
+    out = P.pack_results([_result(20, 20, (2, 2))])
+    out[P.LABELS][0, 0, 0] = 7
+    with pytest.raises(ValueError, match="values outside 0..2"):
+        P.unpack_results(out, ("a", "b", "c"))
+    del out[P.GRID]
+    with pytest.raises(ValueError, match="no \\[batch, 2\\] 'grid' output"):
+        P.unpack_results(out, ("a", "b", "c"))
+
+
+def test_categories_from_config():
+    cfg = {"parameters": {P.CATEGORIES_PARAMETER: {"string_value": json.dumps(["sky", "road"])}}}
+    assert P.categories_from_config(cfg, "m") == ("sky", "road")
+    with pytest.raises(ValueError, match="not an ifseg_rt model"):
+        P.categories_from_config({"parameters": {}}, "m")
+    with pytest.raises(ValueError, match="must be a JSON list of names"):
+        P.categories_from_config({"parameters": {P.CATEGORIES_PARAMETER: {"string_value": "{}"}}}, "m")
+
+
+def test_encode_image_sends_files_as_they_are_and_arrays_losslessly(tmp_path):
+    assert encode_image(PHOTO) == PHOTO.read_bytes()
+    assert encode_image(str(PHOTO)) == PHOTO.read_bytes()
+    arr = np.random.default_rng(0).integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(load_image(encode_image(arr)), arr)
+    gray16 = (np.arange(20 * 20, dtype=np.uint16) * 150).reshape(20, 20)  # converted as Segmenter does
+    np.testing.assert_array_equal(load_image(encode_image(gray16)), load_image(gray16))
+    np.testing.assert_array_equal(load_image(encode_image(Image.fromarray(arr))), arr)
+    with pytest.raises(FileNotFoundError):
+        encode_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="must be uint8"):
+        encode_image(np.zeros((20, 20, 3), np.float32))
+    with pytest.raises(TypeError, match="unsupported image type"):
+        encode_image(3.5)
+
+
+@pytest.mark.parametrize("url, want", [
+    ("localhost:8000", ("localhost:8000", "http", False)),
+    ("http://h:1/", ("h:1", "http", False)),
+    ("https://h:1", ("h:1", "http", True)),
+    ("grpc://h:8001", ("h:8001", "grpc", False)),
+])
+def test_parse_url(url, want):
+    assert parse_url(url) == want
+
+
+def test_parse_url_errors():
+    assert parse_url("h:8001", "grpc") == ("h:8001", "grpc", False)
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        parse_url("ftp://h:1")
+    with pytest.raises(ValueError, match="contradicts"):
+        parse_url("grpc://h:1", "http")
+    with pytest.raises(ValueError, match="expected host:port"):
+        parse_url("http://h:1/v2/models")
+
+
+def test_serving_modules_import_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+            "import ifseg_rt.serve.client, ifseg_rt.serve.server, ifseg_rt.serve.repository, "
+            "ifseg_rt.serve.triton_models, ifseg_rt.serve.cli, ifseg_rt.serve.tritonserver\n"
+            "from ifseg_rt.serve import Client, export_repository, serve\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_serve_cli_errors(tmp_path, capsys):
+    from ifseg_rt.__main__ import cli, usage
+    from ifseg_rt.serve.cli import main
+
+    assert "serve" in usage()
+    assert cli(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    for argv, match in ((["--model", "m", "--http-port", "9000", "--grpc-port", "9000"], "must differ"),
+                        (["--repository", "r", "--instances", "2"], "--instances set(s) the served model"),
+                        (["--model", "m", "--repository", "r"], "not allowed with argument"),
+                        (["--model", "m", "--max-pixels", "100"], "must be >= 256"),
+                        (["--model", "m", "--name", "a b"], "model names are")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert match in capsys.readouterr().err, argv
