@@ -150,7 +150,10 @@ def test_health_metadata_and_categories_in_the_config(server, segmenter):
     assert {o["name"] for o in meta["outputs"]} == set(P.OUTPUTS)
     config = json.loads(_get(base + "/v2/models/ifseg/config")[1])
     assert P.categories_from_config(config, "ifseg") == segmenter.categories
-    assert config["instance_group"][0]["count"] == 1 and config["max_batch_size"] == 8
+    from ifseg_rt.system import available_cores
+
+    # the default: one instance per available core on the CPU (at most 4)
+    assert config["instance_group"][0]["count"] == min(4, available_cores()) and config["max_batch_size"] == 8
     assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 64
     # loading / unloading models and shared memory are closed to clients (a token only the server knows)
     req = urllib.request.Request(base + "/v2/repository/models/ifseg/unload", data=b"{}", method="POST")

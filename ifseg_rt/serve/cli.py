@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "tritonserver has the python backend only); the model options are its own")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
                    help="inference engine of each instance (torch is imported only for --backend torch)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--name", type=_model_name, default=P.MODEL_NAME, help="Triton model name")
     p.add_argument("--address", default="127.0.0.1",
                    help="interface to listen on; 0.0.0.0 accepts connections from other machines")
@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("capacity and memory bounds")
     g.add_argument("--max-batch-size", type=positive_int, default=8,
                    help="most images one instance runs at once (Triton's dynamic batcher joins requests)")
-    g.add_argument("--instances", type=positive_int, default=1,
-                   help="model instances (processes), each holding one Segmenter and running one batch at a time")
+    g.add_argument("--instances", type=positive_int, default=None,
+                   help="model instances (processes), each holding one Segmenter and running one batch at a time "
+                        "(default: on the CPU one per available core, so that one instance's decoding and "
+                        "post-processing overlap another's network; on a GPU 1)")
     g.add_argument("--threads", type=non_negative_int, default=0,
                    help="engine CPU threads per instance (0: the available cores divided by --instances)")
     g.add_argument("--max-queue-size", type=positive_int, default=MAX_QUEUE_SIZE,
@@ -99,8 +101,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if given:
             parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) the served model; with "
                          f"--repository the repository's own config.pbtxt files decide")
+    instances = args.instances
+    if instances is None:
+        from ..runtime.backends import resolve_device
+        from ..system import available_cores
+
+        instances = 1 if resolve_device(args.device).startswith("cuda") else min(4, available_cores())
     options = ServeOptions(name=args.name, backend=args.backend, device=args.device, threads=args.threads,
-                           max_batch_size=args.max_batch_size, instances=args.instances,
+                           max_batch_size=args.max_batch_size, instances=instances,
                            max_queue_size=args.max_queue_size, max_queue_delay_us=args.max_queue_delay_us,
                            max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
                            address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
