@@ -27,7 +27,7 @@ from torch import nn
 from .files import file_sha256
 from .knn.settings import KnnSettings
 from .model import MODEL_REGISTRY, OFA, OFAConfig, SegOFA, build_model, get_config
-from .runtime.preprocess import PATCH
+from .geometry import PATCH
 
 FORMAT_NAME = "ifseg_rt"
 FORMAT_VERSION = 1

@@ -25,7 +25,8 @@ How a run goes:
 * Writes are atomic, so a re-run skips every image whose outputs exist (their rows read the label map back) and only
   segments the rest: a crashed run resumes where it stopped.
 * ``eval``: each actor scores its images with :func:`ifseg_rt.evaluate.predict_pair`, the function single-process
-  ``eval`` uses, and sums their confusion matrices; the driver sums those, so the mIoU is the single-process one.
+  ``eval`` uses, and sums their confusion matrices; the driver sums those, so the mIoU is the single-process one. Unlike single-process ``eval``, which stops at
+  the first unreadable image, a bad image is reported and left out (the exit status says so).
 
 Ray is imported lazily (``pip install 'ifseg_rt[ray]'``); :mod:`ifseg_rt.runtime` never imports this module's
 dependencies. ``address="local"`` starts a private Ray bound to the loopback interface (see :func:`init_ray`);
@@ -56,6 +57,7 @@ import numpy as np
 from .runtime.inputs import is_uri, list_images, split_uri
 from .runtime.outputs import ImageRecord, OutputDir, error_message, output_names, segment_files
 from .runtime.segmenter import STAGES
+from .system import available_cores
 
 RAY_HINT = "pip install 'ifseg_rt[ray]'"
 TABLE_NAME = "segments.parquet"  # the per-image table written into the output folder
@@ -94,14 +96,6 @@ def require_ray(*, local: bool = False):
         raise RayUnavailable(f"--ray needs Ray Data, which cannot be imported here ({e}); install it with "
                              f"{RAY_HINT}") from None
     return ray
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def is_loopback(host: str) -> bool:
@@ -267,7 +261,7 @@ class _Run:
         self.logger.setLevel(level)
         if exc is not None and isinstance(exc, self.ray.exceptions.RayError):
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0])
+            cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0] if lines else "(no error text)")
             raise RuntimeError(f"the Ray job failed: {cause}") from None
         return False
 
@@ -370,6 +364,7 @@ class _SegmentActor:
     def __call__(self, batch):
         index = batch.column("index").to_pylist()
         sources = batch.column("path").to_pylist()
+        absolute = batch.column("local").to_pylist()
         names = batch.column("name").to_pylist()
         records: List[ImageRecord] = []
         with tempfile.TemporaryDirectory(prefix="ifseg-in-") as tmp:
@@ -379,8 +374,8 @@ class _SegmentActor:
                 try:
                     if is_uri(src):
                         local[len(keep)] = _fetch(src, tmp, j)
-                    elif not os.path.isabs(src):  # workers do not share the driver's working directory
-                        local[len(keep)] = str(Path(src).absolute())
+                    elif absolute[j] != src:  # a relative path, made absolute on the driver
+                        local[len(keep)] = absolute[j]
                 except (OSError, ValueError) as e:  # pyarrow: FileNotFoundError, ArrowInvalid (a ValueError), ...
                     records.append(ImageRecord(index[j], src, names[j], error=error_message(src, f"cannot read it: "
                                                                                                   f"{e}")))
@@ -473,8 +468,10 @@ def segment_dataset(inputs: Sequence[str], model_dir: str, out_dir: str, *, over
             out.fs.create_dir(out.path, recursive=True)
         else:
             out.root.mkdir(parents=True, exist_ok=True)
-        blocks = _blocks({"index": list(range(len(sources))), "path": sources, "name": names}, plan.actors,
-                         batch_size)
+        # "path" is what the table reports (as given); "local" is where workers read it (made absolute here: workers
+        # do not share the driver's working directory)
+        blocks = _blocks({"index": list(range(len(sources))), "path": sources, "name": names,
+                          "local": [_absolute(s) for s in sources]}, plan.actors, batch_size)
         opts = dict(load_options, device=plan.device, threads=plan.threads)
         ds = ray.data.from_arrow(blocks).map_batches(
             _SegmentActor, fn_constructor_args=(_absolute(model_dir), out_root),
@@ -662,19 +659,9 @@ def ray_address(text: str) -> str:
     return text
 
 
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
 def add_ray_arguments(p: argparse.ArgumentParser, *, command: str) -> None:
     """``--ray [ADDRESS]`` and the pool flags (``command``: "segment" adds ``--table`` and ``--overwrite``)."""
-    from ._argtypes import positive_int
+    from ._argtypes import positive_float, positive_int
 
     g = p.add_argument_group("Ray Data (pip install 'ifseg_rt[ray]')")
     g.add_argument("--ray", nargs="?", const="local", default=None, type=ray_address, metavar="ADDRESS",

@@ -157,9 +157,12 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: int
     t0 = time.perf_counter()
     it = pairs
     if progress:
-        from tqdm import tqdm
-
-        it = tqdm(pairs, desc="eval", unit="img", dynamic_ncols=True)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the runtime alone has no tqdm: no progress bar then
+            tqdm = None
+        if tqdm is not None:
+            it = tqdm(pairs, desc="eval", unit="img", dynamic_ncols=True)
     for image_path, label_path in it:
         pred, gt = predict_pair(segmenter, image_path, label_path, label_offset=label_offset, knn=settings)
         for name, labels in pred.items():

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ..runtime.preprocess import PATCH  # the loss is computed at PATCH * G pixels per side (512 for G = 32)
+from ..geometry import PATCH  # the loss is computed at PATCH * G pixels per side (512 for G = 32)
 
 
 

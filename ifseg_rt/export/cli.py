@@ -9,21 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .._argtypes import HelpFormatter, examples, non_negative_int, positive_int
-from ..runtime.preprocess import PATCH
-
-
-def _hw(s: str):
-    import re
-
-    parts = [p for p in re.split(r"[x,\s]+", s.strip()) if p]
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {s!r}") from None
-    if min(h, w) < PATCH:
-        raise argparse.ArgumentTypeError(f"{s!r}: both sides must be >= {PATCH} px (one patch)")
-    return h, w
+from .._argtypes import HelpFormatter, examples, image_size, non_negative_int, positive_int
 
 
 def _precisions(s: str):
@@ -72,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("image policy and post-processing (written to ifseg.json)")
     g.add_argument("--short-side", type=positive_int, default=512, help="paper policy: resize the short side to this")
     g.add_argument("--max-long-side", type=positive_int, default=2048, help="paper policy: cap for the long side")
-    g.add_argument("--image-size", type=_hw, help="fixed network input HxW instead of the paper policy")
+    g.add_argument("--image-size", type=image_size, help="fixed network input HxW instead of the paper policy")
     g.add_argument("--knn-k", type=positive_int, default=None,
                    help="kNN neighbours, the cell itself included (default: the source's setting, else 3)")
     g.add_argument("--knn-iters", type=non_negative_int, default=None,
@@ -82,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-knn", action="store_true", help="disable kNN post-processing (plain logits arg-max)")
     g = p.add_argument_group("ONNX")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 for LayerNormalization)")
-    g.add_argument("--static-shape", type=_hw, help="export a fixed HxW graph (position tables constant-folded); "
+    g.add_argument("--static-shape", type=image_size, help="export a fixed HxW graph (position tables constant-folded); "
                                                   "sets a fixed image policy of that size")
     g.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter: torch.export-based (default) or the legacy tracer")

@@ -56,7 +56,8 @@ from ..model import SegOFA
 from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, SCHEMA_VERSION,
                                  TABLE_NAMES, TABLES_FILE, WEIGHTS_FILE, CPU_PRECISIONS, ModelSpec, build_manifest, load_model_dir,
                                  write_manifest)
-from ..runtime.preprocess import PATCH, ImagePolicy
+from ..geometry import PATCH, token_grid
+from ..runtime.preprocess import ImagePolicy
 from .onnx_model import IFSegBodyGraph, IFSegOnnxModel, IFSegTablesGraph
 from .precision import INT8_BODY, MIN_AGREEMENT, add_precisions
 
@@ -215,7 +216,7 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     path = Path(path)
-    grid = None if static_shape is None else tuple(-(-s // PATCH) for s in static_shape)
+    grid = None if static_shape is None else token_grid(*static_shape)
     wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid).eval()
     H, W = _dummy_shape(static_shape)
     g = torch.Generator().manual_seed(0)
@@ -306,7 +307,7 @@ def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAU
     core = IFSegOnnxModel(model, normalize_features=normalize_features).eval()
     g = torch.Generator().manual_seed(0)
     image = torch.randn(2, 3, *_dummy_shape(None), generator=g)
-    grid = torch.zeros(-(-image.shape[2] // PATCH), -(-image.shape[3] // PATCH))
+    grid = torch.zeros(*token_grid(image.shape[2], image.shape[3]))
     with torch.inference_mode():
         tables = IFSegTablesGraph(core)(grid)
     s_axes, t_axes = {2: "S", 3: "S"}, {2: "T", 3: "T"}
@@ -392,7 +393,7 @@ def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequen
             feats = torch.nn.functional.normalize(feats, dim=-1)
         runs = {"": sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})}
         if split:
-            grid = np.zeros((-(-h // PATCH), -(-w // PATCH)), np.float32)
+            grid = np.zeros(token_grid(h, w), np.float32)
             feeds = dict(zip(TABLE_NAMES, tables.run(list(TABLE_NAMES), {GRID_NAME: grid})))
             runs["split_"] = body.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy(), **feeds})
         for prefix, outputs in runs.items():

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..runtime.model_dir import BODY_FILE, ModelSpec
+from ..runtime.model_dir import BODY_FILE, WEIGHTS_FILE, ModelSpec
 from ..runtime.preprocess import IMAGE_EXTENSIONS, load_image
 
 MIN_AGREEMENT = 0.99  # default gate: fraction of pixels whose label equals fp32's
@@ -114,7 +114,7 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
             manifest["files"][INT8_BODY] = file_record(out / INT8_BODY)
             rec = {"backend": "onnxruntime", "body": INT8_BODY, "method": METHODS["int8"]}
         elif p == "bf16":
-            if "model.safetensors" not in manifest["files"]:
+            if WEIGHTS_FILE not in manifest["files"]:
                 raise ValueError("--precision bf16 runs on the torch backend and needs model.safetensors "
                                  "(do not pass --no-weights)")
             rec = {"backend": "torch", "method": METHODS["bf16"]}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from ..runtime.model_dir import ENGINES_DIR, INPUT_NAME, engine_file
-from ..runtime.preprocess import PATCH
+from ..geometry import token_grid
 
 DEFAULT_MIN = (1, 3, 256, 256)
 DEFAULT_OPT = (1, 3, 512, 688)  # a 4:3 image under the paper policy (short side 512)
@@ -86,7 +86,8 @@ def attention_elements(shape: Sequence[int], *, heads: int, prompt_tokens: int) 
     """Elements of the largest attention tensor for input ``shape`` (B, 3, H, W): the encoder's ``B x heads x S x S``
     scores, ``S = ceil(H/16) * ceil(W/16) + prompt_tokens`` (the decoder's T = cells + 1 <= S)."""
     b, _, h, w = (int(v) for v in shape)
-    s = -(-h // PATCH) * -(-w // PATCH) + int(prompt_tokens)
+    gh, gw = token_grid(h, w)
+    s = gh * gw + int(prompt_tokens)
     return b * int(heads) * s * s
 
 
@@ -99,7 +100,8 @@ def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, f
     n = attention_elements(max_shape, heads=heads, prompt_tokens=prompt_tokens)
     if n <= TRT_MAX_ELEMENTS:
         return
-    cells = -(-h // PATCH) * -(-w // PATCH)
+    gh, gw = token_grid(h, w)
+    cells = gh * gw
     s = cells + int(prompt_tokens)
     fit_b = TRT_MAX_ELEMENTS // (int(heads) * s * s)
     fit_cells = max(0, math.isqrt(TRT_MAX_ELEMENTS // (b * int(heads))) - int(prompt_tokens))

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple, Union
 
-from ..runtime.preprocess import PATCH  # the ResNet output stride: one token per PATCH x PATCH pixels
+from ..geometry import PATCH  # the ResNet output stride: one token per PATCH x PATCH pixels
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -254,25 +255,28 @@ class SegTableCache:
         self.model = model
         self.max_shapes = max_shapes
         self._tables: "OrderedDict[Tuple[int, int], SegTables]" = OrderedDict()
+        self._lock = threading.Lock()  # threads share one cache; a grid is computed once
 
     def __len__(self) -> int:
         return len(self._tables)
 
     def get(self, h: int, w: int) -> SegTables:
         key = (int(h), int(w))
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
+        with self._lock:
+            hit = self._tables.get(key)
+            if hit is not None:
+                self._tables.move_to_end(key)
+                return hit
+            with torch.inference_mode():
+                hit = self.model.seg_tables(*key)
+            self._tables[key] = hit
+            while len(self._tables) > self.max_shapes:
+                self._tables.popitem(last=False)
             return hit
-        with torch.inference_mode():
-            hit = self.model.seg_tables(*key)
-        self._tables[key] = hit
-        while len(self._tables) > self.max_shapes:
-            self._tables.popitem(last=False)
-        return hit
 
     def clear(self) -> None:
-        self._tables.clear()
+        with self._lock:
+            self._tables.clear()
 
     @property
     def nbytes(self) -> int:

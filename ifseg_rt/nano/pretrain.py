@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import __version__
 from .._argtypes import positive_int
-from ..runtime.preprocess import PATCH
+from ..geometry import PATCH
 from .tasks import IMAGE_SIZE, INPUTS, TASKS, Batch, TaskBuilder, collate, forward, load_tokenizer, nano_config, \
     write_vocab
 

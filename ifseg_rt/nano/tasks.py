@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..runtime.preprocess import PATCH
+from ..geometry import PATCH
 from ..tokenizer import IFSEG_PROMPT_PREFIX, IFSEG_UNKNOWN, MASK_SYMBOL, SPECIAL_SYMBOLS, OFATokenizer
 from .world import CATEGORIES, CATEGORY_NAMES, SceneObject, render_scene
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..system import available_cores, cpu_model  # noqa: F401  (re-exported for the CLI)
+from .model_dir import WEIGHTS_FILE
 from .segmenter import STAGES, Segmenter
 
 
@@ -55,7 +56,7 @@ def variants(spec, *, torch_available: bool) -> List[Dict[str, str]]:
             rows.append({"backend": "onnxruntime", "precision": name})
     if spec.tables_file:
         rows.append({"backend": "onnxruntime", "precision": "fp32", "graph": "portable"})
-    if torch_available and spec.has_file("model.safetensors"):
+    if torch_available and spec.has_file(WEIGHTS_FILE):
         rows.append({"backend": "torch", "precision": "fp32"})
         rows += [{"backend": "torch", "precision": n} for n, r in spec.precisions.items() if r.backend == "torch"]
     return rows

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 
-from .._argtypes import HelpFormatter, examples, positive_int
+from .._argtypes import HelpFormatter, examples, image_size, positive_int
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,11 @@ def segment(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = OutputDir(args.out)
-    out.root.mkdir(parents=True, exist_ok=True)
+    try:
+        out.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot use --out {args.out}: {e}", file=sys.stderr)
+        return 2
     bar = None
     if not args.no_progress and len(paths) > 1:
         try:
@@ -95,26 +99,25 @@ def segment(argv: Optional[Sequence[str]] = None) -> int:
     say = bar.write if bar is not None else print
     failed: List[str] = []
     # names come from the whole input list (runtime.outputs), exactly as on Ray
-    for rec in segment_files(seg, paths, output_names(paths), out, overlay=args.overlay, batch_size=args.batch_size):
+    try:
+        for rec in segment_files(seg, paths, output_names(paths), out, overlay=args.overlay,
+                                 batch_size=args.batch_size):
+            if bar is not None:
+                bar.update(1)
+            if rec.error is not None:
+                failed.append(rec.error)  # names the input once
+                print(f"error: {rec.error}", file=sys.stderr)
+                continue
+            say(summary_line(rec, seg.categories))
+    except OSError as e:  # the output folder: full disk, permissions, ...
         if bar is not None:
-            bar.update(1)
-        if rec.error is not None:
-            failed.append(rec.error)  # names the input once
-            print(f"error: {rec.error}", file=sys.stderr)
-            continue
-        say(summary_line(rec, seg.categories))
+            bar.close()
+        print(f"error: cannot write to {args.out}: {e}", file=sys.stderr)
+        return 1
     if bar is not None:
         bar.close()
     print(f"wrote {len(paths) - len(failed)} label map(s) to {out}" + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
-
-
-def _hw(s: str):
-    try:
-        h, w = (int(v) for v in s.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, got {s!r}") from None
-    return h, w
 
 
 def bench(argv: Optional[Sequence[str]] = None) -> int:
@@ -129,7 +132,7 @@ def bench(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", "--batch", type=positive_int, nargs="+", default=[1],
                    help="batch sizes to measure")
     p.add_argument("--image", action="append", help="time this image (repeatable; default: a synthetic scene)")
-    p.add_argument("--size", type=_hw, default=(512, 683),
+    p.add_argument("--size", type=image_size, default=(512, 683),
                    help="original HxW of the default synthetic scene (the model's image policy then applies)")
     p.add_argument("--formats", action="store_true", help="compare every backend x precision of the model directory")
     p.add_argument("--images", help="--formats: with --labels, report each row's mIoU on this labelled folder")
@@ -143,6 +146,8 @@ def bench(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--warmup must be >= 0")
     if bool(args.images) != bool(args.labels):
         p.error("--images and --labels go together")
+    if args.images and not args.formats:
+        p.error("--images/--labels score each row of --formats; pass --formats too")
     from .benchmark import available_cores, cpu_model, format_table, formats, measure
     from .preprocess import load_image
 

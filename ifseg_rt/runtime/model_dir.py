@@ -157,15 +157,18 @@ class ModelSpec:
         """How errors name this model: its directory, or ``<in-memory model>``."""
         return str(self.root) if self.root is not None else "<in-memory model>"
 
-    def files_for(self, backend: str, precision: str = "fp32") -> List[str]:
-        """The listed files ``backend`` reads for ``precision`` (what loading verifies; what ``bench`` sizes)."""
+    def files_for(self, backend: str, precision: str = "fp32", *, gpu: bool = False) -> List[str]:
+        """The listed files ``backend`` reads for ``precision`` (what loading verifies; what ``bench`` sizes). On a
+        GPU onnxruntime runs the portable graph; a TensorRT engine is chosen by GPU model at load time, so every
+        engine counts."""
         if backend == "onnxruntime":
             rec = self.precisions.get(precision)
-            names = [self.onnx_file] if rec is None or rec.body is None else [self.tables_file, rec.body]
+            split = not gpu and rec is not None and rec.body is not None and self.tables_file is not None
+            names = [self.tables_file, rec.body] if split else [self.onnx_file]
             return [f for f in self.files if f in names or f in [n + ".data" for n in names]]
         if backend == "torch":
             return [WEIGHTS_FILE] if self.has_file(WEIGHTS_FILE) else []
-        return [e.file for e in self.engines if e.precision == precision] or [e.file for e in self.engines]
+        return [e.file for e in self.engines]
 
     def check_outputs(self, num_categories: int, feature_dim: Optional[int], file: str) -> None:
         """Raise :class:`ModelDirError` when an engine's output widths disagree with ``ifseg.json``."""

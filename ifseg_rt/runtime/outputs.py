@@ -97,8 +97,12 @@ class OutputDir:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / name
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 @dataclass

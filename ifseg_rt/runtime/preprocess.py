@@ -20,10 +20,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-MEAN = (0.5, 0.5, 0.5)  # OFA/IFSeg normalisation (not ImageNet)
-STD = (0.5, 0.5, 0.5)
-PATCH = 16  # ResNet output stride: one token per 16x16 px cell
-MIN_SIDE = 16  # px; smaller originals cannot hold one patch
+from ..geometry import MEAN, PATCH, STD, token_grid  # noqa: F401  (re-exported)
+
+MIN_SIDE = PATCH  # px; smaller originals cannot hold one patch
 MAX_PIXELS = 1 << 28  # px; refuse absurdly large originals (268 Mpx) before allocating anything
 MAX_CELLS = 4096  # token cells per network input: 32 x 128, the paper's policy at its 4:1 aspect cap
 MAX_MULTIPLE = 256  # px; largest rounding multiple of a policy
@@ -68,7 +67,8 @@ class ImagePolicy:
             raise ValueError(f"image policy multiple must be in [1, {MAX_MULTIPLE}], got {self.multiple}")
         h, w = self.size if self.mode == "fixed" else (self.short_side, self.max_long_side)
         h, w = self._round(h, w)
-        cells = -(-h // PATCH) * -(-w // PATCH)
+        gh, gw = token_grid(h, w)
+        cells = gh * gw
         if cells > MAX_CELLS:
             what = (f"fixed size {self.size[0]}x{self.size[1]}" if self.mode == "fixed" else
                     f"short_side {self.short_side} with max_long_side {self.max_long_side}")
@@ -242,6 +242,16 @@ def resize_bilinear(img: np.ndarray, h: int, w: int) -> np.ndarray:
     rows = img[y0].astype(np.float32) * (1 - ly)[:, None, None] + img[y1].astype(np.float32) * ly[:, None, None]
     out = rows[:, x0] * (1 - lx)[None, :, None] + rows[:, x1] * lx[None, :, None]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def network_input(img: np.ndarray, policy: ImagePolicy, check_grid=None) -> np.ndarray:
+    """A loaded ``HxWx3`` uint8 image -> its ``3xHxW`` float32 network input under ``policy`` (resize to the policy
+    size, normalise); ``check_grid(h, w)`` may refuse the token grid first. Every caller preprocesses through this
+    (``Segmenter``, the Triton pre-processing model)."""
+    h, w = policy.target_size(*img.shape[:2])
+    if check_grid is not None:
+        check_grid(*token_grid(h, w))
+    return normalize(resize_bilinear(img, h, w))
 
 
 def normalize(img: np.ndarray) -> np.ndarray:

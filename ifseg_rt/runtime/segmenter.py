@@ -23,7 +23,7 @@ from ..knn.settings import KnnSettings
 from .backends import create_backend, resolve_backend, resolve_device
 from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
-from .preprocess import PATCH, ImageLike, load_image, normalize, resize_bilinear
+from .preprocess import ImageLike, load_image, network_input, token_grid
 
 STAGES = ("preprocess", "engine", "knn", "resize_argmax", "total")  # ms per image; the engine time of a batch is shared
 
@@ -184,7 +184,10 @@ class Segmenter:
         device = resolve_device(device)
         on_gpu = device.startswith("cuda")
         if not on_gpu:
-            precision = precision or (spec.precision if spec.precision in spec.precisions else "fp32")
+            if precision is None:  # the directory's default, unless the caller chose a backend that cannot run it
+                default = spec.precisions.get(spec.precision)
+                precision = spec.precision if default is not None and backend in ("auto", default.backend) \
+                    else "fp32"
             if precision == "bf16" and backend == "torch" and precision not in spec.precisions:
                 pass  # the torch backend runs any weights in bfloat16 on request (no recorded agreement)
             elif precision not in spec.precisions:
@@ -201,7 +204,7 @@ class Segmenter:
         if precision is not None:
             backend_options.setdefault("dtype" if name == "torch" else "precision", precision)
         if verify:
-            spec.verify(spec.files_for(name, backend_options.get("precision", "fp32")))
+            spec.verify(spec.files_for(name, backend_options.get("precision", "fp32"), gpu=on_gpu))
         seg = cls(spec, create_backend(name, spec, device=device, **backend_options), knn=knn,
                   knn_backend=knn_backend)
         seg.precision = precision or getattr(seg.backend, "precision", None) or "fp32"
@@ -303,10 +306,7 @@ class Segmenter:
     def preprocess(self, image: ImageLike) -> Tuple[np.ndarray, Tuple[int, int]]:
         """-> (3xHxW float32 network input, (H0, W0)). Raises ``ValueError`` for unusable images."""
         img = load_image(image)
-        h0, w0 = img.shape[:2]
-        h, w = self.spec.policy.target_size(h0, w0)
-        self.spec.check_grid(-(-h // PATCH), -(-w // PATCH))
-        return normalize(resize_bilinear(img, h, w)), (h0, w0)
+        return network_input(img, self.spec.policy, self.spec.check_grid), (img.shape[0], img.shape[1])
 
     # --- pipeline -----------------------------------------------------------------------------------------------
     def _stream(self, images: List[ImageLike], batch_size: int, single: bool = False
@@ -341,7 +341,7 @@ class Segmenter:
 
     def _run_batch(self, batch: np.ndarray, sizes: List[Tuple[int, int]]) -> List[CellOutputs]:
         B, _, H, W = batch.shape
-        grid = (-(-H // PATCH), -(-W // PATCH))
+        grid = token_grid(H, W)
         t0 = time.perf_counter()
         logits, feats = self.backend.run(batch)
         on_gpu = getattr(self.backend, "on_gpu", False)

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most images one instance runs at once (Triton's dynamic batcher joins requests)")
     g.add_argument("--instances", type=positive_int, default=None,
                    help="model instances (processes), each holding one Segmenter and running one batch at a time "
-                        "(default: on the CPU one per available core, so that one instance's decoding and "
-                        "post-processing overlap another's network; on a GPU 1)")
+                        "(default: on the CPU one per available core, at most 4, so that one instance's decoding "
+                        "and post-processing overlap another's network; on a GPU 1)")
     g.add_argument("--threads", type=non_negative_int, default=0,
                    help="engine CPU threads per instance (0: the available cores divided by --instances)")
     g.add_argument("--max-queue-size", type=positive_int, default=MAX_QUEUE_SIZE,
@@ -106,7 +106,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..runtime.backends import resolve_device
         from ..system import available_cores
 
-        instances = 1 if resolve_device(args.device).startswith("cuda") else min(4, available_cores())
+        try:
+            on_gpu = resolve_device(args.device).startswith("cuda")
+        except ValueError as e:
+            parser.error(str(e))
+        instances = 1 if on_gpu else min(4, available_cores())
     options = ServeOptions(name=args.name, backend=args.backend, device=args.device, threads=args.threads,
                            max_batch_size=args.max_batch_size, instances=instances,
                            max_queue_size=args.max_queue_size, max_queue_delay_us=args.max_queue_delay_us,

@@ -125,6 +125,13 @@ class Client:
         self._lock = threading.Lock()
         self._clients: List[Any] = []
         self._grpc = None
+        try:
+            self._check_model(model)
+        except BaseException:
+            self.close()  # no connection outlives a failed constructor
+            raise
+
+    def _check_model(self, model: str) -> None:
         config = self._call(lambda c: c.get_model_config(model) if self.protocol == "http"
                             else c.get_model_config(model, as_json=True)["config"], what="reading the model config")
         where = f"model '{model}' at {self.url}"

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 from ..runtime.backends import resolve_backend, resolve_device
 from ..runtime.model_dir import load_model_dir
+from ..system import available_cores
 from . import protocol as P
 from .repository import MAX_QUEUE_SIZE, check_repository, write_serving_repository
 from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer
@@ -49,8 +50,7 @@ class ServeOptions:
 def _threads(options: ServeOptions) -> int:
     if options.threads:
         return options.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // options.instances)
+    return max(1, available_cores() // options.instances)
 
 
 def start_server(model_dir: Union[str, Path], workdir: Union[str, Path], options: ServeOptions = ServeOptions(),

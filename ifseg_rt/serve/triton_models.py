@@ -160,14 +160,13 @@ class PreprocessModel(_Model):
 
     def preprocess(self, img: np.ndarray) -> Tuple[np.ndarray, Tuple[int, int]]:
         """``HxWx3`` uint8 -> (``3xHxW`` float32 network input, (H, W)), as ``Segmenter.preprocess``."""
-        from ..runtime.preprocess import PATCH, normalize, resize_bilinear
+        from ..runtime.preprocess import network_input
 
-        h, w = self.spec.policy.target_size(*img.shape[:2])
-        self.spec.check_grid(-(-h // PATCH), -(-w // PATCH))
-        return normalize(resize_bilinear(img, h, w)), (h, w)
+        x = network_input(img, self.spec.policy, self.spec.check_grid)
+        return x, (x.shape[1], x.shape[2])
 
     def execute(self, requests) -> List[Any]:
-        from ..runtime.preprocess import PATCH
+        from ..geometry import token_grid
 
         out = []
         for request in requests:
@@ -191,7 +190,7 @@ class PreprocessModel(_Model):
                     PIXELS: np.stack(xs),
                     P.ORIGINAL_SIZE: np.asarray([img.shape[:2] for img in images], np.int32).reshape(n, 2),
                     P.INPUT_SIZE: np.asarray([[h, w]] * n, np.int32),
-                    P.GRID: np.asarray([[-(-h // PATCH), -(-w // PATCH)]] * n, np.int32)}))
+                    P.GRID: np.asarray([list(token_grid(h, w))] * n, np.int32)}))
             except RequestError as e:
                 out.append(self._error(str(e)))
         return out

@@ -283,8 +283,11 @@ class TritonServer:
                 self.process.send_signal(signal.SIGTERM)
                 try:
                     self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 20)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
+                except subprocess.TimeoutExpired:  # the whole session: the python-backend stubs too
+                    try:
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        self.process.kill()
                     self.process.wait()
             code = self.process.returncode
             if self._reader is not None:

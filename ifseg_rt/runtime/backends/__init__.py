@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from ..model_dir import WEIGHTS_FILE
+
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
@@ -61,13 +63,13 @@ def resolve_backend(name: str, device: str, spec) -> str:
             return "tensorrt"
         if spec.onnx_file and _ort_cuda():
             return "onnxruntime"
-        if spec.has_file("model.safetensors") and _has("torch"):
+        if spec.has_file(WEIGHTS_FILE) and _has("torch"):
             return "torch"
         raise BackendUnavailable("no CUDA backend available: install onnxruntime-gpu (instead of onnxruntime), "
                                  "TensorRT, or torch with CUDA")
     if spec.onnx_file and _has("onnxruntime"):
         return "onnxruntime"
-    if spec.has_file("model.safetensors") and _has("torch"):
+    if spec.has_file(WEIGHTS_FILE) and _has("torch"):
         return "torch"
     raise BackendUnavailable("no CPU backend available: pip install onnxruntime (or torch for model.safetensors)")
 

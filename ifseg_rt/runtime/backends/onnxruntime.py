@@ -17,14 +17,10 @@ import numpy as np
 
 from ...system import available_cores
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
-from ..preprocess import PATCH
+from ...geometry import PATCH, token_grid
 from . import BackendUnavailable
 
 CACHE_GRIDS = 8  # token grids whose position tables are kept
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _last_dim(node) -> Optional[int]:
@@ -94,6 +90,7 @@ class OnnxRuntimeBackend:
         self.tables_session = self._open(ort, spec.tables_file, so, providers) if self.split else None
         self._tables: "OrderedDict[Tuple[int, int], Tuple[np.ndarray, ...]]" = OrderedDict()
         self._lock = threading.Lock()
+        self._compute_lock = threading.Lock()
         self._check_io()
         self.feature_dim = spec.feature_dim
         self.num_categories = spec.num_categories
@@ -137,12 +134,16 @@ class OnnxRuntimeBackend:
             if hit is not None:
                 self._tables.move_to_end(key)
                 return hit
-        grid = np.zeros(key, dtype=np.float32)  # only its shape is read
-        hit = tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}))
-        with self._lock:
-            self._tables[key] = hit
-            while len(self._tables) > CACHE_GRIDS:
-                self._tables.popitem(last=False)
+        with self._compute_lock:  # concurrent first requests of a grid: one computes, the others wait for it
+            with self._lock:
+                hit = self._tables.get(key)
+            if hit is None:
+                grid = np.zeros(key, dtype=np.float32)  # only its shape is read
+                hit = tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}))
+                with self._lock:
+                    self._tables[key] = hit
+                    while len(self._tables) > CACHE_GRIDS:
+                        self._tables.popitem(last=False)
         return hit
 
     def run(self, x: np.ndarray):
@@ -154,7 +155,7 @@ class OnnxRuntimeBackend:
     def _run_cpu(self, x: np.ndarray):
         feeds = {INPUT_NAME: x}
         if self.split:
-            feeds.update(zip(TABLE_NAMES, self.tables(_cdiv(x.shape[2], PATCH), _cdiv(x.shape[3], PATCH))))
+            feeds.update(zip(TABLE_NAMES, self.tables(*token_grid(x.shape[2], x.shape[3]))))
         logits, feats = self.session.run(list(OUTPUT_NAMES), feeds)
         return logits, feats
 
@@ -164,7 +165,8 @@ class OnnxRuntimeBackend:
         dev = torch.device("cuda", self.device_id)
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True)
         B, _, H, W = xt.shape
-        n = _cdiv(H, PATCH) * _cdiv(W, PATCH)
+        gh, gw = token_grid(H, W)
+        n = gh * gw
         logits = torch.empty((B, n, self.num_categories), dtype=torch.float32, device=dev)
         feats = torch.empty((B, n, self.feature_dim), dtype=torch.float32, device=dev)
         binding = self.session.io_binding()

@@ -5,6 +5,7 @@ development machines) - only its import guard is tested."""
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -65,10 +66,15 @@ class TensorRTBackend:
             self.stream = torch.cuda.Stream(device=self.device)
         self.on_gpu = True
         self.spec = spec
+        self._lock = threading.Lock()
         spec.check_outputs(int(self.engine.get_tensor_shape(OUTPUT_NAMES[0])[-1]),
                            int(self.engine.get_tensor_shape(OUTPUT_NAMES[1])[-1]), self.engine_spec.file)
 
     def run(self, x: np.ndarray):
+        with self._lock:  # one execution context: concurrent callers of one Segmenter queue here
+            return self._run(x)
+
+    def _run(self, x: np.ndarray):
         torch = self.torch
         with torch.cuda.device(self.device):
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)

@@ -14,13 +14,14 @@ through the model's own forward with per-grid cached position tables (:class:`~i
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from typing import Optional, Tuple
 
 import numpy as np
 
 from ..model_dir import WEIGHTS_FILE, ModelDirError
-from ..preprocess import PATCH
+from ...geometry import token_grid
 from . import BackendUnavailable
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -81,6 +82,9 @@ class TorchBackend:
         self.cuda_graphs = bool(cuda_graphs) and self.on_gpu
         self.tables = self._table_cache()
         self._graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
+        # one run at a time: CUDA graphs replay into one static input, and an in-memory model's train/eval mode is
+        # switched around each run; concurrent callers of one Segmenter queue here
+        self._lock = threading.Lock()
 
     @classmethod
     def from_model(cls, model, spec, *, device: str = "cpu", dtype: Optional[str] = None,
@@ -120,7 +124,7 @@ class TorchBackend:
     def forward(self, x):
         """``Bx3xHxW`` tensor on the device -> (logits BxNxM fp32, features BxNxC fp32)."""
         torch = self.torch
-        h, w = -(-x.shape[2] // PATCH), -(-x.shape[3] // PATCH)
+        h, w = token_grid(x.shape[2], x.shape[3])
         tables = self.tables.get(h, w)
         with self._autocast():
             logits, feats = self.model(x, tables=tables)
@@ -136,6 +140,10 @@ class TorchBackend:
 
     def run(self, x: np.ndarray):
         """``Bx3xHxW`` float32 numpy -> numpy outputs on CPU, torch tensors on CUDA."""
+        with self._lock:
+            return self._run(x)
+
+    def _run(self, x: np.ndarray):
         torch = self.torch
         was_training = self.model.training
         self.model.eval()
@@ -176,7 +184,7 @@ class TorchBackend:
     def _capture(self, xt) -> Tuple:
         """Warm up and capture one graph for ``xt``'s shape; returns (graph, static input, outputs, tables)."""
         torch = self.torch
-        h, w = -(-xt.shape[2] // PATCH), -(-xt.shape[3] // PATCH)
+        h, w = token_grid(xt.shape[2], xt.shape[3])
         tables = self.tables.get(h, w)  # computed before capture: no allocation of tables inside the graph
         static_x = xt.clone()
         side = torch.cuda.Stream(device=self.device)
