@@ -29,16 +29,6 @@ import time
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def quick_model(work: Path, size: int) -> Path:
     """The quick demo's exported nano model, its policy set to ``size`` px on the short side."""
     subprocess.run([sys.executable, "-m", "ifseg_rt", "demo", "--quick", "--out", str(work / "demo"), "--no-progress",
@@ -85,13 +75,14 @@ def main(argv=None) -> int:
 
     from ifseg_rt import distributed
     from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES, write_dataset
+    from ifseg_rt.system import available_cores, cpu_model
 
     work = Path(tempfile.mkdtemp(prefix="ray-scale-"))
     try:
         model = Path(args.model) if args.model else quick_model(work, args.size)
         pairs = write_dataset(work / "scenes", range(args.images), DEFAULT_DEMO_CATEGORIES, size=args.size)
         inputs = [str(i) for i, _ in pairs]
-        cores = distributed.available_cores()
+        cores = available_cores()
         report = {"cpu": cpu_model(), "cores": cores, "host": platform.node(), "model": str(model),
                   "images": args.images, "size": args.size, "batch_size": args.batch_size, "runs": []}
         print(f"CPU: {report['cpu']} ({cores} cores available)", file=sys.stderr)

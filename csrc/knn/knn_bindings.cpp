@@ -8,25 +8,13 @@
 #include <string>
 #include <thread>
 
+#include "common/bindings_util.h"
 #include "knn/knn.h"
 
 namespace py = pybind11;
 
 namespace ifseg {
 namespace {
-
-std::string shape_str(const py::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << (a.ndim() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-[[noreturn]] void fail(const std::string& name, const py::array& a, const std::string& what) {
-  throw py::value_error(name + " " + what + ", got shape " + shape_str(a) + " dtype " +
-                        std::string(py::str(a.dtype())));
-}
 
 void check_contiguous(const std::string& name, const py::array& a) {
   if (!(a.flags() & py::array::c_style)) fail(name, a, "must be C-contiguous");

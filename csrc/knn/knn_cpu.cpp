@@ -38,10 +38,8 @@
 #include <immintrin.h>
 #define IFSEG_X86 1
 #endif
-#ifdef __linux__
-#include <sched.h>
-#endif
 
+#include "common/cpu.h"
 #include "knn/knn.h"
 #include "knn/knn_cpu_internal.h"
 
@@ -145,16 +143,7 @@ Plan make_plan(const KnnParams& p) {
 }  // namespace
 
 int knn_cpu_available_cores() {
-#ifdef __linux__
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-#endif
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw ? static_cast<int>(hw) : 1;
+  return available_cores();  // common/cpu.h
 }
 
 int knn_cpu_threads(const KnnParams& params) { return make_plan(params).threads; }

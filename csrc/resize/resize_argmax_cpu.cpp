@@ -25,15 +25,13 @@
 #include <thread>
 #include <vector>
 
-#ifdef __linux__
-#include <sched.h>
-#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define IFSEG_X86 1
 #endif
 
+#include "common/cpu.h"
 #include "resize/resize_argmax.h"
 
 namespace ifseg {
@@ -256,16 +254,7 @@ struct BlockTaps {
 }  // namespace
 
 int resize_available_cores() {
-#ifdef __linux__
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-#endif
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw ? static_cast<int>(hw) : 1;
+  return available_cores();  // common/cpu.h
 }
 
 int resize_argmax_threads(const ResizeArgmaxParams& p) {

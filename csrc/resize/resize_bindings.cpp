@@ -9,25 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "common/bindings_util.h"
 #include "resize/resize_argmax.h"
 
 namespace py = pybind11;
 
 namespace ifseg {
 namespace {
-
-std::string shape_str(const py::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << (a.ndim() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-[[noreturn]] void fail(const std::string& name, const py::array& a, const std::string& what) {
-  throw py::value_error(name + " " + what + ", got shape " + shape_str(a) + " dtype " +
-                        std::string(py::str(a.dtype())));
-}
 
 void check_sizes(int64_t batch, int64_t grid_h, int64_t grid_w, int64_t n, int64_t m, int64_t out_h, int64_t out_w) {
   if (grid_h < 1 || grid_w < 1)

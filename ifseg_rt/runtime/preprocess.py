@@ -104,6 +104,16 @@ class ImagePolicy:
         return cls(**d)
 
 
+def image_file(path: Union[str, Path]) -> Path:
+    """``path`` as a :class:`Path` to an existing file; ``FileNotFoundError`` / ``ValueError`` naming it otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"cannot read image {p}: it is a directory")
+    return p
+
+
 def load_image(image: ImageLike, *, max_pixels: Optional[int] = None) -> np.ndarray:
     """A path, encoded image bytes (a JPEG/PNG/... file's contents), a PIL image or an array -> ``HxWx3`` uint8 RGB
     (grayscale replicated, alpha dropped).
@@ -133,11 +143,7 @@ def load_image(image: ImageLike, *, max_pixels: Optional[int] = None) -> np.ndar
             raise ValueError(f"cannot read {what}: {e}") from None
         return np.ascontiguousarray(arr)
     if isinstance(image, (str, Path)):
-        p = Path(image)
-        if not p.exists():
-            raise FileNotFoundError(f"image not found: {p}")
-        if p.is_dir():
-            raise ValueError(f"cannot read image {p}: it is a directory")
+        p = image_file(image)
         try:
             with Image.open(p) as im:
                 _check_size(im.height, im.width, str(p), max_pixels)

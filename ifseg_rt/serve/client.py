@@ -26,7 +26,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..runtime.preprocess import ImageLike, load_image
+from ..runtime.preprocess import ImageLike, image_file, load_image
 from ..runtime.segmenter import ImageError, SegmentationResult, describe
 from . import protocol as P
 
@@ -50,12 +50,7 @@ def encode_image(image: ImageLike) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, Path)):
-        p = Path(image)
-        if not p.exists():
-            raise FileNotFoundError(f"image not found: {p}")
-        if p.is_dir():
-            raise ValueError(f"cannot read image {p}: it is a directory")
-        return p.read_bytes()
+        return image_file(image).read_bytes()
     from PIL import Image
 
     arr = load_image(image)  # the checks and conversions Segmenter applies (dtype, channels, EXIF of PIL images)
