@@ -14,23 +14,14 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 
 import numpy as np
 
+from ifseg_rt.system import cpu_model
+
 NANO_ORIGINAL, NANO_SIDE, NANO_M = (375, 500), 256, 14
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:

@@ -35,16 +35,9 @@ import numpy as np
 
 
 def cpu_info() -> Dict[str, object]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores, "loadavg": list(os.getloadavg())}
+    from ifseg_rt.system import available_cores, cpu_model
+
+    return {"cpu": cpu_model(), "cores": available_cores(), "loadavg": list(os.getloadavg())}
 
 
 def tree_rss_mb(pid: int) -> float:

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")  # the shared export
 pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
-from test_export import CATEGORIES, exported_model_dir  # noqa: E402  (shares the one export of the test run)
+from test_export import CATEGORIES, exported_model_copy  # noqa: E402  (shares the one export of the test run)
 
 from ifseg_rt import distributed  # noqa: E402
 from ifseg_rt.runtime import ImagePolicy  # noqa: E402
@@ -34,13 +34,7 @@ BAD = ["corrupt.png", "empty.jpg", "text.png", "tiny.png", "truncated.jpg"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    src = exported_model_dir(tmp_path_factory)
-    d = tmp_path_factory.mktemp("distributed") / "model"
-    shutil.copytree(src, d)
-    m = json.loads((d / "ifseg.json").read_text())
-    m["image"]["policy"] = POLICY.to_dict()
-    (d / "ifseg.json").write_text(json.dumps(m))
-    return d
+    return exported_model_copy(tmp_path_factory, "distributed", POLICY)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,18 @@ def exported_model_dir(tmp_path_factory) -> Path:
     return _CACHE["dir"]
 
 
+def exported_model_copy(tmp_path_factory, name: str, policy) -> Path:
+    """A copy of the shared export with ``policy`` (an ImagePolicy) written into its ifseg.json."""
+    import shutil
+
+    d = tmp_path_factory.mktemp(name) / "model"
+    shutil.copytree(exported_model_dir(tmp_path_factory), d)
+    m = json.loads((d / "ifseg.json").read_text())
+    m["image"]["policy"] = policy.to_dict()
+    (d / "ifseg.json").write_text(json.dumps(m))
+    return d
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return exported_model_dir(tmp_path_factory)

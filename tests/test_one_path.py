@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
-from test_export import CATEGORIES, exported_model_dir  # noqa: E402  (shares the module's one export)
+from test_export import CATEGORIES, exported_model_copy  # noqa: E402  (shares the module's one export)
 
 from ifseg_rt.evaluate import evaluate, find_pairs, load_segmenter, main  # noqa: E402
 from ifseg_rt.knn import KnnSettings  # noqa: E402
@@ -27,13 +27,7 @@ SIZES = [(40, 56), (64, 48), (16, 64), (50, 50)]  # grids 2x3, 3x2, 2x8, 2x2
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The shared export, with the small policy written into its ifseg.json."""
-    src = exported_model_dir(tmp_path_factory)
-    d = tmp_path_factory.mktemp("one_path") / "model"
-    shutil.copytree(src, d)
-    m = json.loads((d / "ifseg.json").read_text())
-    m["image"]["policy"] = POLICY.to_dict()
-    (d / "ifseg.json").write_text(json.dumps(m))
-    return d
+    return exported_model_copy(tmp_path_factory, "one_path", POLICY)
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,21 @@ def _ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _no_nvidia_driver() -> bool:
+    """True on Linux when no NVIDIA driver is loaded (then no CUDA device can exist); False where unsure."""
+    import os
+    import sys
+
+    return sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version")
+
+
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when torch is installed and sees a GPU, else ``"cpu"``; other values are checked and
     returned as given (``"cpu"``, ``"cuda"``, ``"cuda:N"``)."""
     device = str(device)
     if device == "auto":
+        if _no_nvidia_driver():  # cheap: spares a CPU-only run the ~1 s import of torch
+            return "cpu"
         if _has("torch"):
             import torch
 
