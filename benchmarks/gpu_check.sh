@@ -12,7 +12,8 @@
 #           $IFSEG_CUDA_ARCHITECTURES only (default 90: the H200), build dir build-gpu/; CMake directly if pip fails
 #   knn     CUDA kNN, compiled + NVRTC, fp32/fp16/bf16, vs the CPU reference; speed vs torch  gpu_knn_check.py
 #   resize  fused resize + arg-max, CUDA vs CPU kernel; speed                            gpu_resize_check.py
-#   e2e     torch backend fp32/bf16/fp16 +- CUDA graphs, labels vs fp32, throughput vs the bf16 matmul rate,
+#   e2e     blocked attention (no S x S tables) = materialised biases on CUDA, peak memory at 512^2 and 512x2048;
+#           torch backend fp32/bf16/fp16 +- CUDA graphs, labels vs fp32, throughput vs the bf16 matmul rate,
 #           Segmenter's CUDA post-processing vs the CPU one, kNN share of the engine time  gpu_e2e_check.py
 #   adapt   one word-grid adaptation step, OFA-base, batch 16, bf16                        gpu_adapt_check.py
 #   tests   the test suite's requires_cuda tests

@@ -121,7 +121,7 @@ def test_manifest(model_dir):
     from ifseg_rt.runtime.model_dir import file_sha256, load_model_dir
 
     d = json.loads((model_dir / "ifseg.json").read_text())
-    assert d["schema_version"] == 1 and d["categories"] == CATEGORIES and d["num_categories"] == 5
+    assert d["schema_version"] == 2 and d["categories"] == CATEGORIES and d["num_categories"] == 5
     assert d["image"]["policy"]["mode"] == "short_side" and d["image"]["policy"]["short_side"] == 512
     assert d["image"]["input"]["dtype"] == "float32" and d["image"]["input"]["mean"] == [0.5] * 3
     assert d["patch_stride"] == 16 and d["knn"] == {"enabled": True, "k": 3, "iters": 25, "temperature": 1.0}
@@ -145,7 +145,7 @@ def test_manifest(model_dir):
 def test_static_shape_export(tmp_path, segofa):
     from ifseg_rt.export import export
 
-    spec = export(make_run_dir(tmp_path), tmp_path / "static", static_shape=(96, 128), exporter="torchscript",
+    spec = export(make_run_dir(tmp_path), tmp_path / "static", static_shape=(96, 128), 
                   save_weights=False)
     assert spec.static_shape == (96, 128) and spec.policy.mode == "fixed" and spec.policy.size == (96, 128)
     assert set(spec.files) == {"model.onnx"}
@@ -180,7 +180,7 @@ def test_unadapted_ofa_exports_with_warning(tmp_path, capsys):
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(build_model(tiny_config()), tmp_path / "ofa.safetensors")
-    argv = [str(ckpt), "--out", str(tmp_path / "zs"), "--exporter", "torchscript", "--no-weights",
+    argv = [str(ckpt), "--out", str(tmp_path / "zs"), "--no-weights",
             "--prompt-prefix", " a"]  # the tiny vocabulary spells IFSeg's prefix letter by letter
     assert main(argv) == 2  # no categories: a clear error, not a crash
     assert "un-adapted OFA checkpoint" in capsys.readouterr().err
@@ -231,9 +231,9 @@ def test_tensorrt_module_without_tensorrt(monkeypatch):
         t.import_tensorrt()
     assert t.parse_shape("2x512x640", t.DEFAULT_MIN) == (2, 3, 512, 640)
     assert t.parse_shape("1,3,256,256", t.DEFAULT_MIN) == (1, 3, 256, 256)
-    assert t.profile_shapes(static_shape=(96, 128))[2] == (4, 3, 96, 128)
+    assert t.profile_shapes(static_shape=(96, 128)) == [((1, 3, 96, 128), (1, 3, 96, 128), (4, 3, 96, 128))]
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        t.profile_shapes(min_shape="1x1024x1024")
+        t.profile_shapes(min_shape="1x1024x4096")
     from ifseg_rt.runtime.model_dir import engine_file
 
     assert engine_file("NVIDIA H100 80GB HBM3", "fp16") == "engines/nvidia-h100-80gb-hbm3-fp16.engine"
@@ -293,27 +293,96 @@ def test_tensorrt_profile_limit(model_dir, monkeypatch):
     import sys
 
     from ifseg_rt.export import tensorrt as t
+    from ifseg_rt.model.grid_attention import EXPORT_BLOCKS
 
-    # the default maximum fits every registry size, even with the longest prompt the text positions allow
+    # the default profiles hold every input of the paper policy (short side 512, long side <= 2048) at batch 4 ...
+    profiles = t.profile_shapes()
+    assert len(profiles) == 2
+    for hw in [(512, 2048), (2048, 512), (512, 512), (512, 688), (96, 2048), (2048, 40)]:
+        assert any(all(a <= b <= c for a, b, c in zip(mn, (4, 3, *hw), mx)) for mn, _, mx in profiles), hw
+    # ... and every registry size fits TensorRT's tensor limit there, with the longest prompt the positions allow
     for heads in (4, 8, 12, 16):
-        t.check_profile(t.DEFAULT_MAX, heads=heads, prompt_tokens=1024)
-    assert t.attention_elements(t.DEFAULT_MAX, heads=12, prompt_tokens=0) == 4 * 12 * 4096 ** 2
-    # the old default, 4x2048x2048: 16 384 cells, 4 x 12 x 16424^2 attention scores
-    with pytest.raises(ValueError, match=r"--max-shape 4x2048x2048 \(16384 cells\) is too large for TensorRT: "
-                                         r"the attention scores would be a 4x12x16424x16424 tensor.*at most 6648 "
-                                         r"cells at batch 4"):
-        t.check_profile((4, 3, 2048, 2048), heads=12, prompt_tokens=40)
-    with pytest.raises(ValueError, match=r"use batch <= 2 at this size"):
-        t.check_profile((3, 3, 1024, 2048), heads=12, prompt_tokens=40)
-    t.check_profile((2, 3, 1024, 2048), heads=12, prompt_tokens=40)
-    # build_engine checks the profile against the model directory's dims before it needs TensorRT
+        for _, _, mx in profiles:
+            t.check_profile(mx, heads=heads, prompt_tokens=1024)
+    # the largest attention tensor is a query block's scores: 512 x 2048 px = 32 x 128 cells, 8 blocks of 16
+    # columns x 32 rows = 512 queries against 4096 cells + the 40-token prompt padded to one row of 128 slots
+    assert EXPORT_BLOCKS == 8
+    assert t.attention_elements((4, 3, 512, 2048), heads=12, prompt_tokens=40) == 4 * 12 * 512 * (4096 + 128)
+    assert t.attention_elements((4, 3, 512, 2048), heads=12, prompt_tokens=40) < 2 ** 31 // 20
+    # 2048 x 2048 px: blocks of 16 columns x 128 rows against 16 384 + 128 keys, 405 M elements per image
+    with pytest.raises(ValueError, match=r"--max-shape 8x2048x2048 \(16384 cells\) is too large for TensorRT: an "
+                                         r"attention block's scores would be a tensor of 3,246,391,296 elements .* use "
+                                         r"batch <= 5 at this size"):
+        t.check_profile((8, 3, 2048, 2048), heads=12, prompt_tokens=40)
+    t.check_profile((5, 3, 2048, 2048), heads=12, prompt_tokens=40)
+    # one shape given: one profile, the missing ones from the first default
+    assert t.profile_shapes(max_shape="2x1024x1024") == [(t.DEFAULT_MIN, t.DEFAULT_OPT, (2, 3, 1024, 1024))]
+    # build_engine checks every profile against the model directory's dims before it needs TensorRT
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(ValueError, match="--max-shape 4x2048x2048"):
-        t.build_engine(model_dir / "model.onnx", model_dir, max_shape="4x2048x2048")
-    with pytest.raises(ImportError, match="TensorRT is not installed"):  # the default profile passes the check
+    with pytest.raises(ValueError, match="--max-shape 8x4096x4096"):  # the tiny model has 4 heads
+        t.build_engine(model_dir / "model.onnx", model_dir, max_shape="8x4096x4096")
+    with pytest.raises(ImportError, match="TensorRT is not installed"):  # the default profiles pass the check
         t.build_engine(model_dir / "model.onnx", model_dir)
     with pytest.raises(ValueError, match=r"--static-shape.*too large"):
-        t.build_engine(model_dir / "model.onnx", model_dir, static_shape=(2048, 2048), max_shape="4x2048x2048")
+        t.build_engine(model_dir / "model.onnx", model_dir, static_shape=(4096, 4096), max_shape="8x4096x4096")
+
+
+def test_tensorrt_build_records_both_profiles(model_dir, monkeypatch, tmp_path):
+    import shutil
+    import sys
+
+    from ifseg_rt.export import tensorrt as t
+    from ifseg_rt.runtime.model_dir import parse_manifest
+
+    trt = _fake_tensorrt()
+    built = []
+
+    class Profile:
+        def set_shape(self, name, mn, op, mx):
+            self.shape = (name, mn, op, mx)
+
+    class Config:
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def set_flag(self, flag):
+            pass
+
+        def add_optimization_profile(self, p):
+            built.append(p.shape)
+
+        def create_timing_cache(self, data):
+            return data
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            pass
+
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: b"cache")
+
+    net = types.SimpleNamespace(num_layers=0, num_outputs=0)
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Builder = lambda logger: types.SimpleNamespace(
+        create_network=lambda flags: net, create_builder_config=Config,
+        create_optimization_profile=Profile, build_serialized_network=lambda n, c: b"engine")
+    trt.OnnxParser = lambda n, logger: types.SimpleNamespace(parse_from_file=lambda f: True)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", OBEY_PRECISION_CONSTRAINTS="obey")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(t, "gpu_name", lambda: "NVIDIA Fake GPU")
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    rec = t.build_engine(out / "model.onnx", out, precision="fp32")
+    assert built == [("image", *p) for p in t.DEFAULT_PROFILES]
+    assert rec["profiles"] == [{"min": list(a), "opt": list(b), "max": list(c)} for a, b, c in t.DEFAULT_PROFILES]
+    assert (out / rec["file"]).read_bytes() == b"engine"
+    # the manifest round trip keeps both; an input picks the first profile that holds it
+    manifest = json.loads((out / "ifseg.json").read_text())
+    manifest["engines"] = [{k: rec[k] for k in ("file", "gpu", "precision", "tensorrt_version", "profiles")}]
+    manifest["files"][rec["file"]] = {"bytes": 6, "sha256": "0" * 64}
+    eng = parse_manifest(manifest, None).engines[0]
+    assert eng.profile_for((1, 3, 512, 2048)) == 0 and eng.profile_for((4, 3, 2048, 512)) == 1
+    assert eng.profile_for((1, 3, 512, 512)) == 0 and eng.profile_for((1, 3, 1024, 1024)) is None
 
 
 def test_tensorrt_bf16_needs_tensorrt_9(model_dir, monkeypatch):

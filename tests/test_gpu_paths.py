@@ -18,7 +18,7 @@ from test_export import CATEGORIES, exported_model_dir  # noqa: E402  (shares th
 
 from ifseg_rt.runtime import Segmenter  # noqa: E402
 from ifseg_rt.runtime.backends import BackendUnavailable  # noqa: E402
-from ifseg_rt.runtime.backends.torch_backend import CACHE_SHAPES, MAX_GRAPHS  # noqa: E402
+from ifseg_rt.runtime.backends.torch_backend import MAX_GRAPHS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,9 @@ def test_cuda_graphs_keep_their_tables_and_stay_bounded(monkeypatch):
     cuda = FakeCuda(monkeypatch)
     cuda.watch(monkeypatch, backend)
     backend.cuda_graphs = True  # graphs on the CPU: torch.cuda is faked, the backend's bookkeeping is real
+    backend.tables.max_bytes = 0  # the table cache keeps only the most recent grid
     rng = np.random.default_rng(0)
-    grids = [(h, w) for h in range(1, 6) for w in range(1, 6)][:MAX_GRAPHS + CACHE_SHAPES + 1]
+    grids = [(h, w) for h in range(1, 6) for w in range(1, 6)][:MAX_GRAPHS + 3]
     image = lambda g: rng.standard_normal((1, 3, 16 * g[0], 16 * g[1])).astype(np.float32)  # noqa: E731
 
     captured = grids[:MAX_GRAPHS]
@@ -133,8 +134,9 @@ def test_cuda_graphs_keep_their_tables_and_stay_bounded(monkeypatch):
     assert all(g.device == backend.device and g.tables for g in cuda.graphs)
 
     # other grids push every captured grid's tables out of the table cache ...
-    for g in grids[MAX_GRAPHS:MAX_GRAPHS + CACHE_SHAPES]:
+    for g in grids[MAX_GRAPHS:MAX_GRAPHS + 2]:
         _eager(backend, image(g))
+    assert len(backend.tables) == 1
     # ... yet each graph still replays on its own tables, with the new pixels (issue 17, item 2)
     for g in captured:
         x = image(g)
@@ -181,13 +183,19 @@ def test_onnxruntime_cuda_provider_must_load(model_dir, monkeypatch):
 
 def _fake_tensorrt(cuda, profile_max):
     """Runtime, engine and context of TensorRT 10, recording the current device when each is made or run."""
-    log = types.SimpleNamespace(made={}, ran=[])
+    log = types.SimpleNamespace(made={}, ran=[], profiles=[])
 
     class Context:
         shape = None
 
+        profile = 0
+
+        def set_optimization_profile_async(self, index, stream):
+            log.profiles.append(index)
+            self.profile = index
+
         def set_input_shape(self, name, shape):
-            if any(s > m for s, m in zip(shape, profile_max)):
+            if any(s > m for s, m in zip(shape, profile_max[self.profile])):
                 return False
             self.shape = shape
             return True
@@ -228,10 +236,11 @@ def test_tensorrt_backend_device_guard_and_profile(monkeypatch, tmp_path):
     from ifseg_rt.runtime.model_dir import EngineSpec
 
     cuda = FakeCuda(monkeypatch)
-    trt, log = _fake_tensorrt(cuda, (2, 3, 64, 64))
+    trt, log = _fake_tensorrt(cuda, [(2, 3, 64, 64), (2, 3, 96, 32)])
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     eng = EngineSpec(file="engines/nvidia-fake-gpu-fp16.engine", gpu="NVIDIA Fake GPU", precision="fp16",
-                     tensorrt_version="10.3.0", profile={"min": [1, 3, 16, 16], "max": [2, 3, 64, 64]})
+                     tensorrt_version="10.3.0", profiles=({"min": [1, 3, 16, 16], "max": [2, 3, 64, 64]},
+                                                          {"min": [1, 3, 16, 16], "max": [2, 3, 96, 32]}))
     (tmp_path / "engines").mkdir()
     (tmp_path / eng.file).write_bytes(b"engine")
     checked = []
@@ -246,12 +255,17 @@ def test_tensorrt_backend_device_guard_and_profile(monkeypatch, tmp_path):
     backend.device = torch.device("cpu")  # run on CPU memory: the fake engine reads no pointers
     logits, feats = backend.run(np.zeros((2, 3, 48, 64), np.float32))
     assert tuple(logits.shape) == (2, 12, 5) and tuple(feats.shape) == (2, 12, 128)
-    assert log.ran == [backend.device]  # executed under the backend's device guard
-    with pytest.raises(ValueError, match=r"input shape \(1, 3, 80, 64\) is outside the optimisation profile of "
+    assert log.ran == [backend.device] and log.profiles == []  # executed under the device guard, on profile 0
+    logits, _ = backend.run(np.zeros((1, 3, 80, 32), np.float32))  # portrait: the second profile holds it
+    assert tuple(logits.shape) == (1, 10, 5) and log.profiles == [1]
+    backend.run(np.zeros((1, 3, 80, 32), np.float32))
+    backend.run(np.zeros((1, 3, 32, 64), np.float32))  # back to the first: switched once each way
+    assert log.profiles == [1, 0] and len(log.ran) == 4
+    with pytest.raises(ValueError, match=r"input shape \(1, 3, 80, 64\) is outside the optimisation profiles of "
                                          r"engines/nvidia-fake-gpu-fp16.engine \(min \[1, 3, 16, 16\], max "
-                                         r"\[2, 3, 64, 64\]\)"):
+                                         r"\[2, 3, 64, 64\]; min \[1, 3, 16, 16\], max \[2, 3, 96, 32\]\)"):
         backend.run(np.zeros((1, 3, 80, 64), np.float32))
-    assert len(log.ran) == 1
+    assert len(log.ran) == 4
 
 
 @pytest.mark.requires_cuda

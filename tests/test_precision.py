@@ -116,9 +116,9 @@ def test_split_graph_computes_tables_once_per_grid(int8_dir):
     real = backend.tables_session
 
     class Counting:
-        def run(self, names, feeds):
+        def run(self, names, feeds, options=None):
             calls.append(feeds["grid"].shape)
-            return real.run(names, feeds)
+            return real.run(names, feeds, options)
 
     backend.tables_session = Counting()
     rng = np.random.default_rng(0)

@@ -68,10 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-knn", action="store_true", help="disable kNN post-processing (plain logits arg-max)")
     g = p.add_argument_group("ONNX")
     g.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 for LayerNormalization)")
-    g.add_argument("--static-shape", type=image_size, help="export a fixed HxW graph (position tables constant-folded); "
+    g.add_argument("--static-shape", type=image_size, help="export a fixed HxW graph (positions constant-folded); "
                                                   "sets a fixed image policy of that size")
-    g.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx exporter: torch.export-based (default) or the legacy tracer")
     g.add_argument("--normalize-features", action="store_true",
                    help="L2-normalise the features output in the graph (kept fp32 in TensorRT)")
     g.add_argument("--no-weights", action="store_true",
@@ -92,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gate: fraction of pixels whose label must equal fp32's")
     g = p.add_argument_group("TensorRT (--format engine)")
     g.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default 8)")
-    g.add_argument("--min-shape", help="profile minimum BxHxW (default 1x256x256)")
+    g.add_argument("--min-shape", help="profile minimum BxHxW (default 1x16x16). Without any of the three shapes "
+                                       "the engine gets two profiles covering the paper policy: up to 4x512x2048 "
+                                       "and up to 4x2048x512")
     g.add_argument("--opt-shape", help="profile optimum BxHxW (default 1x512x688)")
-    g.add_argument("--max-shape", help="profile maximum BxHxW (default 4x1024x1024: 4096 cells; TensorRT caps a "
-                                       "tensor at 2^31 elements, checked before the build)")
+    g.add_argument("--max-shape", help="profile maximum BxHxW (default 4x512x2048; TensorRT caps a tensor at 2^31 "
+                                       "elements, checked before the build)")
     g.add_argument("--timing-cache", help="timing cache file to load and update (default DIR/engines/timing.cache)")
     g = p.add_argument_group("Triton model repository (--format triton; needs the [serve] extra)")
     g.add_argument("--model-name",
@@ -220,7 +220,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         spec = export(args.source, args.out, format=fmt["arg"], categories=args.categories, bpe_dir=args.bpe_dir,
                       prompt_prefix=args.prompt_prefix, image_policy=policy, knn=knn,
                       save_weights=not args.no_weights, force=args.force, opset=args.opset,
-                      static_shape=args.static_shape, exporter=args.exporter,
+                      static_shape=args.static_shape,
                       normalize_features=args.normalize_features, check=not args.no_check,
                       precision=precision, calibration=args.calibration, min_agreement=args.min_agreement,
                       split=not args.no_split, workspace_gb=args.workspace_gb, min_shape=args.min_shape,

@@ -3,7 +3,7 @@
 =========  ==========================  =====================================  ==================================
 Format     ``--format``                Artifact                               Extra options
 =========  ==========================  =====================================  ==================================
-ONNX       ``onnx``                    ``model.onnx`` (+ ``model.onnx.data``),  opset, static_shape, exporter,
+ONNX       ``onnx``                    ``model.onnx`` (+ ``model.onnx.data``),  opset, static_shape,
                                        ``tables.onnx`` + ``body.onnx``          precision (fp32 / int8 / bf16),
                                        (+ ``body.int8.onnx``)                   calibration, min_agreement, ...
 TensorRT   ``engine`` (``trt``,         ``engines/<gpu>-<precision>.engine``     + precision (fp32 / fp16 / bf16),
@@ -13,11 +13,12 @@ repository                             ``<name>_onnx/``, ``<name>_post/``       
                                        (:mod:`ifseg_rt.serve.repository`)       trt_precision, trt_cache, ...
 =========  ==========================  =====================================  ==================================
 
-``model.onnx`` is the portable graph (image -> logits, features; TensorRT and other consumers build from it). The
-runtime's onnxruntime backend prefers the same network split in two: ``tables.onnx`` computes a token grid's
-position tables once, ``body.onnx`` runs the network on them, so that no request recomputes them (2x faster on the
-nano model, and concurrent requests of a grid share one copy). Low precisions (``--precision int8`` / ``bf16``)
-are added behind an accuracy gate (:mod:`ifseg_rt.export.precision`).
+``model.onnx`` is the portable graph (image -> logits, features; TensorRT and other consumers build from it). No
+graph holds an S x S position table: attention runs in query blocks with the position terms computed per block
+(:mod:`ifseg_rt.model.grid_attention`). The runtime's onnxruntime backend prefers the same network split in two:
+``tables.onnx`` computes a token grid's absolute positions per attention (O(S)) once, ``body.onnx`` runs the network
+on them, so that no request recomputes them. Low precisions (``--precision int8`` / ``bf16``) are added behind an
+accuracy gate (:mod:`ifseg_rt.export.precision`).
 
 Python::
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import dataclass
 import platform
 import tempfile
@@ -62,12 +62,11 @@ from .onnx_model import IFSegBodyGraph, IFSegOnnxModel, IFSegTablesGraph
 from .precision import INT8_BODY, MIN_AGREEMENT, add_precisions
 
 ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
-DEFAULT_OPSET = 18  # the dynamo exporter's native opset; >= 17 for LayerNormalization
-MAX_SIDE = 4096  # px; upper bound of the dynamic H/W dimension declared to torch.export
+DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
 PARITY_ATOL = 1e-3  # max |onnxruntime - torch| on logits/features accepted at export time (fp32)
 
 _COMMON = ("categories", "bpe_dir", "prompt_prefix", "image_policy", "knn", "save_weights", "force", "precision")
-_ONNX = ("opset", "static_shape", "exporter", "normalize_features", "check", "calibration", "min_agreement", "split")
+_ONNX = ("opset", "static_shape", "normalize_features", "check", "calibration", "min_agreement", "split")
 _TRT = ("workspace_gb", "min_shape", "opt_shape", "max_shape", "timing_cache")
 # Triton repository (ifseg_rt.serve.repository.export_repository); from a model directory only these apply
 _TRITON = ("model_name", "max_batch_size", "instances", "instance_kind", "tensorrt", "trt_precision", "trt_cache",
@@ -205,70 +204,55 @@ def _dummy_shape(static_shape: Optional[Tuple[int, int]]) -> Tuple[int, int]:
 
 def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_OPSET,
                 static_shape: Optional[Tuple[int, int]] = None, normalize_features: bool = False,
-                exporter: str = "dynamo", metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Write ``path`` (+ ``path.data`` when the model is over 2 GB); returns export facts for ``ifseg.json``.
 
-    The dynamo exporter (``torch.export``) is the default; ``exporter="torchscript"`` uses the legacy tracer
-    (faster, deprecated upstream). Both give the same branch-free graph (:class:`IFSegOnnxModel`).
+    Traced with torch.onnx's TorchScript-based exporter: the grid attention's one shape-dependent branch is a
+    scripted function that becomes an ONNX ``If`` (``torch.export`` cannot express it without rewriting the model
+    around ``torch.cond``).
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
-    if exporter not in ("dynamo", "torchscript"):
-        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     path = Path(path)
     grid = None if static_shape is None else token_grid(*static_shape)
     wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid).eval()
     H, W = _dummy_shape(static_shape)
     g = torch.Generator().manual_seed(0)
-    dummy = {INPUT_NAME: torch.randn(2, 3, H, W, generator=g)}  # batch 2: a size-1 dim would be specialised
+    image = torch.randn(2, 3, H, W, generator=g)  # batch 2: a size-1 dim would be specialised
     with torch.inference_mode():
-        wrapper(**dummy)  # one eager run first: shape errors surface here, not inside the exporter
-    # the dynamo exporter logs a warning per torchvision op it cannot register (torchvision is not used here)
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        return _export_onnx(wrapper, dummy, path, opset, static_shape, exporter, metadata)
-    finally:
-        registration.setLevel(level)
+        wrapper(image)  # one eager run first: shape errors surface here, not inside the exporter
+    axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch", 1: "cells"} for o in OUTPUT_NAMES}}
+    if static_shape is None:
+        axes[INPUT_NAME].update({2: "height", 3: "width"})
+    proto = _trace(wrapper, (image,), [INPUT_NAME], list(OUTPUT_NAMES), axes, opset)
+    _name_dims(proto, static_shape, _output_widths(model))
+    data_file = save_onnx(proto, path, metadata)
+    opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"file": path.name, "data_file": data_file, "opset": opset_used,
+            "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
+            "exporter": "torchscript", "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
+            "torch_version": torch.__version__, "onnx_version": onnx_version()}
 
 
-def _export_onnx(wrapper, dummy, path: Path, opset: int, static_shape, exporter: str, metadata) -> Dict[str, Any]:
+def onnx_version() -> str:
+    import onnx
+
+    return onnx.__version__
+
+
+def _trace(module, args, inputs, outputs, axes, opset: int):
+    """Trace ``module`` to an in-memory ONNX model (weights loaded, constants folded)."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings():
-            # the exporters report their own progress/deprecations through warnings; keep the user's filters clean
-            warnings.filterwarnings("ignore", module=r"torch\..*")
-            warnings.filterwarnings("ignore", module=r"onnxscript.*")
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            if exporter == "dynamo":
-                from torch.export import Dim
-
-                dims = {0: Dim("batch", min=1, max=1024)}
-                if static_shape is None:
-                    dims.update({2: Dim("height", min=PATCH, max=MAX_SIDE), 3: Dim("width", min=PATCH, max=MAX_SIDE)})
-                _quiet(lambda: torch.onnx.export(
-                    wrapper, (), str(raw), kwargs=dummy, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                    dynamic_shapes={INPUT_NAME: dims}, opset_version=opset, dynamo=True, optimize=True,
-                    external_data=True, verbose=False))
-            else:
-                axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch", 1: "cells"} for o in OUTPUT_NAMES}}
-                if static_shape is None:
-                    axes[INPUT_NAME].update({2: "height", 3: "width"})
-                _quiet(lambda: torch.onnx.export(
-                    wrapper, (dummy[INPUT_NAME],), str(raw), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                    dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True))
-        proto = onnx.load(str(raw), load_external_data=True)
-    _name_dims(proto, static_shape)
-    data_file = save_onnx(proto, path, metadata)
-    opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": path.name, "data_file": data_file, "opset": opset_used,
-            "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
-            "exporter": exporter, "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
-            "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+            # the exporter reports its progress and deprecations through warnings; keep the user's filters clean
+            warnings.simplefilter("ignore")
+            _quiet(lambda: torch.onnx.export(module.eval(), args, str(raw), input_names=inputs, output_names=outputs,
+                                             dynamic_axes=axes, opset_version=opset, dynamo=False,
+                                             do_constant_folding=True))
+        return onnx.load(str(raw), load_external_data=True)
 
 
 def save_onnx(proto, path: Path, metadata: Optional[Dict[str, str]] = None) -> Optional[str]:
@@ -295,14 +279,12 @@ def save_onnx(proto, path: Path, metadata: Optional[Dict[str, str]] = None) -> O
 
 def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET,
                  normalize_features: bool = False, metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Write the runtime's split graph: ``tables.onnx`` (grid -> the grid's position tables, run once per grid and
-    cached by the runtime) and ``body.onnx`` (image + tables -> logits, features). Returns the written file names.
+    """Write the runtime's split graph: ``tables.onnx`` (grid -> the grid's absolute positions per attention, O(S),
+    run once per grid and cached by the runtime) and ``body.onnx`` (image + those -> logits, features). Returns the
+    written file names.
 
-    Traced with the legacy exporter: the table inputs' sizes follow from the image's, a relation ``torch.export``
-    cannot state, while traced dynamic axes need not state it.
+    Traced as :func:`export_onnx`.
     """
-    import onnx
-
     out_dir = Path(out_dir)
     core = IFSegOnnxModel(model, normalize_features=normalize_features).eval()
     g = torch.Generator().manual_seed(0)
@@ -310,8 +292,8 @@ def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAU
     grid = torch.zeros(*token_grid(image.shape[2], image.shape[3]))
     with torch.inference_mode():
         tables = IFSegTablesGraph(core)(grid)
-    s_axes, t_axes = {2: "S", 3: "S"}, {2: "T", 3: "T"}
-    table_axes = dict(zip(TABLE_NAMES, (s_axes, t_axes, {1: "T", 2: "S"})))
+    table_axes = {name: {1: ("S" if name in ("enc_pos_q", "enc_pos_k", "cross_pos_k") else "T")}
+                  for name in TABLE_NAMES}
     graphs = {
         TABLES_FILE: (IFSegTablesGraph(core), (grid,), [GRID_NAME], list(TABLE_NAMES),
                       {GRID_NAME: {0: "grid_h", 1: "grid_w"}, **table_axes}),
@@ -321,14 +303,8 @@ def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAU
     }
     written = {}
     for name, (module, args, inputs, outputs, axes) in graphs.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "raw.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _quiet(lambda: torch.onnx.export(module.eval(), args, str(raw), input_names=inputs,
-                                                 output_names=outputs, dynamic_axes=axes, opset_version=opset,
-                                                 dynamo=False, do_constant_folding=True))
-            proto = onnx.load(str(raw), load_external_data=True)
+        proto = _trace(module, args, inputs, outputs, axes, opset)
+        _name_dims(proto, None, _output_widths(model))
         data_file = save_onnx(proto, out_dir / name, metadata)
         written[name] = [name] + ([data_file] if data_file else [])
     return {"tables": TABLES_FILE, "body": BODY_FILE, "files": [f for fs in written.values() for f in fs]}
@@ -350,20 +326,28 @@ def _quiet(fn):
         raise
 
 
-def _name_dims(proto, static_shape) -> None:
-    """Readable symbolic dims: ``image [batch, 3, height, width]`` -> ``[batch, cells, M]`` (the dynamo exporter
-    writes the sympy expression of N otherwise)."""
+def _name_dims(proto, static_shape, widths: Dict[str, int]) -> None:
+    """Readable dims: ``image [batch, 3, height, width]`` -> ``logits [batch, cells, M]``, ``features [batch, cells,
+    C]`` (the tracer writes generated names, and leaves ``C`` symbolic, otherwise)."""
     for vi in proto.graph.output:
+        if vi.name not in widths:
+            continue
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 3:
-            dims[0].dim_param = "batch"
-            if static_shape is None:
-                dims[1].dim_param = "cells"
+        dims[0].dim_param = "batch"
+        if static_shape is None:
+            dims[1].dim_param = "cells"
+        dims[2].dim_value = int(widths[vi.name])
     for vi in proto.graph.input:
+        if vi.name != INPUT_NAME:
+            continue
         dims = vi.type.tensor_type.shape.dim
         dims[0].dim_param = "batch"
         if static_shape is None:
             dims[2].dim_param, dims[3].dim_param = "height", "width"
+
+
+def _output_widths(model: SegOFA) -> Dict[str, int]:
+    return dict(zip(OUTPUT_NAMES, (model.num_categories, model.config.image_feature_dim)))
 
 
 def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequence[Tuple[int, int, int]], *,
@@ -417,7 +401,7 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
            categories: Union[None, str, Sequence[str]] = None, bpe_dir: Union[None, str, Path] = None,
            prompt_prefix: Optional[str] = None, image_policy: Optional[ImagePolicy] = None,
            knn: Union[None, KnnSettings, Dict[str, Any]] = None, save_weights: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
-           static_shape: Optional[Tuple[int, int]] = None, exporter: str = "dynamo",
+           static_shape: Optional[Tuple[int, int]] = None,
            normalize_features: bool = False, check: bool = True, precision: Union[None, str, Sequence[str]] = None,
            calibration=None, min_agreement: float = MIN_AGREEMENT, split: bool = True,
            workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
@@ -435,7 +419,7 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     knn : kNN post-processing settings the runtime applies: a :class:`KnnSettings`, or a dict of fields overriding the
         source's own (those its checkpoint records, else the paper's K = 3, 25 iterations, temperature 1)
     save_weights : also write ``model.safetensors`` (the torch backend's weights)
-    static_shape : (H, W) to export a graph with fixed spatial size and constant-folded position tables
+    static_shape : (H, W) to export a graph with fixed spatial size (its absolute positions computed once, as constants)
     check : run ``onnx.checker`` and compare onnxruntime with PyTorch at two resolutions and two batch sizes
     precision : ONNX format: the CPU precision(s) to offer besides fp32, the first being the one the runtime loads
         by default (``"int8"``, ``"bf16"``, ``["int8", "bf16"]``; see :mod:`ifseg_rt.export.precision`); engine
@@ -503,9 +487,10 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     if fmt["arg"] == "engine":  # refuse an engine profile TensorRT cannot build before minutes of ONNX export
         from .tensorrt import check_profile, profile_shapes
 
-        check_profile(profile_shapes(min_shape, opt_shape, max_shape, static_shape)[2], heads=cfg.heads,
-                      prompt_tokens=model.prompt_tokens.numel(),
-                      flag="--max-shape" if static_shape is None else "--static-shape (with the batch of --max-shape)")
+        for _, _, mx in profile_shapes(min_shape, opt_shape, max_shape, static_shape):
+            check_profile(mx, heads=cfg.heads, prompt_tokens=model.prompt_tokens.numel(),
+                          flag="--max-shape" if static_shape is None
+                          else "--static-shape (with the batch of --max-shape)")
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in (ONNX_FILE, ONNX_FILE + ".data", TABLES_FILE, BODY_FILE, INT8_BODY, WEIGHTS_FILE, MANIFEST):
@@ -514,9 +499,9 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
             "ifseg_rt.config": json.dumps(cfg.to_dict()), "ifseg_rt.image_policy": json.dumps(policy.to_dict()),
             "ifseg_rt.knn": json.dumps(knn.to_dict()), "ifseg_rt.version": __version__}
     say = log or (lambda msg: None)
-    say(f"[1/5] {ONNX_FILE}: the portable graph ({exporter} exporter, opset {opset})")
+    say(f"[1/5] {ONNX_FILE}: the portable graph (opset {opset})")
     onnx_info = export_onnx(model, out / ONNX_FILE, opset=opset, static_shape=static_shape,
-                            normalize_features=normalize_features, exporter=exporter, metadata=meta)
+                            normalize_features=normalize_features, metadata=meta)
     files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
     split_pair = None
     if split and static_shape is None:  # a static graph has its tables folded in already

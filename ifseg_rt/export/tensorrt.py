@@ -7,11 +7,14 @@ message, shape parsing, the profile's size limit (:func:`check_profile`), the en
 rule (:func:`keeps_fp32`, :func:`pin_precision`) with a fake module that hands out base ``ILayer`` objects as the real
 ``network.get_layer`` does.
 
-Profile size: TensorRT refuses tensors of more than 2^31 - 1 elements, and the largest tensor of this graph is the
-encoder's attention scores, ``B x heads x S x S`` with ``S = cells + prompt tokens``. The default profile therefore
-stops at 4 096 cells (1024 x 1024: the paper policy's inputs up to an aspect ratio of 2:1, both orientations; its
-extreme 512 x 2048 needs ``--max-shape 4x512x2048``, landscape only); :func:`check_profile` rejects larger profiles
-before the build, naming the largest batch and cell count that fit.
+Profile size: TensorRT refuses tensors of more than 2^31 - 1 elements. The graph holds no S x S tensor for all
+heads: each attention runs :data:`~ifseg_rt.model.grid_attention.EXPORT_BLOCKS` query blocks, so its largest
+tensor is a block's scores, ``B x heads x block x S`` (``S = cells + prompt tokens``, see :func:`attention_elements`).
+By default an engine has two profiles that together hold every input of the paper's policy (short side 512, long side
+up to 2048: at most 4 096 cells) at batch 1-4: landscape and square (``H <= 512``, ``W <= 2048``) and portrait
+(``H <= 2048``, ``W <= 512``); the runtime picks the profile holding each input. Any of ``--min/--opt/--max-shape``
+makes it one profile of those shapes. :func:`check_profile` rejects a profile maximum above the limit before the
+build, naming the largest batch that fits.
 
 fp16 overflow spots kept in fp32: normalisation layers (LayerNormalization -> ``INormalizationLayer``, or the
 Reduce/Pow/Sqrt/Div chain when a parser decomposes it), softmax (attention scores + biases reach large magnitudes),
@@ -20,7 +23,6 @@ the feature L2 norm (a sum of 1024 squares overflows fp16's 65504), exp/erf (GEL
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -28,9 +30,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 from ..runtime.model_dir import ENGINES_DIR, INPUT_NAME, engine_file
 from ..geometry import token_grid
 
-DEFAULT_MIN = (1, 3, 256, 256)
+DEFAULT_MIN = (1, 3, 16, 16)  # one cell: the paper policy gives very elongated images a short side below 512 px
 DEFAULT_OPT = (1, 3, 512, 688)  # a 4:3 image under the paper policy (short side 512)
-DEFAULT_MAX = (4, 3, 1024, 1024)  # 4 096 cells: both orientations up to 2:1 within TensorRT's tensor size limit
+DEFAULT_MAX = (4, 3, 512, 2048)  # the paper policy's widest landscape input (4 096 cells), batch 4
+# two profiles hold every input of the paper's policy: landscape and square, then portrait
+DEFAULT_PROFILES = ((DEFAULT_MIN, DEFAULT_OPT, DEFAULT_MAX),
+                    (DEFAULT_MIN, (1, 3, 688, 512), (4, 3, 2048, 512)))
 TRT_MAX_ELEMENTS = 2 ** 31 - 1  # elements per tensor TensorRT accepts (32-bit volumes)
 DEFAULT_WORKSPACE_GB = 8.0
 INSTALL_HINT = ("TensorRT is not installed: `pip install tensorrt` (NVIDIA wheels, Linux/Windows with a CUDA GPU) "
@@ -71,7 +76,11 @@ def parse_shape(value: Union[None, str, Sequence[int]], default: Tuple[int, ...]
 
 
 def profile_shapes(min_shape=None, opt_shape=None, max_shape=None, static_shape=None):
-    """(min, opt, max) input shapes, checked to be ordered; a static export fixes H and W."""
+    """The engine's optimisation profiles, a list of (min, opt, max) input shapes, each checked to be ordered:
+    :data:`DEFAULT_PROFILES` when no shape is given, else one profile (missing shapes from the first default); a
+    static export fixes H and W."""
+    if min_shape is None and opt_shape is None and max_shape is None and static_shape is None:
+        return [tuple(p) for p in DEFAULT_PROFILES]
     mn, op, mx = (parse_shape(min_shape, DEFAULT_MIN), parse_shape(opt_shape, DEFAULT_OPT),
                   parse_shape(max_shape, DEFAULT_MAX))
     if static_shape is not None:
@@ -79,16 +88,26 @@ def profile_shapes(min_shape=None, opt_shape=None, max_shape=None, static_shape=
         mn, op, mx = ((s[0], 3, H, W) for s in (mn, op, mx))
     if not all(a <= b <= c for a, b, c in zip(mn, op, mx)):
         raise ValueError(f"optimisation profile must satisfy min <= opt <= max per dim, got {mn}, {op}, {mx}")
-    return mn, op, mx
+    return [(mn, op, mx)]
 
 
 def attention_elements(shape: Sequence[int], *, heads: int, prompt_tokens: int) -> int:
-    """Elements of the largest attention tensor for input ``shape`` (B, 3, H, W): the encoder's ``B x heads x S x S``
-    scores, ``S = ceil(H/16) * ceil(W/16) + prompt_tokens`` (the decoder's T = cells + 1 <= S)."""
+    """Elements of the largest attention tensor for inputs up to ``shape`` (B, 3, H, W): a query block's scores
+    ``B x heads x queries x keys`` (:mod:`~ifseg_rt.model.grid_attention`). Image query blocks hold
+    ``ceil(w_i / EXPORT_BLOCKS)`` inner columns of ``h_o`` rows (the grid or its transpose; both are counted, so the
+    bound holds for every shape of the profile) against the cells plus the prompt (encoder) or BOS (decoder) laid
+    out in rows of ``w_i`` slots; the prompt's own block and the cross-attention blocks (``ceil((cells + 1) /
+    EXPORT_BLOCKS)`` queries against cells + prompt) are counted too."""
+    from ..model.grid_attention import EXPORT_BLOCKS as nb
+
     b, _, h, w = (int(v) for v in shape)
     gh, gw = token_grid(h, w)
-    s = gh * gw + int(prompt_tokens)
-    return b * int(heads) * s * s
+    n, L = gh * gw, int(prompt_tokens)
+    largest = -(-(n + 1) // nb) * (n + L)  # cross-attention
+    for ho, wi in ((gh, gw), (gw, gh)):
+        keys = n + max(-(-L // wi), 1) * wi  # the prompt (encoder) or BOS (decoder) in rows of w_i slots
+        largest = max(largest, -(-wi // nb) * ho * keys, L * keys)
+    return b * int(heads) * largest
 
 
 def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, flag: str = "--max-shape") -> None:
@@ -101,16 +120,13 @@ def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, f
     if n <= TRT_MAX_ELEMENTS:
         return
     gh, gw = token_grid(h, w)
-    cells = gh * gw
-    s = cells + int(prompt_tokens)
-    fit_b = TRT_MAX_ELEMENTS // (int(heads) * s * s)
-    fit_cells = max(0, math.isqrt(TRT_MAX_ELEMENTS // (b * int(heads))) - int(prompt_tokens))
+    per_item = n // b
+    fit_b = TRT_MAX_ELEMENTS // per_item
     hint = f"batch <= {fit_b} at this size, or " if fit_b >= 1 else ""
-    raise ValueError(f"{flag} {b}x{h}x{w} ({cells} cells) is too large for TensorRT: the attention scores would be a "
-                     f"{b}x{heads}x{s}x{s} tensor of {n:,} elements ({heads} heads, {prompt_tokens} prompt tokens), "
-                     f"above its limit of 2^31 - 1; use {hint}at most {fit_cells} cells at batch {b} "
-                     f"(cells = ceil(H/16) * ceil(W/16); the default maximum {DEFAULT_MAX[0]}x{DEFAULT_MAX[2]}x"
-                     f"{DEFAULT_MAX[3]} has 4096)")
+    raise ValueError(f"{flag} {b}x{h}x{w} ({gh * gw} cells) is too large for TensorRT: an attention block's scores "
+                     f"would be a tensor of {n:,} elements ({heads} heads, {prompt_tokens} prompt tokens), above its "
+                     f"limit of 2^31 - 1; use {hint}a smaller maximum (the default profiles reach "
+                     f"{DEFAULT_MAX[0]}x{DEFAULT_MAX[2]}x{DEFAULT_MAX[3]} and its portrait twin)")
 
 
 def _attention_dims(model_dir: Union[str, Path], prompt_tokens: Optional[int]) -> Tuple[int, int]:
@@ -181,17 +197,18 @@ def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, pr
                  timing_cache: Union[None, str, Path] = None, static_shape=None,
                  prompt_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Parse ``onnx_path``, build and serialise an engine into ``model_dir/engines/``; returns its ``ifseg.json``
-    record (file, gpu, precision, tensorrt_version, profile, fp32-pinned layer count).
+    record (file, gpu, precision, tensorrt_version, profiles, fp32-pinned layer count).
 
     ``prompt_tokens``: the baked prompt's length, for the profile size check (default: bounded by the model's text
     positions, which can refuse a profile within about 1.5x of the limit that would fit).
     """
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-    mn, op, mx = profile_shapes(min_shape, opt_shape, max_shape, static_shape)
+    profiles = profile_shapes(min_shape, opt_shape, max_shape, static_shape)
     heads, text = _attention_dims(model_dir, prompt_tokens)
-    check_profile(mx, heads=heads, prompt_tokens=text, flag="--max-shape" if static_shape is None else
-                  "--static-shape (with the batch of --max-shape)")
+    for _, _, mx in profiles:
+        check_profile(mx, heads=heads, prompt_tokens=text, flag="--max-shape" if static_shape is None else
+                      "--static-shape (with the batch of --max-shape)")
     trt = import_tensorrt()
     if precision == "bf16" and not hasattr(trt.BuilderFlag, "BF16"):
         raise ValueError(f"precision 'bf16' needs TensorRT >= 9 (BuilderFlag.BF16); TensorRT {trt.__version__} is "
@@ -214,9 +231,10 @@ def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, pr
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = pin_precision(network, trt)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, mn, op, mx)
-    config.add_optimization_profile(profile)
+    for mn, op, mx in profiles:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(INPUT_NAME, mn, op, mx)
+        config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else Path(model_dir) / ENGINES_DIR / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -230,5 +248,6 @@ def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, pr
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     return {"file": rel, "gpu": gpu, "precision": precision, "tensorrt_version": trt.__version__,
-            "profile": {"min": list(mn), "opt": list(op), "max": list(mx)}, "fp32_layers": pinned,
+            "profiles": [{"min": list(mn), "opt": list(op), "max": list(mx)} for mn, op, mx in profiles],
+            "fp32_layers": pinned,
             "timing_cache": str(cache_path)}

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .config import OFAConfig
 from .layers import EncoderLayer, LayerNorm, drop_path_rates, split_heads
-from .positions import grid_ids, image_rp_bucket, resize_bias_2d, resize_grid, token_rp_bucket
+from .grid_attention import tracing
+from .positions import grid_ids, image_rp_bucket, interpolate_grid, resize_bias_2d, resize_grid, token_rp_bucket
 from .resnet import ResNet
 
 
@@ -94,7 +95,8 @@ class OFAEncoder(nn.Module):
         return self.patch_layernorm_embedding(cell_embeds + self.type_embedding.weight[1])
 
     # --- positions --------------------------------------------------------------------------------------------
-    def _check_grid(self, h: int, w: int) -> None:
+    def check_grid(self, h: int, w: int) -> None:
+        """Raise ``ValueError`` when an h x w token grid needs image positions beyond the position table."""
         s = self.config.image_bucket_size
         if self.ifseg and h * w > self.config.seg_grid ** 2:
             return  # resized from the reference grid: any size works
@@ -105,9 +107,15 @@ class OFAEncoder(nn.Module):
                 f"use an image of at most {16 * s} px per side")
 
     def image_positions(self, h: int, w: int) -> Tensor:
-        """Raw (un-normalised) image position embeddings, ``Nxd``."""
+        """Raw (un-normalised) image position embeddings, ``Nxd``. Under the ONNX tracer (``h``/``w`` tensors) both
+        IFSeg rules are computed and one is selected in-graph (direct-lookup ids clamped to the table)."""
         cfg, table = self.config, self.embed_image_positions.weight
         G = cfg.seg_grid
+        if self.ifseg and tracing():
+            ids = grid_ids(h, w, cfg.image_bucket_size, table.device).clamp(max=table.shape[0] - 1)
+            ref = table[grid_ids(G, G, cfg.image_bucket_size, table.device)]
+            resized = interpolate_grid(ref.t(), G, h, w).t()
+            return torch.where(h * w > G * G, resized, table[ids])
         if self.ifseg and h * w > G * G:
             ref = table[grid_ids(G, G, cfg.image_bucket_size, table.device)]  # (G^2, d)
             return resize_grid(ref.t(), G, h, w).t()
@@ -148,7 +156,7 @@ class OFAEncoder(nn.Module):
 
         They depend only on the weights and the shapes, never on the pixels: callers may cache them.
         """
-        self._check_grid(h, w)
+        self.check_grid(h, w)
         n = h * w
         enc_pos = self.positions(h, w, length)
         a = self.abs_bias(enc_pos)

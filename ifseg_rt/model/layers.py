@@ -3,7 +3,7 @@ decoder layers with the NormFormer extra norms (ofa.md §7)."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +111,12 @@ class EncoderLayer(nn.Module):
         branch = F.dropout(branch, self.dropout, self.training)
         return x + drop_path(branch, self.drop_path, self.training)
 
-    def forward(self, x: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, attn_bias: Optional[Tensor] = None, *,
+                attention: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """``attention(self_attn, a)``, when given, replaces ``self_attn(a, a, attn_bias)`` (the real-image path's
+        blocked attention of :mod:`~ifseg_rt.model.grid_attention`)."""
         a = self.self_attn_layer_norm(x)
-        a = self.attn_ln(self.self_attn(a, a, attn_bias))
+        a = self.attn_ln(attention(self.self_attn, a) if attention is not None else self.self_attn(a, a, attn_bias))
         x = self._residual(x, a)
         f = gelu_fp32(self.fc1(self.final_layer_norm(x)))
         f = self.fc2(self.ffn_layernorm(f))
@@ -144,12 +147,19 @@ class DecoderLayer(nn.Module):
         branch = F.dropout(branch, self.dropout, self.training)
         return x + drop_path(branch, self.drop_path, self.training)
 
-    def forward(self, x: Tensor, enc_out: Tensor, self_bias: Optional[Tensor], cross_bias: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, enc_out: Tensor, self_bias: Optional[Tensor] = None,
+                cross_bias: Optional[Tensor] = None, *, self_attention: Optional[Callable[..., Tensor]] = None,
+                cross_attention: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """``self_attention(self_attn, a)`` / ``cross_attention(encoder_attn, c, enc_out)``, when given, replace the
+        bias-based attention calls (see :class:`EncoderLayer`)."""
         a = self.self_attn_layer_norm(x)
-        a = self.self_attn_ln(self.self_attn(a, a, self_bias))
+        a = self_attention(self.self_attn, a) if self_attention is not None else self.self_attn(a, a, self_bias)
+        a = self.self_attn_ln(a)
         x = self._residual(x, a)
         c = self.encoder_attn_layer_norm(x)
-        c = self.cross_attn_ln(self.encoder_attn(c, enc_out, cross_bias))
+        c = (cross_attention(self.encoder_attn, c, enc_out) if cross_attention is not None
+             else self.encoder_attn(c, enc_out, cross_bias))
+        c = self.cross_attn_ln(c)
         x = self._residual(x, c)
         f = gelu_fp32(self.fc1(self.final_layer_norm(x)))
         f = self.fc2(self.ffn_layernorm(f))

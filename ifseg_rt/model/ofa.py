@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..geometry import TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS
 from .config import OFAConfig, get_config
 from .decoder import OFADecoder
 from .encoder import EncoderOutput, OFAEncoder
+from .grid_attention import (GridPlan, cross_attention, decoder_self_attention, encoder_self_attention, head_positions,
+                             extra_rows, inner_table, key_layout, make_plan, pad_positions, rel_table_2d,
+                             reorder_cells)
 from .resnet import EvalBatchNorm2d, FrozenBatchNorm2d
 
 
@@ -78,22 +83,46 @@ class OFA(nn.Module):
 
 
 @dataclass(frozen=True)
-class SegTables:
-    """Everything a SegOFA real-image forward needs that depends only on the weights, the prompt and the token
-    grid, never on the pixels: compute once per grid (:meth:`SegOFA.seg_tables`) and reuse for every image of that
-    grid (:class:`SegTableCache`). Valid as long as the weights do not change."""
+class SegConstants:
+    """The grid-independent inputs of a real-image forward besides the modules: the embedded prompt and the
+    per-layer relative tables in the form :mod:`~ifseg_rt.model.grid_attention` reads (all small)."""
 
-    grid: Tuple[int, int]  # (h, w) token grid
     text: Tensor  # 1xLxd embedded prompt
-    enc_pos: Tensor  # Sxd layer-normalised encoder positions (S = h*w + L)
-    enc_biases: Tuple[Tensor, ...]  # per encoder layer, 1xHxSxS
-    dec_biases: Tuple[Tensor, ...]  # per decoder layer, 1xHxTxT, causal mask included (T = h*w + 1)
-    cross: Tensor  # HxTxS decoder cross-attention bias
+    enc_rel: Tensor  # encoder layers x 2 x H x (2G-1) x (2G-1) (rel_table_2d of each layer)
+    dec_rel: Tensor  # decoder layers x 2 x H x (2G-1) x (2G-1)
+    text_rel: Tensor  # encoder layers x H x L x L token relative bias of the prompt
+    dec_bos: Tensor  # decoder layers x H: relative bias of a cell query on the BOS key
 
     @property
     def nbytes(self) -> int:
-        ts = (self.text, self.enc_pos, self.cross, *self.enc_biases, *self.dec_biases)
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in (self.text, self.enc_rel, self.dec_rel, self.text_rel,
+                                                          self.dec_bos))
+
+
+@dataclass(frozen=True)
+class SegTables:
+    """Everything a SegOFA real-image forward needs that depends only on the weights, the prompt and the token
+    grid, never on the pixels (:meth:`SegOFA.seg_tables`). All of it is O(S): token orders and the absolute
+    positions projected per head; the S x S position terms are computed per query block inside attention
+    (:mod:`~ifseg_rt.model.grid_attention`). Valid as long as the weights do not change."""
+
+    grid: Tuple[int, int]  # (h, w) token grid
+    plan: GridPlan
+    enc_pos_q: Tensor  # HxSxdh encoder query positions (image rows in key order, then text), scaled
+    enc_pos_k: Tensor  # Hx(S+P)xdh encoder key positions (image rows in key order, text, P padding keys' zeros)
+    dec_pos_q: Tensor  # HxNxdh decoder self-attention query positions (cells in key order), scaled
+    dec_pos_k: Tensor  # Hx(T+P)xdh decoder self-attention key positions (cells in key order, BOS, padding zeros)
+    cross_pos_q: Tensor  # HxTxdh cross-attention query positions (BOS, cells in key order), scaled
+    cross_pos_k: Tensor  # HxSxdh cross-attention key positions (encoder order)
+    constants: SegConstants
+
+    def positions(self) -> Tuple[Tensor, ...]:
+        return (self.enc_pos_q, self.enc_pos_k, self.dec_pos_q, self.dec_pos_k, self.cross_pos_q, self.cross_pos_k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-grid tensors (the shared :class:`SegConstants` not counted)."""
+        return self.plan.nbytes + sum(t.numel() * t.element_size() for t in self.positions())
 
 
 class SegOFA(nn.Module):
@@ -174,19 +203,46 @@ class SegOFA(nn.Module):
         return self.prompt_tokens
 
     # --- forward paths -----------------------------------------------------------------------------------------
-    def seg_tables(self, h: int, w: int) -> SegTables:
+    def seg_constants(self) -> SegConstants:
+        """The grid-independent :class:`SegConstants` for the stored prompt (current autograd mode and dtype)."""
+        src = self._src(None)
+        enc, dec, cfg = self.encoder, self.decoder, self.config
+        G, L = cfg.seg_grid, src.numel()
+        seg_rows = dec.seg_rel_pos_table_list[0].weight.shape[0]
+        return SegConstants(
+            text=enc.embed_text(src[None]),
+            enc_rel=torch.stack([rel_table_2d(t.weight, cfg.image_bucket_size, G)
+                                 for t in enc.image_rel_pos_table_list]),
+            dec_rel=torch.stack([rel_table_2d(t.weight, G, G) for t in dec.seg_rel_pos_table_list]),
+            text_rel=torch.stack([enc.token_rel_bias(i, L) for i in range(len(enc.layers))]),
+            dec_bos=torch.stack([t.weight[seg_rows - 2] for t in dec.seg_rel_pos_table_list]))  # bucket(cell, BOS)
+
+    def seg_tables(self, h, w, constants: Optional[SegConstants] = None) -> SegTables:
         """The pixel-independent tensors of a real-image forward on an h x w token grid, for the stored prompt.
 
-        Computed in the current autograd mode and in the weights' dtype; cache them only while the weights are
-        fixed (inference), e.g. with :class:`SegTableCache`.
+        ``h``/``w`` may be traced 0-dim tensors (ONNX export). Computed in the current autograd mode and in the
+        weights' dtype; cache them only while the weights are fixed (inference), e.g. with :class:`SegTableCache`.
         """
-        src = self._src(None)
-        enc, dec = self.encoder, self.decoder
-        enc_pos, enc_biases = enc.layer_biases(h, w, src.numel())
-        dec_biases, cross = dec.seg_biases(h, w, enc_pos)
-        return SegTables(grid=(h, w), text=enc.embed_text(src[None]), enc_pos=enc_pos,
-                         enc_biases=tuple(b[None] for b in enc_biases), dec_biases=tuple(b[None] for b in dec_biases),
-                         cross=cross)
+        enc, dec, cfg = self.encoder, self.decoder, self.config
+        constants = constants if constants is not None else self.seg_constants()
+        L = constants.text.shape[1]
+        H, s = cfg.heads, cfg.scaling
+        dtype = enc.embed_image_positions.weight.dtype
+        plan = make_plan(h, w, cfg.seg_grid, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                         device=enc.embed_image_positions.weight.device)
+        enc_pos = enc.positions(h, w, L)  # image cells row-major, then text
+        z = dec.seg_pos_ln(dec.seg_positions(h, w))  # BOS, cells row-major
+        enc_pos = reorder_cells(enc_pos, plan.key_index)  # image cells in key order
+        z = reorder_cells(z, plan.key_index, first=1)
+        dec_k = head_positions(dec.self_pos_k_linear, z, H)
+        wi = plan.wi  # keys outside the grid come in rows of w_i slots; the slots they leave are padding keys
+        return SegTables(grid=(h, w), plan=plan, enc_pos_q=head_positions(enc.pos_q_linear, enc_pos, H, s),
+                         enc_pos_k=pad_positions(head_positions(enc.pos_k_linear, enc_pos, H),
+                                                 extra_rows(L, wi) * wi - L),
+                         dec_pos_q=head_positions(dec.self_pos_q_linear, z[1:], H, s),
+                         dec_pos_k=pad_positions(torch.cat([dec_k[:, 1:], dec_k[:, :1]], dim=1), wi - 1),
+                         cross_pos_q=head_positions(dec.cross_pos_q_linear, z, H, s),
+                         cross_pos_k=head_positions(dec.cross_pos_k_linear, enc_pos, H), constants=constants)
 
     def forward(self, images: Tensor, src_tokens: Optional[Tensor] = None, *,
                 tables: Optional[SegTables] = None) -> Tuple[Tensor, Tensor]:
@@ -196,7 +252,8 @@ class SegOFA(nn.Module):
         ----------
         images : Bx3xHxW normalised pixels (mean = std = 0.5), H and W multiples of 16 (any other size works too,
             with a partial last cell)
-        src_tokens : L or BxL prompt (padding allowed); by default the prompt given to :meth:`set_categories`
+        src_tokens : L or BxL prompt (padding allowed); by default the prompt given to :meth:`set_categories`. An
+            explicit prompt runs the reference formulation (per-layer S x S biases, as the original)
         tables : precomputed :meth:`seg_tables` for this input's grid and the stored prompt (computed when omitted)
 
         Returns
@@ -211,20 +268,50 @@ class SegOFA(nn.Module):
                 raise ValueError("tables are built for the stored prompt: pass src_tokens or tables, not both")
             enc = self.encoder(src_tokens, images=images)
             return self.decoder.forward_seg(enc), enc.features
-        encoder = self.encoder
-        features, (h, w) = encoder.image_features(images)
+        features, (h, w) = self.encoder.image_features(images)
         if tables is None:
+            self.encoder.check_grid(h, w)
             tables = self.seg_tables(h, w)
-        elif tables.grid != (h, w):
+        elif tuple(tables.grid) != (h, w):
             raise ValueError(f"tables were built for a {tables.grid[0]}x{tables.grid[1]} token grid, the images give "
                              f"{h}x{w}")
-        u = encoder.embed_patches(features)
-        x = torch.cat([u, tables.text.to(u.dtype).expand(u.shape[0], -1, -1)], dim=1)
-        x = F.dropout(x, encoder.dropout, self.training)
-        enc_out = encoder.run_layers(x, tables.enc_biases)
-        enc = EncoderOutput(enc_out=enc_out, padding_mask=None, enc_pos=tables.enc_pos[None].expand(u.shape[0], -1, -1),
-                            grid=(h, w), features=features)
-        return self.decoder.forward_seg(enc, (tables.dec_biases, tables.cross)), features
+        return self.transformer(features, tables), features
+
+    def transformer(self, features: Tensor, tables: SegTables) -> Tensor:
+        """Encoder and surrogate decoder on ResNet ``features`` (BxNxC, row-major cells) -> logits BxNxM.
+
+        Attention runs in query blocks with the position terms computed per block from ``tables`` (no S x S tensor
+        for all heads; :mod:`~ifseg_rt.model.grid_attention`). Traceable for ONNX export.
+        """
+        enc, dec, G = self.encoder, self.decoder, self.config.seg_grid
+        plan, const = tables.plan, tables.constants
+        B, n = features.shape[0], features.shape[1]
+        u = enc.embed_patches(features).index_select(1, plan.key_index)  # cells in key order
+        x = torch.cat([u, const.text.to(u.dtype).expand(B, -1, -1)], dim=1)
+        x = F.dropout(x, enc.dropout, self.training)
+        H, L = const.text_rel.shape[1], const.text_rel.shape[-1]
+        layout = key_layout(plan, L, G, heads=H, batch=B)  # extra keys: the prompt (no relative bias)
+        no_bias = torch.zeros(1, 1, dtype=const.text_rel.dtype, device=x.device).expand(H, L)
+        for i, layer in enumerate(enc.layers):
+            z = inner_table(const.enc_rel[i], plan, layout, G, no_bias)
+            x = layer(x, attention=functools.partial(encoder_self_attention, plan=plan, layout=layout,
+                                                     pos_q=tables.enc_pos_q, pos_k=tables.enc_pos_k, z=z,
+                                                     text_rel=const.text_rel[i]))
+        enc_out = enc.layer_norm(x)
+        bos = dec.embed_tokens.weight[0].to(enc_out.dtype).expand(B, 1, -1)
+        y = dec.layernorm_embedding(torch.cat([bos, enc_out[:, :n]], dim=1))
+        y = F.dropout(y, dec.dropout, self.training)
+        cross = functools.partial(cross_attention, pos_q=tables.cross_pos_q, pos_k=tables.cross_pos_k)
+        layout = key_layout(plan, 1, G, heads=H, batch=B)  # extra key: BOS
+        for i, layer in enumerate(dec.layers):
+            z = inner_table(const.dec_rel[i], plan, layout, G, const.dec_bos[i][:, None], causal=True)
+            self_attn = functools.partial(decoder_self_attention, plan=plan, layout=layout, pos_q=tables.dec_pos_q,
+                                          pos_k=tables.dec_pos_k, z=z)
+            y = layer(y, enc_out, self_attention=self_attn, cross_attention=cross)
+        y = dec.layer_norm(y)
+        # output t predicts cell t: BOS's output, then those of cells 0..N-2 in row-major order
+        cells = y[:, 1:].index_select(1, plan.cell_key)
+        return dec.seg_projection(torch.cat([y[:, :1], cells[:, :n - 1]], dim=1))
 
     def word_grid_embeddings(self, cells: Tensor) -> Tensor:
         """``BxN`` category ids -> ``BxNxd`` mean subword embeddings (ifseg.md §6)."""
@@ -242,20 +329,27 @@ class SegOFA(nn.Module):
 
 
 class SegTableCache:
-    """Least-recently-used :class:`SegTables` per token grid for an inference model (weights must not change).
+    """Least-recently-used :class:`SegTables` per token grid for an inference model (weights must not change),
+    bounded in bytes and in grids: the grid-independent :class:`SegConstants` once, plus per grid O(S) tables
+    (OFA-Base at 512 x 512: ~20 MB; at 512 x 2048: ~75 MB). Thread-safe: concurrent first requests of a grid
+    compute it once.
 
     Arguments:
       model (SegOFA): the model, with its prompt set
-      max_shapes (int): grids kept; the tables of an evicted grid are freed once nothing else references them
+      max_bytes (int): per-grid bytes kept; the least recently used grids are dropped beyond it (the most recent
+        one is always kept)
+      max_grids (int): and at most this many grids
     """
 
-    def __init__(self, model: SegOFA, max_shapes: int = 8):
-        if max_shapes < 1:
-            raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+    def __init__(self, model: SegOFA, max_bytes: int = TABLE_CACHE_BYTES, max_grids: int = TABLE_CACHE_GRIDS):
+        if max_bytes < 0 or max_grids < 1:
+            raise ValueError(f"max_bytes must be >= 0 and max_grids >= 1, got {max_bytes} and {max_grids}")
         self.model = model
-        self.max_shapes = max_shapes
+        self.max_bytes = int(max_bytes)
+        self.max_grids = int(max_grids)
         self._tables: "OrderedDict[Tuple[int, int], SegTables]" = OrderedDict()
-        self._lock = threading.Lock()  # threads share one cache; a grid is computed once
+        self._constants: Optional[SegConstants] = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -268,18 +362,28 @@ class SegTableCache:
                 self._tables.move_to_end(key)
                 return hit
             with torch.inference_mode():
-                hit = self.model.seg_tables(*key)
+                self.model.encoder.check_grid(*key)
+                if self._constants is None:
+                    self._constants = self.model.seg_constants()
+                hit = self.model.seg_tables(*key, constants=self._constants)
             self._tables[key] = hit
-            while len(self._tables) > self.max_shapes:
+            while len(self._tables) > 1 and (self.nbytes > self.max_bytes or len(self._tables) > self.max_grids):
                 self._tables.popitem(last=False)
             return hit
 
     def clear(self) -> None:
         with self._lock:
             self._tables.clear()
+            self._constants = None
+
+    @property
+    def grids(self) -> List[Tuple[int, int]]:
+        """The cached grids, least recently used first."""
+        return list(self._tables)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the cached per-grid tables."""
         return sum(t.nbytes for t in self._tables.values())
 
 

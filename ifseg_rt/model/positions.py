@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .grid_attention import tracing
+
 
 def token_rp_bucket(max_positions: int = 1024, bucket_size: int = 256) -> torch.Tensor:
     """``max_positions x max_positions`` int64 table of token relative buckets (ofa.md §6.2).
@@ -65,7 +67,7 @@ def resize_grid(x: torch.Tensor, side: int, h: int, w: int) -> torch.Tensor:
     Matches ``F.interpolate(mode="bilinear", align_corners=False)`` without antialias, as the original; a resize to
     the same size is an exact identity.
     """
-    if (h, w) == (side, side):
+    if not tracing() and (h, w) == (side, side):
         return x  # the interpolation below would be an exact identity (tested); skip the work
     return interpolate_grid(x, side, h, w)
 

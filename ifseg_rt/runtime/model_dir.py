@@ -5,8 +5,9 @@ Layout::
 
     DIR/ifseg.json                     schema below; everything the runtime needs to configure itself
     DIR/model.onnx                     image -> (logits, features), prompt baked in (+ model.onnx.data when > 2 GB)
-    DIR/tables.onnx, DIR/body.onnx     the same graph split in two for the runtime: grid -> position tables (run once
-                                       per grid and cached), image + tables -> (logits, features)
+    DIR/tables.onnx, DIR/body.onnx     the same graph split in two for the runtime: grid -> the grid's absolute
+                                       positions per attention (O(S); run once per grid and cached), image +
+                                       positions -> (logits, features)
     DIR/body.int8.onnx                 the body with int8 weights (``--precision int8``)
     DIR/model.safetensors              the same weights for the torch backend (optional)
     DIR/engines/<gpu>-<precision>.engine   TensorRT engines (optional, one per GPU model and precision)
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,7 +29,7 @@ from ..files import file_record, file_sha256
 from ..knn.settings import KnnSettings
 from .preprocess import MEAN, PATCH, STD, ImagePolicy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: graphs without S x S position tables (version 1 split graphs passed them between graphs)
 FORMAT = "ifseg_rt.model_dir"
 MANIFEST = "ifseg.json"
 ONNX_FILE = "model.onnx"
@@ -39,7 +40,9 @@ BODY_FILE = "body.onnx"
 INPUT_NAME = "image"  # Bx3xHxW float32, normalised
 OUTPUT_NAMES = ("logits", "features")  # BxNxM, BxNxC
 GRID_NAME = "grid"  # tables.onnx input: an h x w float tensor, only its shape is read
-TABLE_NAMES = ("enc_bias", "dec_bias", "cross")  # tables.onnx outputs = body.onnx inputs after the image
+# tables.onnx outputs = body.onnx inputs after the image: H x T x head_dim absolute positions per attention (the
+# order of SegTables.positions)
+TABLE_NAMES = ("enc_pos_q", "enc_pos_k", "dec_pos_q", "dec_pos_k", "cross_pos_q", "cross_pos_k")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # of the whole directory's default and of engines
 CPU_PRECISIONS = ("fp32", "int8", "bf16")  # what the CPU engines offer: onnxruntime fp32 / int8, torch bf16
 
@@ -100,7 +103,16 @@ class EngineSpec:
     gpu: str  # torch/CUDA device name it was built on (engines are not portable across GPU models)
     precision: str
     tensorrt_version: str
-    profile: Dict[str, Any] = field(default_factory=dict)  # {"min": [B, 3, H, W], "opt": ..., "max": ...}
+    # optimisation profiles, in the engine's order: [{"min": [B, 3, H, W], "opt": ..., "max": ...}, ...]
+    profiles: Tuple[Dict[str, Any], ...] = ()
+
+    def profile_for(self, shape: Sequence[int]) -> Optional[int]:
+        """Index of the first profile whose range holds the input ``shape`` (B, 3, H, W), or None."""
+        for i, p in enumerate(self.profiles):
+            lo, hi = p.get("min"), p.get("max")
+            if lo and hi and all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return i
+        return None
 
 
 @dataclass(frozen=True)
@@ -227,7 +239,7 @@ def build_manifest(*, categories: Sequence[str], config: Mapping[str, Any], poli
     feature_dim : C of the ``features`` output; ``normalize_features``: whether the graph L2-normalises them
     onnx : facts of the ONNX file (``file``, ``opset``, ``static_shape``, ...); None when there is none
     files : ``{relative path: file_record(...)}`` of every file the directory holds
-    engines : TensorRT engine records (``file``, ``gpu``, ``precision``, ``tensorrt_version``, ``profile``)
+    engines : TensorRT engine records (``file``, ``gpu``, ``precision``, ``tensorrt_version``, ``profiles``)
     precision : the CPU precision the runtime loads by default; precisions: the low-precision variants on offer,
         ``{name: {"backend": ..., "body": file (onnxruntime), "method": ..., "agreement": {...}}}``
     """
@@ -267,7 +279,9 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
     if not isinstance(d, dict):
         raise ModelDirError(f"{MANIFEST} must hold a JSON object, got {type(d).__name__}")
     ver = _get(d, "schema_version", "", int)
-    _check(ver == SCHEMA_VERSION, "schema_version", f"is {ver}; this runtime reads version {SCHEMA_VERSION}")
+    _check(ver == SCHEMA_VERSION, "schema_version", f"is {ver}; this runtime reads version {SCHEMA_VERSION}"
+           + (" (version 1 graphs hold per-grid S x S position tables: re-export the model with "
+              "`python -m ifseg_rt.export`)" if ver == 1 else ""))
     cats = _get(d, "categories", "", list)
     _check(len(cats) >= 1 and all(isinstance(c, str) and c for c in cats), "categories",
            "must be a non-empty list of non-empty strings")
@@ -350,9 +364,15 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
         where = f"engines[{i}]"
         ef = _get(e, "file", where, str)
         _check(ef in files, f"{where}.file", f"names {ef!r}, which is not listed in 'files'")
+        profiles = _get(e, "profiles", where, list, optional=True, default=[])
+        for j, prof in enumerate(profiles):
+            for key in ("min", "opt", "max"):
+                dims = _get(prof, key, f"{where}.profiles[{j}]", list)
+                _check(len(dims) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in dims),
+                       f"{where}.profiles[{j}].{key}", "must be four positive integers (B, 3, H, W)")
         engines.append(EngineSpec(file=ef, gpu=_get(e, "gpu", where, str), precision=_get(e, "precision", where, str),
                                   tensorrt_version=_get(e, "tensorrt_version", where, str),
-                                  profile=_get(e, "profile", where, dict, optional=True, default={})))
+                                  profiles=tuple(dict(p) for p in profiles)))
     precisions = {"fp32": PrecisionSpec("fp32", "onnxruntime" if onnx_file else "torch", body=body)}
     for name, rec in _get(d, "precisions", "", dict, optional=True, default={}).items():
         where = f"precisions.{name}"

@@ -2,9 +2,14 @@
 torch tensors, so kNN and the resize run there).
 
 On the CPU it runs the split graph when the directory has one (``tables.onnx`` + ``body.onnx``, or
-``body.int8.onnx`` for ``precision="int8"``): the position tables of a token grid are computed once and kept (an LRU
-of :data:`CACHE_GRIDS` grids), so a request only pays for the network itself and concurrent requests of one grid
-share one copy of the tables. Without the split graph it runs ``model.onnx``, which recomputes them every call.
+``body.int8.onnx`` for ``precision="int8"``): a token grid's absolute positions (O(S), ~20 MB for OFA-Base at
+512 x 512) are computed once and kept in an LRU bounded by ``geometry.TABLE_CACHE_BYTES`` and ``TABLE_CACHE_GRIDS``;
+concurrent requests of one grid share one copy. Without the split graph it runs ``model.onnx``, which recomputes them
+every call.
+
+Memory stays flat across image shapes: the graphs hold no S x S position table, onnxruntime's per-shape memory
+patterns are off (dynamic shapes), and after a run of a new shape the CPU arena is shrunk back and the C heap
+trimmed, so a rare large image does not leave its peak allocated (runs repeating the last shape reuse the arena).
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ...system import available_cores
+from ...system import available_cores, release_free_memory
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
-from ...geometry import PATCH, token_grid
+from ...geometry import PATCH, TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS, token_grid
 from . import BackendUnavailable
 
-CACHE_GRIDS = 8  # token grids whose position tables are kept
+ARENA_SHRINK = "cpu:0"  # onnxruntime run option: return the CPU arena's free chunks after each run
 
 
 def _last_dim(node) -> Optional[int]:
@@ -70,6 +75,12 @@ class OnnxRuntimeBackend:
         self.threads = int(threads) if threads else available_cores()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
+        so.enable_mem_pattern = False  # memory patterns are planned (and kept) per input shape
+        self.run_options = ort.RunOptions()  # a run of the same shape as the last reuses the arena as it is ...
+        self.shrink_options = ort.RunOptions()  # ... a new shape returns what it needed beyond that afterwards
+        if not self.on_gpu:
+            self.shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", ARENA_SHRINK)
+        self._last_shape: Optional[Tuple[int, ...]] = None
         if not spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -89,6 +100,7 @@ class OnnxRuntimeBackend:
                                      f"libraries that onnxruntime-gpu needs, or use backend='torch'")
         self.tables_session = self._open(ort, spec.tables_file, so, providers) if self.split else None
         self._tables: "OrderedDict[Tuple[int, int], Tuple[np.ndarray, ...]]" = OrderedDict()
+        self.cache_bytes = TABLE_CACHE_BYTES
         self._lock = threading.Lock()
         self._compute_lock = threading.Lock()
         self._check_io()
@@ -127,7 +139,7 @@ class OnnxRuntimeBackend:
 
     # --- running ---------------------------------------------------------------------------------------------
     def tables(self, h: int, w: int) -> Tuple[np.ndarray, ...]:
-        """The split graph's position tables for an h x w grid (computed once, then from the cache)."""
+        """The split graph's per-grid positions for an h x w grid (computed once, then from the cache)."""
         key = (h, w)
         with self._lock:
             hit = self._tables.get(key)
@@ -139,12 +151,18 @@ class OnnxRuntimeBackend:
                 hit = self._tables.get(key)
             if hit is None:
                 grid = np.zeros(key, dtype=np.float32)  # only its shape is read
-                hit = tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}))
+                hit = tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}, self.shrink_options))
                 with self._lock:
                     self._tables[key] = hit
-                    while len(self._tables) > CACHE_GRIDS:
+                    while len(self._tables) > 1 and (self.cache_nbytes > self.cache_bytes
+                                                     or len(self._tables) > TABLE_CACHE_GRIDS):
                         self._tables.popitem(last=False)
         return hit
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the cached per-grid tables."""
+        return sum(a.nbytes for t in self._tables.values() for a in t)
 
     def run(self, x: np.ndarray):
         """``Bx3xHxW`` float32 -> (logits, features): numpy on CPU, torch CUDA tensors on CUDA."""
@@ -156,7 +174,11 @@ class OnnxRuntimeBackend:
         feeds = {INPUT_NAME: x}
         if self.split:
             feeds.update(zip(TABLE_NAMES, self.tables(*token_grid(x.shape[2], x.shape[3]))))
-        logits, feats = self.session.run(list(OUTPUT_NAMES), feeds)
+        same = x.shape == self._last_shape
+        self._last_shape = x.shape
+        logits, feats = self.session.run(list(OUTPUT_NAMES), feeds, self.run_options if same else self.shrink_options)
+        if not same:
+            release_free_memory()  # glibc keeps what onnxruntime and numpy freed mapped otherwise
         return logits, feats
 
     def _run_cuda(self, x: np.ndarray):  # unverified here: needs onnxruntime-gpu and a GPU

@@ -65,6 +65,7 @@ class TensorRTBackend:
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(device=self.device)
         self.on_gpu = True
+        self.profile = 0  # the context starts on profile 0
         self.spec = spec
         self._lock = threading.Lock()
         spec.check_outputs(int(self.engine.get_tensor_shape(OUTPUT_NAMES[0])[-1]),
@@ -79,11 +80,15 @@ class TensorRTBackend:
         with torch.cuda.device(self.device):
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
             ctx = self.context
-            if not ctx.set_input_shape(INPUT_NAME, tuple(xt.shape)):
-                prof = self.engine_spec.profile
-                raise ValueError(f"input shape {tuple(xt.shape)} is outside the optimisation profile of "
-                                 f"{self.engine_spec.file} (min {prof.get('min')}, max {prof.get('max')}); rebuild the "
-                                 f"engine with --min-shape/--max-shape covering it, or use another backend")
+            index = self.engine_spec.profile_for(tuple(xt.shape))
+            if index is not None and index != self.profile:  # the default engine has landscape + portrait profiles
+                ctx.set_optimization_profile_async(index, self.stream.cuda_stream)
+                self.profile = index
+            if index is None or not ctx.set_input_shape(INPUT_NAME, tuple(xt.shape)):
+                ranges = "; ".join(f"min {p.get('min')}, max {p.get('max')}" for p in self.engine_spec.profiles)
+                raise ValueError(f"input shape {tuple(xt.shape)} is outside the optimisation profiles of "
+                                 f"{self.engine_spec.file} ({ranges}); rebuild the engine with --min-shape/--max-shape "
+                                 f"covering it, or use another backend")
             outs = {}
             for name in OUTPUT_NAMES:
                 shape = tuple(ctx.get_tensor_shape(name))

@@ -2,10 +2,12 @@
 (:meth:`TorchBackend.from_model`: evaluation of checkpoints and validation during adaptation, no export), run
 through the model's own forward with per-grid cached position tables (:class:`~ifseg_rt.model.SegTableCache`).
 
-* position/bias tables and the prompt's embedding depend only on the weights and the token grid: computed once per
-  grid and kept (an LRU of :data:`CACHE_SHAPES` grids), in the compute dtype;
-* fp16/bf16 on CUDA (LayerNorm, GELU and the attention softmax stay fp32 inside the model's modules), SDPA
-  attention, ``torch.inference_mode``;
+* a grid's token orders and projected absolute positions (O(S); the S x S position terms are computed per query
+  block inside attention, :mod:`~ifseg_rt.model.grid_attention`) depend only on the weights and the token grid:
+  computed once per grid and kept (an LRU bounded by ``geometry.TABLE_CACHE_BYTES`` and ``TABLE_CACHE_GRIDS``), in
+  the compute dtype;
+* fp16/bf16 on CUDA (LayerNorm, GELU and the attention softmax stay fp32 inside the model's modules),
+  ``torch.inference_mode``;
 * optional CUDA graphs: one capture per input shape (an LRU of :data:`MAX_GRAPHS`), replayed with a copy into a
   static input buffer. Each graph keeps its own reference to the tables it captured, so evicting them from the
   table cache never frees memory a graph still reads.
@@ -21,11 +23,11 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..model_dir import WEIGHTS_FILE, ModelDirError
-from ...geometry import token_grid
+from ...geometry import TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS, token_grid
+from ...system import release_free_memory
 from . import BackendUnavailable
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-CACHE_SHAPES = 8  # token grids whose position tables are kept
 MAX_GRAPHS = 8  # captured CUDA graphs kept (each holds its activations' memory)
 
 
@@ -82,6 +84,7 @@ class TorchBackend:
         self.cuda_graphs = bool(cuda_graphs) and self.on_gpu
         self.tables = self._table_cache()
         self._graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self._last_shape: Optional[Tuple[int, ...]] = None
         # one run at a time: CUDA graphs replay into one static input, and an in-memory model's train/eval mode is
         # switched around each run; concurrent callers of one Segmenter queue here
         self._lock = threading.Lock()
@@ -118,7 +121,7 @@ class TorchBackend:
     def _table_cache(self):
         from ...model import SegTableCache
 
-        return SegTableCache(self.model, max_shapes=CACHE_SHAPES)
+        return SegTableCache(self.model, max_bytes=TABLE_CACHE_BYTES, max_grids=TABLE_CACHE_GRIDS)
 
     # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, x):
@@ -161,6 +164,9 @@ class TorchBackend:
             self.model.train(was_training)
         if self.on_gpu:
             return logits, feats
+        if x.shape != self._last_shape:  # a new shape's activations would otherwise stay mapped (flat RSS)
+            release_free_memory()
+        self._last_shape = x.shape
         return logits.numpy(), feats.numpy()
 
     # --- CUDA graphs ------------------------------------------------------------------------------------------
