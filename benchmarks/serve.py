@@ -12,6 +12,11 @@ Without ``--model`` the quick nano model is built (``demo --quick``, ~20 s) and 
 ``--requests`` requests back to back. Reported per level: requests/s (all clients), p50 / p99 latency, failed
 requests, and the served/in-process throughput ratio; server RSS (tritonserver + its python-backend stubs) after
 loading and at its peak under load. The clients run on the same machine and share its cores with the server.
+
+``--shapes N`` first sends N images of distinct shapes one after another (short side ``--size``, long side up to
+4x, both orientations) and reports the server's RSS after every 10: memory must not grow with new shapes.
+
+    python benchmarks/serve.py --size 512 --shapes 100 --clients 1 --requests 5     # the paper's policy
 """
 
 from __future__ import annotations
@@ -124,6 +129,30 @@ def quick_model(work: Path, short_side: int) -> Path:
     return model
 
 
+def shape_sweep(server, n: int, short: int) -> Dict[str, object]:
+    """``n`` images of distinct shapes through the served model, one at a time: server RSS after every 10th."""
+    from PIL import Image
+
+    from ifseg_rt.serve import Client
+
+    rng = np.random.default_rng(0)
+    client = Client(server.http_url)
+    longs = rng.permutation(np.arange(short, 4 * short + 1))[:n]
+    after = []
+    for i, long in enumerate(longs):
+        h, w = (short, int(long)) if i % 2 else (int(long), short)
+        small = rng.integers(0, 256, (max(1, h // 32), max(1, w // 32), 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(small).resize((w, h), Image.NEAREST).save(buf, format="PNG")
+        client.seg(buf.getvalue())
+        if (i + 1) % 10 == 0 or i + 1 == n:
+            after.append([i + 1, tree_rss_mb(server.pid)])
+            print(f"  {i + 1} shapes: server RSS {after[-1][1]:.0f} MiB", flush=True)
+    client.close()
+    first = after[0][1]
+    return {"images": n, "rss_mb_after": after, "change_from_first_pct": 100 * (after[-1][1] / first - 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -137,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: all cores; per instance: / instances)")
     p.add_argument("--max-batch-size", type=int, default=8, help="server max batch size")
     p.add_argument("--quick", action="store_true", help="20 requests per client: checks that the script works")
+    p.add_argument("--shapes", type=int, default=0, help="first send this many images of distinct shapes (memory)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -175,6 +205,8 @@ def main(argv=None) -> int:
         server = start_server(model, work, options)
         try:
             rss_loaded = tree_rss_mb(server.pid)
+            if args.shapes:
+                result["shapes"] = shape_sweep(server, args.shapes, args.size)
             served = {}
             sampler = RssSampler(server.pid)
             sampler.start()
@@ -226,6 +258,10 @@ def main(argv=None) -> int:
             row += (f" | {sv['rps']:>10.1f} {sv['p50_ms'] or float('nan'):>7.1f} {sv['p99_ms'] or float('nan'):>7.1f} "
                     f"{sv['failed']:>6d} {level[proto + '_vs_in_process']:>6.2f}")
         print(row)
+    if "shapes" in result:
+        sh = result["shapes"]
+        print(f"{sh['images']} distinct shapes: server RSS {sh['rss_mb_after'][0][1]:.0f} MiB after 10, "
+              f"{sh['rss_mb_after'][-1][1]:.0f} MiB after {sh['images']} ({sh['change_from_first_pct']:+.1f} %)")
     srv = result["server"]
     print(f"server RSS (tritonserver + stubs): {srv['rss_mb_loaded']:.0f} MiB loaded, {srv['rss_mb_peak']:.0f} MiB "
           f"peak; {srv['inference_count']} images in {srv['execution_count']} executions "

@@ -89,7 +89,7 @@ def test_plan_orders_and_masks_match_brute_force(grid):
 @pytest.mark.parametrize("causal", [False, True])
 def test_rel_bias_blocks_equal_resized_reference_bias(grid, causal):
     """Every block's bias (fast strided view, or four taps) is the G x G reference bias resized to the grid, in the
-    processing orders, plus the extra key rows (their bias, then -inf padding)."""
+    processing orders, plus the extra key rows (their bias, then the padding keys')."""
     h, w = grid
     G, H, s = 32, 3, 42
     g = torch.Generator().manual_seed(1)
@@ -111,11 +111,12 @@ def test_rel_bias_blocks_equal_resized_reference_bias(grid, causal):
     ho, wi = plan.ho, plan.wi
     for lo, hi in [(0, wi), (0, 1), (wi - 1, wi), (wi // 3, 2 * wi // 3 + 1)]:
         scores = torch.zeros(1, H, (hi - lo) * ho, layout.keys, dtype=torch.float64)
-        got = ga.add_rel_bias(scores, z, plan, layout, lo, hi, causal=causal)[0]
+        block = ga.Block(lo, hi, plan.query_key[lo * ho:hi * ho], None, None, None, None)
+        got = ga.add_rel_bias(scores, z, plan, layout, block, causal=causal)[0]
         np.testing.assert_allclose(got[:, :, :n].numpy(), want[:, lo * ho:hi * ho].numpy(), atol=1e-12)
         np.testing.assert_allclose(got[:, :, n:n + 3].numpy(), extra[:, None, :].expand(H, (hi - lo) * ho, 3).numpy(),
                                    atol=0)
-        assert torch.isinf(got[:, :, n + 3:]).all() and (got[:, :, n + 3:] < 0).all()
+        assert (got[:, :, n + 3:] == ga.PADDING_BIAS).all()  # padding keys
 
 
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):

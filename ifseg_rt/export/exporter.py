@@ -58,6 +58,7 @@ from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, MANIFEST, ONN
                                  write_manifest)
 from ..geometry import PATCH, token_grid
 from ..runtime.preprocess import ImagePolicy
+from ..model.grid_attention import EXPORT_BLOCKS, export_query_blocks
 from .onnx_model import IFSegBodyGraph, IFSegOnnxModel, IFSegTablesGraph
 from .precision import INT8_BODY, MIN_AGREEMENT, add_precisions
 
@@ -204,7 +205,7 @@ def _dummy_shape(static_shape: Optional[Tuple[int, int]]) -> Tuple[int, int]:
 
 def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_OPSET,
                 static_shape: Optional[Tuple[int, int]] = None, normalize_features: bool = False,
-                metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                metadata: Optional[Dict[str, str]] = None, query_blocks: int = EXPORT_BLOCKS) -> Dict[str, Any]:
     """Write ``path`` (+ ``path.data`` when the model is over 2 GB); returns export facts for ``ifseg.json``.
 
     Traced with torch.onnx's TorchScript-based exporter: the grid attention's one shape-dependent branch is a
@@ -215,7 +216,8 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
         raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     path = Path(path)
     grid = None if static_shape is None else token_grid(*static_shape)
-    wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid).eval()
+    wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid,
+                             query_blocks=query_blocks).eval()
     H, W = _dummy_shape(static_shape)
     g = torch.Generator().manual_seed(0)
     image = torch.randn(2, 3, H, W, generator=g)  # batch 2: a size-1 dim would be specialised
@@ -230,7 +232,8 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     opset_used = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return {"file": path.name, "data_file": data_file, "opset": opset_used,
             "dynamic": static_shape is None, "static_shape": list(static_shape) if static_shape else None,
-            "exporter": "torchscript", "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
+            "exporter": "torchscript", "query_blocks": int(query_blocks), "input": INPUT_NAME,
+            "outputs": list(OUTPUT_NAMES),
             "torch_version": torch.__version__, "onnx_version": onnx_version()}
 
 
@@ -278,7 +281,8 @@ def save_onnx(proto, path: Path, metadata: Optional[Dict[str, str]] = None) -> O
 
 
 def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET,
-                 normalize_features: bool = False, metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                 normalize_features: bool = False, metadata: Optional[Dict[str, str]] = None,
+                 query_blocks: int = EXPORT_BLOCKS) -> Dict[str, Any]:
     """Write the runtime's split graph: ``tables.onnx`` (grid -> the grid's absolute positions per attention, O(S),
     run once per grid and cached by the runtime) and ``body.onnx`` (image + those -> logits, features). Returns the
     written file names.
@@ -286,7 +290,7 @@ def export_split(model: SegOFA, out_dir: Union[str, Path], *, opset: int = DEFAU
     Traced as :func:`export_onnx`.
     """
     out_dir = Path(out_dir)
-    core = IFSegOnnxModel(model, normalize_features=normalize_features).eval()
+    core = IFSegOnnxModel(model, normalize_features=normalize_features, query_blocks=query_blocks).eval()
     g = torch.Generator().manual_seed(0)
     image = torch.randn(2, 3, *_dummy_shape(None), generator=g)
     grid = torch.zeros(*token_grid(image.shape[2], image.shape[3]))
@@ -487,8 +491,9 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     if fmt["arg"] == "engine":  # refuse an engine profile TensorRT cannot build before minutes of ONNX export
         from .tensorrt import check_profile, profile_shapes
 
+        blocks = export_query_blocks(cfg.heads, policy.max_cells, model.prompt_tokens.numel())
         for _, _, mx in profile_shapes(min_shape, opt_shape, max_shape, static_shape):
-            check_profile(mx, heads=cfg.heads, prompt_tokens=model.prompt_tokens.numel(),
+            check_profile(mx, heads=cfg.heads, prompt_tokens=model.prompt_tokens.numel(), blocks=blocks,
                           flag="--max-shape" if static_shape is None
                           else "--static-shape (with the batch of --max-shape)")
 
@@ -500,13 +505,15 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
             "ifseg_rt.knn": json.dumps(knn.to_dict()), "ifseg_rt.version": __version__}
     say = log or (lambda msg: None)
     say(f"[1/5] {ONNX_FILE}: the portable graph (opset {opset})")
+    blocks = export_query_blocks(cfg.heads, policy.max_cells, model.prompt_tokens.numel())
     onnx_info = export_onnx(model, out / ONNX_FILE, opset=opset, static_shape=static_shape,
-                            normalize_features=normalize_features, metadata=meta)
+                            normalize_features=normalize_features, metadata=meta, query_blocks=blocks)
     files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
     split_pair = None
     if split and static_shape is None:  # a static graph has its tables folded in already
         say(f"[2/5] {TABLES_FILE} + {BODY_FILE}: the runtime's split graph")
-        info = export_split(model, out, opset=opset, normalize_features=normalize_features, metadata=meta)
+        info = export_split(model, out, opset=opset, normalize_features=normalize_features, metadata=meta,
+                            query_blocks=blocks)
         onnx_info.update(tables=info["tables"], body=info["body"])
         files += info["files"]
         split_pair = (out / info["tables"], out / info["body"])

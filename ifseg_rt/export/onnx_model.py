@@ -9,8 +9,8 @@ tensor arithmetic:
   unconditional bilinear one (an exact identity at G x G);
 * token orders, gather indices and bilinear taps of the grid come from ``arange`` arithmetic on the feature map's
   shape; the one branch (the grid's outer axis resized or not) is an ONNX ``If``;
-* each attention runs :data:`~ifseg_rt.model.grid_attention.EXPORT_BLOCKS` query blocks of the image, so no tensor is
-  ``S x S`` for all heads.
+* each attention runs ``query_blocks`` query blocks of the image (as many as the image policy's largest input needs,
+  :func:`~ifseg_rt.model.grid_attention.export_query_blocks`), so no tensor is ``S x S`` for all heads.
 
 The prompt (text embedding, token relative biases) and the per-layer relative tables are constants: the runtime needs
 no tokenizer. The split graph moves the per-grid absolute positions (``H x S x head_dim`` each, O(S)) into
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.grid_attention import make_plan
+from ..model.grid_attention import EXPORT_BLOCKS, make_plan, query_blocks
 from ..model.ofa import SegConstants, SegOFA, SegTables
 
 
@@ -37,10 +37,11 @@ class IFSegOnnxModel(nn.Module):
       normalize_features (bool): L2-normalise ``features`` in the graph (kNN is invariant to it; keeps the
         reduction in fp32 on engines that honour precision constraints).
       static_grid (tuple(int, int) or None): compute the grid's position tables once here and store them.
+      query_blocks (int): query blocks of the image per attention in the traced graph
     """
 
     def __init__(self, model: SegOFA, *, normalize_features: bool = False,
-                 static_grid: Optional[Tuple[int, int]] = None):
+                 static_grid: Optional[Tuple[int, int]] = None, query_blocks: int = EXPORT_BLOCKS):
         super().__init__()
         if not isinstance(model, SegOFA):
             raise TypeError(f"expected a SegOFA model, got {type(model).__name__}")
@@ -49,6 +50,7 @@ class IFSegOnnxModel(nn.Module):
         self.model = model.eval()
         self.normalize_features = normalize_features
         self.static_grid = static_grid
+        self.query_blocks = int(query_blocks)
         self.G = model.config.seg_grid
         with torch.no_grad():
             const = model.seg_constants()
@@ -90,7 +92,8 @@ class IFSegOnnxModel(nn.Module):
         plan = make_plan(h, w, self.G, device=f.device)
         tables = SegTables((h, w), plan, *positions, constants=self.constants())
         features = f.flatten(2).transpose(1, 2)
-        logits = self.model.transformer(features, tables)
+        with query_blocks(self.query_blocks):
+            logits = self.model.transformer(features, tables)
         if self.normalize_features:
             features = F.normalize(features.float(), dim=-1, eps=1e-12)
         return logits, features

@@ -8,7 +8,7 @@ rule (:func:`keeps_fp32`, :func:`pin_precision`) with a fake module that hands o
 ``network.get_layer`` does.
 
 Profile size: TensorRT refuses tensors of more than 2^31 - 1 elements. The graph holds no S x S tensor for all
-heads: each attention runs :data:`~ifseg_rt.model.grid_attention.EXPORT_BLOCKS` query blocks, so its largest
+heads: each attention runs its image's queries in blocks (``onnx.query_blocks`` in ``ifseg.json``), so its largest
 tensor is a block's scores, ``B x heads x block x S`` (``S = cells + prompt tokens``, see :func:`attention_elements`).
 By default an engine has two profiles that together hold every input of the paper's policy (short side 512, long side
 up to 2048: at most 4 096 cells) at batch 1-4: landscape and square (``H <= 512``, ``W <= 2048``) and portrait
@@ -91,32 +91,36 @@ def profile_shapes(min_shape=None, opt_shape=None, max_shape=None, static_shape=
     return [(mn, op, mx)]
 
 
-def attention_elements(shape: Sequence[int], *, heads: int, prompt_tokens: int) -> int:
+def attention_elements(shape: Sequence[int], *, heads: int, prompt_tokens: int, blocks: Optional[int] = None) -> int:
     """Elements of the largest attention tensor for inputs up to ``shape`` (B, 3, H, W): a query block's scores
     ``B x heads x queries x keys`` (:mod:`~ifseg_rt.model.grid_attention`). Image query blocks hold
-    ``ceil(w_i / EXPORT_BLOCKS)`` inner columns of ``h_o`` rows (the grid or its transpose; both are counted, so the
+    ``ceil(w_i / blocks)`` inner columns (at least ``EXPORT_MIN_QUERIES`` queries' worth) of ``h_o`` rows (the grid or its transpose; both are counted, so the
     bound holds for every shape of the profile) against the cells plus the prompt (encoder) or BOS (decoder) laid
     out in rows of ``w_i`` slots; the prompt's own block and the cross-attention blocks (``ceil((cells + 1) /
-    EXPORT_BLOCKS)`` queries against cells + prompt) are counted too."""
-    from ..model.grid_attention import EXPORT_BLOCKS as nb
+    blocks)`` queries against cells + prompt) are counted too. ``blocks``: the graph's query blocks (``ifseg.json``'s
+    ``onnx.query_blocks``; default the most a graph has, :data:`~ifseg_rt.model.grid_attention.EXPORT_BLOCKS`)."""
+    from ..model.grid_attention import EXPORT_BLOCKS, EXPORT_MIN_QUERIES as least
 
+    nb = int(blocks or EXPORT_BLOCKS)
     b, _, h, w = (int(v) for v in shape)
     gh, gw = token_grid(h, w)
     n, L = gh * gw, int(prompt_tokens)
-    largest = -(-(n + 1) // nb) * (n + L)  # cross-attention
+    largest = max(-(-(n + 1) // nb), least) * (n + L)  # cross-attention
     for ho, wi in ((gh, gw), (gw, gh)):
         keys = n + max(-(-L // wi), 1) * wi  # the prompt (encoder) or BOS (decoder) in rows of w_i slots
-        largest = max(largest, -(-wi // nb) * ho * keys, L * keys)
+        block = min(wi, max(-(-wi // nb), -(-least // ho))) * ho
+        largest = max(largest, block * keys, L * keys)
     return b * int(heads) * largest
 
 
-def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, flag: str = "--max-shape") -> None:
+def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, blocks: Optional[int] = None,
+                  flag: str = "--max-shape") -> None:
     """Raise ``ValueError`` (naming ``flag``) when the profile maximum needs a tensor above TensorRT's element limit.
 
     ``prompt_tokens``: the prompt's length, or an upper bound of it (then the check errs on the safe side).
     """
     b, _, h, w = (int(v) for v in max_shape)
-    n = attention_elements(max_shape, heads=heads, prompt_tokens=prompt_tokens)
+    n = attention_elements(max_shape, heads=heads, prompt_tokens=prompt_tokens, blocks=blocks)
     if n <= TRT_MAX_ELEMENTS:
         return
     gh, gw = token_grid(h, w)
@@ -129,13 +133,15 @@ def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, f
                      f"{DEFAULT_MAX[0]}x{DEFAULT_MAX[2]}x{DEFAULT_MAX[3]} and its portrait twin)")
 
 
-def _attention_dims(model_dir: Union[str, Path], prompt_tokens: Optional[int]) -> Tuple[int, int]:
-    """(heads, prompt length or its bound) from the model directory's ``ifseg.json``."""
+def _attention_dims(model_dir: Union[str, Path], prompt_tokens: Optional[int]) -> Tuple[int, int, Optional[int]]:
+    """(heads, prompt length or its bound, the graph's query blocks) from the model directory's ``ifseg.json``."""
     from ..runtime.model_dir import load_model_dir
 
-    cfg = load_model_dir(model_dir).config
+    spec = load_model_dir(model_dir)
+    cfg = spec.config
     # without the exact prompt length, the text position table's size bounds it
-    return int(cfg["heads"]), int(prompt_tokens if prompt_tokens is not None else cfg["max_positions"])
+    return (int(cfg["heads"]), int(prompt_tokens if prompt_tokens is not None else cfg["max_positions"]),
+            spec.query_blocks)
 
 
 def gpu_name() -> str:
@@ -205,9 +211,9 @@ def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, pr
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     profiles = profile_shapes(min_shape, opt_shape, max_shape, static_shape)
-    heads, text = _attention_dims(model_dir, prompt_tokens)
+    heads, text, blocks = _attention_dims(model_dir, prompt_tokens)
     for _, _, mx in profiles:
-        check_profile(mx, heads=heads, prompt_tokens=text, flag="--max-shape" if static_shape is None else
+        check_profile(mx, heads=heads, prompt_tokens=text, blocks=blocks, flag="--max-shape" if static_shape is None else
                       "--static-shape (with the batch of --max-shape)")
     trt = import_tensorrt()
     if precision == "bf16" and not hasattr(trt.BuilderFlag, "BF16"):

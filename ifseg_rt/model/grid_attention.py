@@ -17,7 +17,8 @@ tensors per layer (and an earlier version of this package cached per token grid)
   into ``Z``; the decoder's BOS query sees only the BOS key, so its output is that key's value, exactly.
 
 Queries are processed in blocks, so the largest tensor of a layer is ``B x H x block x S`` (eager: at most
-:data:`BLOCK_ELEMENTS` elements; exported graphs: :data:`EXPORT_BLOCKS` blocks per image).
+:data:`BLOCK_ELEMENTS` elements; exported graphs: up to :data:`EXPORT_BLOCKS` blocks per image, as many as the image
+policy's largest input needs, :func:`export_query_blocks`).
 
 The same functions run eagerly (torch backend, ``Segmenter.from_model``, GPU) and under the ONNX tracer
 (:mod:`ifseg_rt.export.onnx_model`): shape-dependent values are tensor arithmetic, the one branch (outer axis resized
@@ -32,10 +33,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EXPORT_BLOCKS = 8  # query blocks of the image per attention layer in an exported, shape-generic graph
+EXPORT_BLOCKS = 8  # at most this many query blocks of the image per attention layer in an exported graph ...
+EXPORT_MIN_QUERIES = 128  # ... of at least this many queries (fewer, larger blocks for small grids) ...
+EXPORT_BLOCK_ELEMENTS = 1 << 25  # ... and as few as keep a block's scores under this for the policy's largest input
 BLOCK_ELEMENTS = 1 << 22  # eager: attention-score elements per query block (16 MB in float32)
+PADDING_BIAS = -1e9  # bias of the padding keys: finite (matmuls weight it by zeros), and exp(-1e9) = 0 in fp32
 
 IntLike = Union[int, Tensor]
+
+
+_query_blocks = [EXPORT_BLOCKS]  # the block count traced graphs use (export_query_blocks sets it per export)
+
+
+def export_query_blocks(heads: int, max_cells: int, prompt_tokens: int) -> int:
+    """Query blocks per attention for an exported graph whose inputs have at most ``max_cells`` cells: as few as
+    keep one block's scores (batch 1) under :data:`EXPORT_BLOCK_ELEMENTS`, at most :data:`EXPORT_BLOCKS`. Each block
+    costs fixed per-operator time, which dominates small models (the nano model at 256 px: one block)."""
+    scores = heads * max_cells * (max_cells + prompt_tokens + max_cells ** 0.5)
+    return max(1, min(EXPORT_BLOCKS, -(-int(scores) // EXPORT_BLOCK_ELEMENTS)))
+
+
+class query_blocks:
+    """Context manager: trace graphs with ``n`` query blocks per attention (:func:`export_query_blocks`)."""
+
+    def __init__(self, n: int):
+        if not 1 <= int(n) <= EXPORT_BLOCKS:
+            raise ValueError(f"query blocks must be in [1, {EXPORT_BLOCKS}], got {n}")
+        self.n = int(n)
+
+    def __enter__(self):
+        _query_blocks.append(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        _query_blocks.pop()
 
 
 def tracing() -> bool:
@@ -173,7 +204,7 @@ def inner_table(rel2d: Tensor, plan: GridPlan, layout: KeyLayout, G: int, extra:
 
     ``rel2d`` is the layer's :func:`rel_table_2d`. The keys outside the grid follow the grid's keys as ``r`` extra
     key rows of ``w_i`` slots: ``extra`` (``H x E``) is their bias (the same for every query), the slots beyond ``E``
-    are padding (``-inf``). With ``causal`` (decoder) and the fast path, keys after the query are ``-inf`` here
+    are padding (:data:`PADDING_BIAS`). With ``causal`` (decoder) and the fast path, keys after the query are ``-inf`` here
     already; the general path applies the mask after its gathers.
     """
     t = torch.where(plan.transposed, rel2d[1], rel2d[0])
@@ -186,7 +217,7 @@ def inner_table(rel2d: Tensor, plan: GridPlan, layout: KeyLayout, G: int, extra:
         z = z.masked_fill(plan.causal, float("-inf"))
     H, wi = z.shape[0], z.shape[1]
     E, r = extra.shape[-1], layout.r
-    pad = torch.full((H, 1), float("-inf"), dtype=t.dtype, device=t.device)
+    pad = torch.full((H, 1), PADDING_BIAS, dtype=t.dtype, device=t.device)
     slots = torch.arange(r * wi, device=t.device).clamp(max=E)
     ext = torch.cat([extra.to(t.dtype), pad], dim=1).index_select(1, slots)  # H x r*w_i
     ext = ext.reshape(H, 1, r, wi).expand(H, wi, r, wi)
@@ -194,24 +225,40 @@ def inner_table(rel2d: Tensor, plan: GridPlan, layout: KeyLayout, G: int, extra:
 
 
 @torch.jit.script
-def _traced_rel_bias(z: Tensor, fast: Tensor, hankel: Tensor, tap_index: Tensor, tap_weight: Tensor,
+def _traced_rel_bias(z: Tensor, fast: Tensor, hankel: Tensor, toep_index: Tensor, q_taps: Tensor, k_taps: Tensor,
                      causal: Tensor, use_causal: bool) -> Tensor:
     """Export form of the relative bias (an ONNX ``If`` on ``fast``): ``z`` ``H x c x (2G-1+r) x w_i`` ->
-    ``H x c x h_o x (h_o+r) x w_i``; the index tables are already extended by the ``r`` extra key rows. The fast
-    branch is one ``Gather`` writing the ``If``'s output; the taps are written out (no ``Loop``)."""
+    ``H x c x h_o x (h_o+r) x w_i``. The fast branch is one ``Gather`` writing the ``If``'s output. The general
+    branch gathers the G x G source Toeplitz block (plus the ``r`` extra key rows) and resizes its outer axes with
+    two matmuls: the queries' bilinear matrix (``h_o x G``, outer index reversed), then the keys' (``(h_o+r) x
+    (G+r)``, the identity on the extra rows)."""
     if bool(fast):
         if use_causal:
             z = z.masked_fill(causal, float("-inf"))
         return z[:, :, hankel]
-    w = tap_weight[:, :, :, None]
-    out = z[:, :, tap_index[0]] * w[0] + z[:, :, tap_index[1]] * w[1] + z[:, :, tap_index[2]] * w[2] \
-        + z[:, :, tap_index[3]] * w[3]
+    H, c, wi = z.shape[0], z.shape[1], z.shape[3]
+    G, Gr = toep_index.shape[0], toep_index.shape[1]
+    t2 = z[:, :, toep_index].reshape(H, c, G, Gr * wi)  # [a, b, k_i] = Z[q_i, b - a + G - 1, k_i]
+    x = (q_taps @ t2).reshape(H, c, q_taps.shape[0], Gr, wi)  # resized over a (the query's outer source index)
+    out = k_taps @ x  # resized over b (the key's): H x c x h_o x (h_o + r) x w_i
     if use_causal:
         ho, kr = hankel.shape[0], hankel.shape[1]
         m = causal[:, hankel[:, :ho] - hankel[0, 0]]  # by q_o' + k_o
         m = torch.cat([m, torch.zeros(m.shape[0], ho, kr - ho, m.shape[3], dtype=m.dtype, device=m.device)], dim=2)
         out = out.masked_fill(m, float("-inf"))
     return out
+
+
+class Block(NamedTuple):
+    """One query block of the image: the queries with inner index ``lo <= q_i < hi`` (computed once per forward)."""
+
+    lo: IntLike
+    hi: IntLike
+    queries: Tensor  # (hi - lo) * h_o key-order positions of the block's queries, in query order
+    inner: Optional[Tensor]  # traced only: arange(lo, hi), the block's rows of Z
+    causal: Optional[Tensor]  # traced only: (hi - lo) x (2 h_o - 1 + r) x w_i rows of the causal mask
+    shape6: Optional[Tensor]  # traced only: [B, H, hi - lo, h_o, h_o + r, w_i] (scores as bias blocks)
+    shape4: Optional[Tensor]  # traced only: [B, H, (hi - lo) h_o, keys]
 
 
 class KeyLayout(NamedTuple):
@@ -222,44 +269,56 @@ class KeyLayout(NamedTuple):
     extra: IntLike  # keys outside the grid
     r: IntLike  # extra key rows
     keys: IntLike  # N + r * w_i
-    blocks: List[Tuple[IntLike, IntLike]]  # (lo, hi) inner-index ranges of the image's query blocks
+    blocks: List[Block]
     hankel: Optional[Tensor]  # traced only: h_o x (h_o + r) fast-path gather index (extended)
-    tap_index: Optional[Tensor]  # traced only: 4 x h_o x (h_o + r)
-    tap_weight: Optional[Tensor]  # traced only: 4 x h_o x (h_o + r)
-    causal: Optional[Tensor]  # traced only: w_i x (2 h_o - 1 + r) x w_i
+    toep_index: Optional[Tensor]  # traced only: G x (G + r) general path: Z's offset slot of (source a, source b)
+    q_taps: Optional[Tensor]  # traced only: h_o x G bilinear matrix of the queries' outer index (reversed)
+    k_taps: Optional[Tensor]  # traced only: (h_o + r) x (G + r) the keys' (identity on the extra rows)
 
 
-def key_layout(plan: GridPlan, extra: IntLike, G: int, *, heads: int, batch: int) -> KeyLayout:
-    """The :class:`KeyLayout` of ``plan`` with ``extra`` keys outside the grid."""
+def key_layout(plan: GridPlan, extra: IntLike, G: int, *, heads: int, batch: IntLike) -> KeyLayout:
+    """The :class:`KeyLayout` of ``plan`` with ``extra`` keys outside the grid. Under the tracer everything a
+    block needs is computed here, once per graph, not once per layer."""
     ho, wi = plan.ho, plan.wi
     r = extra_rows(extra, wi)
     keys = plan.num_cells + r * wi
-    blocks = _blocks(wi, heads * ho * keys, batch)
+    ranges = _blocks(wi, heads * ho * keys, batch, ho)
     if not tracing():
+        blocks = [Block(lo, hi, plan.query_key[lo * ho:hi * ho], None, None, None, None) for lo, hi in ranges]
         return KeyLayout(extra, r, keys, blocks, None, None, None, None)
     dev = plan.hankel.device
     rows = (2 * G - 1 + torch.arange(r, device=dev))[None, :].expand(ho, r)  # Z's extra offset slots
-    zeros_i = torch.zeros_like(rows)
-    ones = torch.ones(rows.shape, dtype=plan.tap_weight.dtype, device=dev)
-    # the general path's three other taps point at a finite slot (0) with weight 0
-    tap_index = torch.stack([torch.cat([plan.tap_index[t], rows if t == 0 else zeros_i], dim=1) for t in range(4)])
-    tap_weight = torch.stack([torch.cat([plan.tap_weight[t], ones if t == 0 else ones * 0], dim=1) for t in range(4)])
+    a = torch.arange(G, device=dev)
+    toep_index = torch.cat([a[None, :] - a[:, None] + G - 1, (2 * G - 1 + torch.arange(r, device=dev))[None, :]
+                            .expand(G, r)], dim=1)
+    m = bilinear_matrix(ho, G, plan.tap_weight.dtype, dev)  # h_o x G
+    k_taps = torch.cat([torch.cat([m, torch.zeros(ho, r, dtype=m.dtype, device=dev)], dim=1),
+                        torch.cat([torch.zeros(r, G, dtype=m.dtype, device=dev),
+                                   torch.eye(r, dtype=m.dtype, device=dev)], dim=1)], dim=0)
     causal = torch.cat([plan.causal, torch.zeros_like(plan.causal[:, :1]).expand(-1, r, -1)], dim=1)
-    return KeyLayout(extra, r, keys, blocks, torch.cat([plan.hankel, rows], dim=1), tap_index, tap_weight, causal)
+    dims = [torch.as_tensor(v).reshape(1) for v in (batch, heads, ho, ho + r, wi, keys)]
+    blocks = []
+    for lo, hi in ranges:
+        c = (hi - lo).reshape(1)
+        b, h, o, kr, i, k = dims
+        blocks.append(Block(lo, hi, plan.query_key[lo * ho:hi * ho], torch.arange(lo, hi, device=dev), causal[lo:hi],
+                            torch.cat([b, h, c, o, kr, i]), torch.cat([b, h, c * o, k])))
+    return KeyLayout(extra, r, keys, blocks, torch.cat([plan.hankel, rows], dim=1), toep_index, m.flip(0), k_taps)
 
 
-def add_rel_bias(s: Tensor, z: Tensor, plan: GridPlan, layout: KeyLayout, lo: IntLike, hi: IntLike, *,
+def add_rel_bias(s: Tensor, z: Tensor, plan: GridPlan, layout: KeyLayout, block: Block, *,
                  causal: bool = False) -> Tensor:
-    """``s`` (``B x H x c*h_o x keys`` scores of the image queries with inner index ``lo <= q_i < hi``) plus their
-    relative bias against every key (:class:`KeyLayout`). Eager: added in place (the fast path reads a strided view
-    of ``z``); traced: one gather (or four taps) per block."""
-    zb = z[:, lo:hi]
+    """``s`` (``B x H x c*h_o x keys`` scores of the queries of ``block``) plus their relative bias against every
+    key (:class:`KeyLayout`). Eager: added in place (the fast path reads a strided view of ``z``); traced: one gather
+    (or four taps) per block."""
     if tracing():
-        rel = _traced_rel_bias(zb, plan.fast, layout.hankel, layout.tap_index, layout.tap_weight,
-                               layout.causal[lo:hi], causal)
-        B, H, bq, keys = s.shape
-        s = s.reshape(B, H, rel.shape[1], rel.shape[2], rel.shape[3], rel.shape[4]) + rel
-        return s.reshape(B, H, bq, keys)
+        from torch.onnx.operators import reshape_from_tensor_shape as reshape
+
+        rel = _traced_rel_bias(z.index_select(1, block.inner), plan.fast, layout.hankel, layout.toep_index,
+                               layout.q_taps, layout.k_taps, block.causal, causal)
+        return reshape(reshape(s, block.shape6) + rel, block.shape4)
+    lo, hi = block.lo, block.hi
+    zb = z[:, lo:hi]
     H, c, _, wi = zb.shape
     ho, n, B, r = plan.ho, plan.num_cells, s.shape[0], layout.r
     G = (z.shape[2] - r + 1) // 2
@@ -301,13 +360,16 @@ def _scores(q: Tensor, k: Tensor) -> Tensor:
     return s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
 
 
-def _blocks(total: IntLike, per_unit: int, batch: int):
-    """(lo, hi) ranges covering ``range(total)``: :data:`EXPORT_BLOCKS` tensor-valued ranges under the tracer,
-    else ranges of at most :data:`BLOCK_ELEMENTS` / ``per_unit`` units."""
+def _blocks(total: IntLike, per_unit: int, batch: int, queries_per_unit: IntLike = 1):
+    """(lo, hi) ranges covering ``range(total)`` units of ``queries_per_unit`` queries each. Under the tracer the
+    :class:`query_blocks` count of tensor-valued ranges, of at least :data:`EXPORT_MIN_QUERIES` queries (a small
+    grid fills only the first blocks; the others are empty); eager, ranges of at most :data:`BLOCK_ELEMENTS` scores."""
     if tracing():
+        nb = _query_blocks[-1]
         total = total if isinstance(total, Tensor) else torch.tensor(total)
-        size = _floordiv(total + EXPORT_BLOCKS - 1, EXPORT_BLOCKS)
-        return [(torch.minimum(size * j, total), torch.minimum(size * (j + 1), total)) for j in range(EXPORT_BLOCKS)]
+        least = _floordiv(EXPORT_MIN_QUERIES + queries_per_unit - 1, queries_per_unit)
+        size = torch.maximum(_floordiv(total + nb - 1, nb), least)
+        return [(torch.minimum(size * j, total), torch.minimum(size * (j + 1), total)) for j in range(nb)]
     total = int(total)
     step = max(1, BLOCK_ELEMENTS // max(1, per_unit * batch))
     return [(lo, min(lo + step, total)) for lo in range(0, total, step)]
@@ -329,12 +391,6 @@ def _fold(x: Tensor, pos: Tensor) -> Tensor:
 def _finish(attn, o: Tensor) -> Tensor:
     o = o * attn.c_attn.to(o.dtype)[:, None, None]
     return attn.out_proj(_merge(o))
-
-
-def _query_block(q: Tensor, plan: GridPlan, lo: IntLike, hi: IntLike) -> Tensor:
-    """The image queries with inner index ``lo <= q_i < hi`` in query order, from ``q`` in key order."""
-    ho = plan.ho
-    return q.index_select(2, plan.query_key[lo * ho:hi * ho])
 
 
 def _pad_tokens(x: Tensor, count: IntLike) -> Tensor:
@@ -362,14 +418,14 @@ def encoder_self_attention(attn, x: Tensor, plan: GridPlan, layout: KeyLayout, p
     pad = layout.keys - n - L
     q, k, v = _heads_qkv(attn, x, _pad_tokens(x, pad))  # padding keys: finite, and -inf in every bias
     qf, kf = _fold(q, pos_q), _fold(k, pos_k)
-    outs = [_softmax_av(add_rel_bias(_scores(_query_block(qf, plan, lo, hi), kf), z, plan, layout, lo, hi), v, attn)
-            for lo, hi in layout.blocks]
+    outs = [_softmax_av(add_rel_bias(_scores(qf.index_select(2, b.queries), kf), z, plan, layout, b), v, attn)
+            for b in layout.blocks]
     st = _scores(qf[:, :, n:], kf)  # the prompt's queries: token relative bias on the prompt's keys
     if tracing():
-        st = st + F.pad(F.pad(text_rel, (n, 0)), (0, pad), value=float("-inf"))
+        st = st + F.pad(F.pad(text_rel, (n, 0)), (0, pad), value=PADDING_BIAS)
     else:
         st[..., n:n + L].add_(text_rel)
-        st[..., n + L:] = float("-inf")
+        st[..., n + L:] = PADDING_BIAS
     outs.append(_softmax_av(st, v, attn))
     order = torch.cat([plan.key_query, torch.arange(n, n + L, device=plan.key_query.device)])  # image back to key order
     return _finish(attn, torch.cat(outs, dim=2).index_select(2, order))
@@ -388,20 +444,29 @@ def decoder_self_attention(attn, y: Tensor, plan: GridPlan, layout: KeyLayout, p
     keys = _pad_tokens(torch.cat([y[:, 1:], y[:, :1]], dim=1), pad)  # cells, BOS, padding
     q, k, v = _heads_qkv(attn, y[:, 1:], keys)
     qc, kf = _fold(q, pos_q), _fold(k, pos_k)
-    outs = [_softmax_av(add_rel_bias(_scores(_query_block(qc, plan, lo, hi), kf), z, plan, layout, lo, hi,
-                                     causal=True), v, attn) for lo, hi in layout.blocks]
+    outs = [_softmax_av(add_rel_bias(_scores(qc.index_select(2, b.queries), kf), z, plan, layout, b, causal=True),
+                        v, attn) for b in layout.blocks]
     outs.append(v[:, :, n:n + 1])  # the BOS query's output: the BOS value
     order = torch.cat([plan.key_query.new_full((1,), n), plan.key_query])  # BOS, then the cells in key order
     return _finish(attn, torch.cat(outs, dim=2).index_select(2, order))
 
 
-def cross_attention(attn, y: Tensor, enc_out: Tensor, pos_q: Tensor, pos_k: Tensor) -> Tensor:
-    """Decoder cross-attention (absolute bias only, folded): ``y`` ``B x T x d`` attends to ``enc_out``."""
-    B = y.shape[0]
+def cross_blocks(tokens: IntLike, keys: IntLike, *, heads: int, batch: IntLike) -> List[Tuple]:
+    """Query blocks of the cross-attention (``tokens`` decoder tokens against ``keys``), once per forward:
+    ``(lo, hi, index)``, the index (``arange(lo, hi)``) only under the tracer."""
+    ranges = _blocks(tokens, heads * keys, batch)
+    if not tracing():
+        return [(lo, hi, None) for lo, hi in ranges]
+    return [(lo, hi, torch.arange(lo, hi)) for lo, hi in ranges]
+
+
+def cross_attention(attn, y: Tensor, enc_out: Tensor, pos_q: Tensor, pos_k: Tensor, blocks: List[Tuple]) -> Tensor:
+    """Decoder cross-attention (absolute bias only, folded): ``y`` ``B x T x d`` attends to ``enc_out``, in the
+    query ``blocks`` of :func:`cross_blocks`."""
     q, k, v = _heads_qkv(attn, y, enc_out)
     qf, kf = _fold(q, pos_q), _fold(k, pos_k)
-    T, S = qf.shape[2], kf.shape[2]
-    outs = [_softmax_av(_scores(qf[:, :, lo:hi], kf), v, attn) for lo, hi in _blocks(T, attn.heads * S, B)]
+    outs = [_softmax_av(_scores(qf[:, :, lo:hi] if idx is None else qf.index_select(2, idx), kf), v, attn)
+            for lo, hi, idx in blocks]
     return _finish(attn, torch.cat(outs, dim=2))
 
 
@@ -417,7 +482,8 @@ def reorder_cells(x: Tensor, index: Tensor, *, first: int = 0) -> Tensor:
     return torch.cat([x[..., :first, :], cells, x[..., first + index.shape[0]:, :]], dim=-2)
 
 
-__all__ = ["EXPORT_BLOCKS", "BLOCK_ELEMENTS", "GridPlan", "make_plan", "bilinear_taps", "bilinear_matrix",
-           "rel_table_2d", "inner_table", "add_rel_bias", "extra_rows", "KeyLayout", "key_layout",
-           "encoder_self_attention", "decoder_self_attention", "cross_attention", "head_positions", "reorder_cells",
+__all__ = ["EXPORT_BLOCKS", "EXPORT_MIN_QUERIES", "EXPORT_BLOCK_ELEMENTS", "BLOCK_ELEMENTS", "PADDING_BIAS",
+           "export_query_blocks", "query_blocks", "GridPlan", "make_plan", "bilinear_taps", "bilinear_matrix",
+           "rel_table_2d", "inner_table", "add_rel_bias", "extra_rows", "Block", "KeyLayout", "key_layout",
+           "encoder_self_attention", "decoder_self_attention", "cross_attention", "cross_blocks", "head_positions", "reorder_cells",
            "pad_positions", "tracing"]

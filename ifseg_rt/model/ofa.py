@@ -16,7 +16,7 @@ from ..geometry import TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS
 from .config import OFAConfig, get_config
 from .decoder import OFADecoder
 from .encoder import EncoderOutput, OFAEncoder
-from .grid_attention import (GridPlan, cross_attention, decoder_self_attention, encoder_self_attention, head_positions,
+from .grid_attention import (GridPlan, cross_attention, cross_blocks, decoder_self_attention, encoder_self_attention, head_positions,
                              extra_rows, inner_table, key_layout, make_plan, pad_positions, rel_table_2d,
                              reorder_cells)
 from .resnet import EvalBatchNorm2d, FrozenBatchNorm2d
@@ -301,7 +301,9 @@ class SegOFA(nn.Module):
         bos = dec.embed_tokens.weight[0].to(enc_out.dtype).expand(B, 1, -1)
         y = dec.layernorm_embedding(torch.cat([bos, enc_out[:, :n]], dim=1))
         y = F.dropout(y, dec.dropout, self.training)
-        cross = functools.partial(cross_attention, pos_q=tables.cross_pos_q, pos_k=tables.cross_pos_k)
+        H = const.text_rel.shape[1]
+        blocks = cross_blocks(n + 1, enc_out.shape[1], heads=H, batch=B)
+        cross = functools.partial(cross_attention, pos_q=tables.cross_pos_q, pos_k=tables.cross_pos_k, blocks=blocks)
         layout = key_layout(plan, 1, G, heads=H, batch=B)  # extra key: BOS
         for i, layer in enumerate(dec.layers):
             z = inner_table(const.dec_rel[i], plan, layout, G, const.dec_bos[i][:, None], causal=True)

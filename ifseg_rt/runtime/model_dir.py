@@ -154,6 +154,7 @@ class ModelSpec:
     engines: Tuple[EngineSpec, ...]
     provenance: Dict[str, Any]
     raw: Dict[str, Any]
+    query_blocks: Optional[int] = None  # the ONNX graphs' query blocks per attention (onnx.query_blocks)
 
     @property
     def num_categories(self) -> int:
@@ -341,7 +342,7 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
                "must be a path inside the model directory")
 
     od = _get(d, "onnx", "", dict, optional=True)
-    onnx_file = opset = static = tables = body = None
+    onnx_file = opset = static = tables = body = blocks = None
     if od is not None:
         onnx_file = _get(od, "file", "onnx", str)
         _check(onnx_file in files, "onnx.file", f"names {onnx_file!r}, which is not listed in 'files'")
@@ -352,6 +353,8 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
             _check(f is None or f in files, f"onnx.{key}", f"names {f!r}, which is not listed in 'files'")
         opset = _get(od, "opset", "onnx", int)
         _check(opset >= 17, "onnx.opset", f"must be >= 17, got {opset}")
+        blocks = _get(od, "query_blocks", "onnx", int, optional=True)
+        _check(blocks is None or blocks >= 1, "onnx.query_blocks", f"must be >= 1, got {blocks}")
         st = _get(od, "static_shape", "onnx", list, optional=True)
         if st is not None:
             _check(len(st) == 2 and all(isinstance(v, int) and v >= PATCH for v in st), "onnx.static_shape",
@@ -396,7 +399,7 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
                      tables_file=tables, body_file=body, precisions=precisions, opset=opset,
                      static_shape=static, seg_grid=cfg["patch_image_size"] // PATCH,
                      image_bucket_size=cfg["image_bucket_size"], files=dict(files), engines=tuple(engines),
-                     provenance=prov, raw=d)
+                     provenance=prov, raw=d, query_blocks=blocks)
 
 
 def spec_for_model(categories: Sequence[str], config: Mapping[str, Any], *, feature_dim: int,

@@ -76,6 +76,13 @@ class ImagePolicy:
                              f"{PATCH} px; the limit is {MAX_CELLS} cells (the paper's short side 512 / long side 2048 "
                              f"reaches it): attention memory grows with the square of the cell count")
 
+    @property
+    def max_cells(self) -> int:
+        """Cells of the largest network input this policy produces."""
+        h, w = self.size if self.mode == "fixed" else (self.short_side, self.max_long_side)
+        gh, gw = token_grid(*self._round(h, w))
+        return gh * gw
+
     def _round(self, h: int, w: int) -> Tuple[int, int]:
         m = self.multiple
         if m > 1:
