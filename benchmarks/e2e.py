@@ -51,14 +51,14 @@ def bench_size(size: str, threads: int, warmup: int, repeats: int, image_hw, wor
     run = workdir / f"run-{size}"
     save_checkpoint(model, run / "model.safetensors", categories=[f"c{i}" for i in range(M)])
     t0 = time.perf_counter()
-    from ifseg_rt.nano.world import render_scene
+    from ifseg_rt.world import render_scene
 
     img = render_scene(0, tuple(image_hw)).image
     export(run, workdir / f"model-{size}", check=False, force=True, precision=["fp32", "int8", "bf16"],
            calibration=[img], min_agreement=0.0)  # random weights: record the agreement, gate nothing
     export_s = time.perf_counter() - t0
 
-    from ifseg_rt.runtime.benchmark import cpu_model
+    from ifseg_rt.system import cpu_model
 
     res = {"size": size, "threads": threads, "image": list(image_hw), "export_s": export_s, "cpu": cpu_model(),
            "stages_ms": {}}

@@ -158,7 +158,7 @@ def agreement(args):
     import ifseg_rt.knn as knn
     from ifseg_rt import _C
     from ifseg_rt.knn import reference
-    from ifseg_rt.nano.world import render_scene
+    from ifseg_rt.world import render_scene
     from ifseg_rt.runtime.postprocess import labels_from_scores, softmax
 
     model, flags = cpu_model()

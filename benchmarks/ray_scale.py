@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from ifseg_rt import distributed
-    from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES, write_dataset
+    from ifseg_rt.world import DEFAULT_DEMO_CATEGORIES, write_dataset
     from ifseg_rt.system import available_cores, cpu_model
 
     work = Path(tempfile.mkdtemp(prefix="ray-scale-"))

@@ -116,7 +116,7 @@ def run_clients(clients: int, requests: int, call: Callable[[int, int], None]) -
 def quick_model(work: Path, short_side: int) -> Path:
     """The quick nano model (demo --quick) with its image policy's short side set to ``short_side``."""
     from ifseg_rt.nano.demo import QUICK, run_demo
-    from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES
+    from ifseg_rt.world import DEFAULT_DEMO_CATEGORIES
     from ifseg_rt.runtime.model_dir import MANIFEST, load_model_dir
 
     with contextlib.redirect_stdout(io.StringIO()):  # the adaptation's step lines
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from ifseg_rt import Segmenter
-    from ifseg_rt.nano.world import render_scene
+    from ifseg_rt.world import render_scene
     from ifseg_rt.serve import Client
     from ifseg_rt.serve.server import ServeOptions, start_server
 

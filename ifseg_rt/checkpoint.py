@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import file_sha256
+from .files import WEIGHTS_FILE, file_sha256
 from .knn.settings import KnnSettings
 from .model import MODEL_REGISTRY, OFA, OFAConfig, SegOFA, build_model, get_config
 from .geometry import PATCH
@@ -315,7 +315,7 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
     """
     path = Path(path)
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "checkpoint.pt"):
+        for name in (WEIGHTS_FILE, "pytorch_model.bin", "checkpoint.pt"):
             if (path / name).exists():
                 path = path / name
                 break

@@ -36,7 +36,6 @@ model directory and the inputs/outputs (a shared filesystem, or URIs).
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import logging
@@ -54,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .runtime.inputs import is_uri, list_images, split_uri
+from .runtime.inputs import check_outputs_apart, is_uri, list_images, split_uri
 from .runtime.outputs import ImageRecord, OutputDir, error_message, output_names, segment_files
 from .runtime.segmenter import STAGES
 from .system import available_cores
@@ -453,6 +452,7 @@ def segment_dataset(inputs: Sequence[str], model_dir: str, out_dir: str, *, over
 
     spec = load_model_dir(model_dir)  # a bad model directory fails here, before Ray starts
     sources = list_images(inputs, allow_uris=True)
+    check_outputs_apart(sources, out_dir)
     names = output_names(sources)
     out_root = _absolute(out_dir)
     table = _absolute(table) if table else _join(out_root, TABLE_NAME)
@@ -539,7 +539,7 @@ class _EvalActor:
     """Ray Data callable class: loads one segmenter (``evaluate.load_segmenter``), then turns blocks of (image,
     label) rows into one row of summed confusion matrices each."""
 
-    def __init__(self, model: str, *, load_options: Dict[str, Any], knn_backend: str, label_offset: int,
+    def __init__(self, model: str, *, load_options: Dict[str, Any], knn_backend: str, label_offset: Optional[int],
                  knn: Optional[bool]):
         from .evaluate import load_segmenter, scoring_knn
 
@@ -585,7 +585,7 @@ class RayEvalResult:
 
 def evaluate_dataset(pairs: Sequence[Tuple[Any, Any]], model: str, *, address: Optional[str] = "local",
                      actors: Optional[int] = None, threads: Optional[int] = None,
-                     gpus_per_actor: Optional[float] = None, device: str = "cpu", label_offset: int = 1,
+                     gpus_per_actor: Optional[float] = None, device: str = "cpu", label_offset: Optional[int] = None,
                      knn: Optional[bool] = None, knn_backend: str = "auto", progress: bool = True,
                      **load_options) -> RayEvalResult:
     """``python -m ifseg_rt eval --ray`` as a function: the metrics of :func:`ifseg_rt.evaluate.evaluate` with the
@@ -644,68 +644,3 @@ def evaluate_dataset(pairs: Sequence[Tuple[Any, Any]], model: str, *, address: O
     result = EvalResult(metrics=metrics, num_images=n, seconds=time.perf_counter() - t0,
                         knn=None if settings is None else KnnSettings.from_dict(json.loads(settings)))
     return RayEvalResult(result=result, categories=categories, failed=failed, plan=plan)
-
-
-# --- command-line pieces (``segment`` in ifseg_rt.runtime.cli, ``eval`` in ifseg_rt.evaluate) ----------------------
-_ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$")
-
-
-def ray_address(text: str) -> str:
-    """argparse type of ``--ray ADDRESS``: local, auto, ray://host:port or host:port."""
-    if not _ADDRESS.match(text):
-        raise argparse.ArgumentTypeError(
-            f"expected local, auto, ray://HOST:PORT or HOST:PORT, got {text!r} (to give inputs after --ray, write "
-            f"--ray=local or put --ray last)")
-    return text
-
-
-def add_ray_arguments(p: argparse.ArgumentParser, *, command: str) -> None:
-    """``--ray [ADDRESS]`` and the pool flags (``command``: "segment" adds ``--table`` and ``--overwrite``)."""
-    from ._argtypes import positive_float, positive_int
-
-    g = p.add_argument_group("Ray Data (pip install 'ifseg_rt[ray]')")
-    g.add_argument("--ray", nargs="?", const="local", default=None, type=ray_address, metavar="ADDRESS",
-                   help="run on Ray Data: alone, a private local Ray; auto, ray://HOST:PORT or HOST:PORT, an existing "
-                        "cluster (every node must see --model and the data)")
-    g.add_argument("--actors", type=positive_int, default=None,
-                   help="Segmenter actors (default: one per cluster CPU, or per GPU with --device cuda); "
-                        "--threads is then per actor, by default a node's cores / actors")
-    g.add_argument("--gpus-per-actor", type=positive_float, default=None,
-                   help="GPUs each actor reserves with --device cuda (default 1; 0.5: two actors per GPU)")
-    if command == "segment":
-        g.add_argument("--table", default=None,
-                       help=f"the per-image Parquet table (default: OUT/{TABLE_NAME})")
-        g.add_argument("--overwrite", action="store_true",
-                       help="segment every image again; by default a re-run skips images whose outputs exist")
-
-
-def check_ray_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``parser.error`` for a Ray-only flag given without ``--ray``."""
-    if args.ray is None:
-        given = [f for f, v in (("--actors", args.actors), ("--gpus-per-actor", args.gpus_per_actor),
-                                ("--table", getattr(args, "table", None)),
-                                ("--overwrite", getattr(args, "overwrite", False))) if v]
-        if given:
-            p.error(f"{', '.join(given)} only apply with --ray")
-
-
-def segment_command(args: argparse.Namespace) -> int:
-    """``python -m ifseg_rt segment ... --ray``: the Ray path of :func:`ifseg_rt.runtime.cli.segment`."""
-    from .runtime.cli import segmenter_options
-
-    opts = segmenter_options(args)
-    opts.pop("threads", None)  # per actor: from the pool plan
-    try:
-        summary = segment_dataset(args.inputs, args.model, args.out, overlay=args.overlay,
-                                  batch_size=args.batch_size, address=args.ray, actors=args.actors,
-                                  threads=args.threads, gpus_per_actor=args.gpus_per_actor, table=args.table,
-                                  overwrite=args.overwrite, progress=not args.no_progress,
-                                  on_error=lambda e: print(f"error: {e}", file=sys.stderr), **opts)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:  # RayUnavailable, ModelDirError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    p = summary.plan
-    print(f"{summary.images} image(s) on {p.actors} actor(s) x {p.threads} thread(s)"
-          + (f" x {p.num_gpus:g} GPU" if p.num_gpus else "") + f" in {summary.seconds:.1f} s")
-    print(summary.line())
-    return 1 if summary.failed else 0

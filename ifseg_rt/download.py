@@ -16,18 +16,15 @@ your categories (``python -m ifseg_rt adapt``). This command fetches one:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import shlex
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional
 
-from ._argtypes import HelpFormatter
 
 OFA_BASE_URL = "https://ofa-beijing.oss-cn-beijing.aliyuncs.com/checkpoints/"
 BPE_BASE_URL = "https://raw.githubusercontent.com/OFA-Sys/OFA/main/utils/BPE/"
@@ -68,9 +65,21 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, dest: Path, *, progress: bool = True, opener=urllib.request.urlopen) -> Path:
+def source_url(base: str, name: str) -> str:
+    """``base``/``name`` as a URL: ``base`` is a URL (http, https, file) or a local folder (a mirror on disk)."""
+    if "://" not in base:
+        folder = Path(base).expanduser().resolve()
+        if not folder.is_dir():
+            raise DownloadError(f"mirror folder not found: {base} (give a URL or an existing folder)")
+        return (folder / name).as_uri()
+    return base.rstrip("/") + "/" + name
+
+
+def fetch(url: str, dest: Path, *, progress: bool = True, opener=urllib.request.urlopen,
+          hint: str = " (no network? use --url-base for a mirror)") -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming a previous partial download; the result's size
-    must equal what the server announced. Raises :class:`DownloadError` (the ``.part`` file is kept to resume)."""
+    must equal what the server announced. Raises :class:`DownloadError` (the ``.part`` file is kept to resume);
+    ``hint`` ends the message of a failed connection."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
@@ -80,10 +89,10 @@ def fetch(url: str, dest: Path, *, progress: bool = True, opener=urllib.request.
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the part is already complete (or bigger than the file): start over
             part.unlink()
-            return fetch(url, dest, progress=progress, opener=opener)
+            return fetch(url, dest, progress=progress, opener=opener, hint=hint)
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"{url}: {getattr(e, 'reason', e)} (no network? use --url-base for a mirror)") from None
+        raise DownloadError(f"{url}: {getattr(e, 'reason', e)}{hint}") from None
     with resp:
         status = getattr(resp, "status", 200)
         if have and status != 206:  # the server ignored the range: start again
@@ -148,12 +157,15 @@ def download(name: str, to: Path, *, url_base: Optional[str] = None, bpe_base: O
         raise DownloadError(f"unknown checkpoint {name!r}; choose one of {', '.join(registry)}")
     entry = registry[name]
     to = Path(to)
+    if to.exists() and not to.is_dir():
+        raise DownloadError(f"--to {to} is a file; give the folder to download into")
     base = url_base or os.environ.get("IFSEG_RT_DOWNLOAD_BASE") or OFA_BASE_URL
+    hint = "" if url_base else " (no network? use --url-base for a mirror: a URL or a folder)"
     dest = to / entry.file
     if dest.is_file():
         log(f"{dest} exists: checking it")
     else:
-        fetch(base.rstrip("/") + "/" + entry.file, dest, progress=progress)
+        fetch(source_url(base, entry.file), dest, progress=progress, hint=hint)
     try:
         what = structure(dest, entry.size)
     except DownloadError:
@@ -166,44 +178,11 @@ def download(name: str, to: Path, *, url_base: Optional[str] = None, bpe_base: O
         for fname, md5 in BPE_FILES.items():
             path = bpe_dir / fname
             if not path.is_file():
-                fetch((bpe_base or os.environ.get("IFSEG_RT_BPE_BASE") or BPE_BASE_URL).rstrip("/") + "/" + fname,
-                      path, progress=progress)
+                fetch(source_url(bpe_base or os.environ.get("IFSEG_RT_BPE_BASE") or BPE_BASE_URL, fname), path,
+                      progress=progress, hint="" if bpe_base else " (no network? use --bpe-base for a mirror)")
             got = _md5(path)
             if got != md5:
                 os.replace(path, path.with_name(path.name + ".corrupt"))
                 raise DownloadError(f"{path}: md5 {got}, expected {md5} (the OFA BPE file); moved aside, run again")
         log(f"{bpe_dir}: BPE files checked (md5)")
     return dest
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m ifseg_rt download", formatter_class=HelpFormatter,
-        description="Download an official English OFA checkpoint (+ its BPE files), check it, and print the "
-                    "adaptation command that turns it into a segmenter for your categories.",
-        epilog="checkpoints:\n" + "\n".join(f"  {k:<11} {v.file:<15} {v.params}" for k, v in REGISTRY.items())
-               + "\n\nexamples:\n  python -m ifseg_rt download ofa-base --to checkpoints\n"
-                 "  python -m ifseg_rt download ofa-tiny --url-base https://mirror.example.org/ofa/")
-    p.add_argument("name", choices=list(REGISTRY), metavar="NAME", help="one of: " + ", ".join(REGISTRY))
-    p.add_argument("--to", default="checkpoints", help="folder for the checkpoint and ofa-bpe/")
-    p.add_argument("--url-base", help=f"checkpoint mirror (default {OFA_BASE_URL})")
-    p.add_argument("--bpe-base", help=f"BPE file mirror (default {BPE_BASE_URL})")
-    p.add_argument("--no-bpe", action="store_true", help="do not fetch the BPE files")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        path = download(args.name, Path(args.to), url_base=args.url_base, bpe_base=args.bpe_base,
-                        bpe=not args.no_bpe, progress=not args.no_progress)
-    except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    bpe_dir = Path(args.to) / "ofa-bpe"
-    print("\nnext, adapt it to your categories (image-free; --device cuda on a GPU):\n  " + " ".join(
-        ["python", "-m", "ifseg_rt", "adapt", "--checkpoint", shlex.quote(str(path)), "--bpe-dir",
-         shlex.quote(str(bpe_dir)), "--categories", shlex.quote("sky, road, tree, person, car"), "--out",
-         "runs/my-categories"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

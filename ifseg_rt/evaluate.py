@@ -15,9 +15,6 @@ numbers). Images and label maps are matched by file stem; scores are accumulated
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._argtypes import HelpFormatter, examples, non_negative_int, positive_int
 from .knn.settings import KnnSettings
-from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, format_table, load_label
+from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
 from .runtime.model_dir import MANIFEST
 from .runtime.preprocess import IMAGE_EXTENSIONS, ImagePolicy, load_image
 
@@ -131,24 +127,28 @@ class EvalResult:
     num_images: int
     seconds: float
     knn: Optional[KnnSettings] = None  # the settings of the "knn" scores
+    ignored: Optional[float] = None  # fraction of the label pixels that were ignore pixels (0 / 255 with offset 1)
 
 
 PredictionHook = Callable[[Path, Dict[str, np.ndarray]], None]
 
 
-def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: int = 1, knn: Optional[bool] = None,
+def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Optional[int] = None,
+             knn: Optional[bool] = None,
              progress: bool = False, on_prediction: Optional[PredictionHook] = None) -> EvalResult:
     """Accumulate plain (``"raw"``) and kNN (``"knn"``) confusion matrices over ``pairs`` with ``segmenter``.
 
     Parameters
     ----------
+    label_offset : how label values map to classes (:func:`~ifseg_rt.metrics.decode_labels`); None: per file, 0 for
+        the label maps ifseg_rt writes (``segment``'s), else 1 (ADE-style)
     knn : also score with the segmenter's kNN settings (default: when they are enabled)
     on_prediction : called with (image path, {"raw": labels, "knn": labels}) for every image
 
     Raises ``ValueError`` naming the file when a label map's size differs from its image's.
     """
-    if label_offset not in LABEL_OFFSETS:
-        raise ValueError(f"label_offset must be one of {LABEL_OFFSETS}, got {label_offset}")
+    if label_offset is not None and label_offset not in LABEL_OFFSETS:
+        raise ValueError(f"label_offset must be one of {LABEL_OFFSETS} or None, got {label_offset}")
     settings = scoring_knn(segmenter, knn)
     num_classes = len(segmenter.categories)
     cms = {"raw": ConfusionMatrix(num_classes)}
@@ -163,14 +163,16 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: int
             tqdm = None
         if tqdm is not None:
             it = tqdm(pairs, desc="eval", unit="img", dynamic_ncols=True)
+    ignored = total = 0
     for image_path, label_path in it:
         pred, gt = predict_pair(segmenter, image_path, label_path, label_offset=label_offset, knn=settings)
+        ignored, total = ignored + int((gt == num_classes).sum()), total + gt.size
         for name, labels in pred.items():
             cms[name].update(labels, gt)
         if on_prediction is not None:
             on_prediction(Path(image_path), pred)
     return EvalResult(metrics={k: cm.metrics() for k, cm in cms.items()}, num_images=len(pairs),
-                      seconds=time.perf_counter() - t0, knn=settings)
+                      seconds=time.perf_counter() - t0, knn=settings, ignored=ignored / max(total, 1))
 
 
 def scoring_knn(segmenter, knn: Optional[bool] = None) -> Optional[KnnSettings]:
@@ -181,7 +183,8 @@ def scoring_knn(segmenter, knn: Optional[bool] = None) -> Optional[KnnSettings]:
     return segmenter.knn.replace(enabled=True) if knn else None
 
 
-def predict_pair(segmenter, image_path, label_path, *, label_offset: int = 1, knn: Optional[KnnSettings] = None
+def predict_pair(segmenter, image_path, label_path, *, label_offset: Optional[int] = None,
+                 knn: Optional[KnnSettings] = None
                  ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     """One evaluation image: ({"raw": labels, "knn": labels (only with ``knn`` settings)}, decoded label map with
     ignore = M), from one forward pass. ``evaluate`` and ``eval --ray`` (:mod:`ifseg_rt.distributed`) score every
@@ -209,103 +212,3 @@ def result_dict(result: EvalResult, categories: Sequence[str], **extra: Any) -> 
     out.update({"images": result.num_images, "seconds": round(result.seconds, 3), "categories": list(categories),
                 "metrics": {name: m.to_dict(categories) for name, m in result.metrics.items()}})
     return out
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m ifseg_rt eval", formatter_class=HelpFormatter,
-        description="mIoU of a model (an exported directory, a run directory or a checkpoint) on a folder of images "
-                    "+ PNG label maps, plain and with the kNN post-processing, through the same Segmenter users get.",
-        epilog=examples("python -m ifseg_rt eval --model models/street --images val/images --labels val/labels",
-                        "python -m ifseg_rt eval --model runs/street --images val/images --labels val/labels "
-                        "--json miou.json",
-                        "python -m ifseg_rt eval --model models/street --images val/images --labels val/labels "
-                        "--precision int8 --ray"))
-    p.add_argument("--model", required=True,
-                   help="exported model directory, adaptation run directory, or ifseg_rt/IFSeg checkpoint file")
-    p.add_argument("--images", required=True, help="folder of images (jpg/png/...)")
-    p.add_argument("--labels", required=True, help="folder of PNG label maps, matched to the images by file stem")
-    p.add_argument("--label-offset", type=int, choices=LABEL_OFFSETS, default=1,
-                   help="1: stored 0 and 255 are ignored and v is class v-1 (ADE-style); 0: values are class ids, "
-                        "255 ignored")
-    p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=None,
-                   help="also score with the kNN post-processing (the paper's dagger numbers); default: when the "
-                        "model's kNN settings enable it")
-    p.add_argument("--knn-k", type=positive_int, default=None, help="override the model's kNN neighbours per cell")
-    p.add_argument("--knn-iters", type=non_negative_int, default=None,
-                   help="override the model's kNN averaging iterations")
-    p.add_argument("--temperature", type=float, default=None, help="override the model's softmax temperature")
-    p.add_argument("--knn-backend", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
-                   help="ifseg_rt.knn backend")
-    p.add_argument("--json", dest="json_out", default=None, help="write the metrics (percent) to this JSON file")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images (by stem)")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
-                   help="engine for exported models (checkpoints always run on torch)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the engine")
-    p.add_argument("--precision", default=None, choices=("fp32", "int8", "bf16", "fp16"),
-                   help="an exported model's precision (default: the one it was exported for), or the compute "
-                        "precision of checkpoints (default fp32; bf16/fp16 = autocast)")
-    p.add_argument("--short-side", type=positive_int, default=512,
-                   help="checkpoints: resize the short image side to this (the paper's evaluation: 512)")
-    p.add_argument("--max-long-side", type=positive_int, default=2048,
-                   help="checkpoints: cap the long image side at this (the paper: 2048)")
-    p.add_argument("--bpe-dir", default=None,
-                   help="OFA BPE files, only for checkpoints that name their categories but carry no token ids")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    from .distributed import add_ray_arguments
-
-    add_ray_arguments(p, command="eval")
-    return p
-
-
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    from .distributed import check_ray_arguments
-    from .runtime import ModelDirError
-
-    check_ray_arguments(p, args)
-    failed: List[str] = []
-    try:
-        pairs = find_pairs(args.images, args.labels, limit=args.limit)
-        policy = ImagePolicy(short_side=args.short_side, max_long_side=args.max_long_side)
-        knn = {"k": args.knn_k, "iters": args.knn_iters, "temperature": args.temperature}
-        if args.ray is not None:  # the same per-image scoring (predict_pair) on a Ray actor pool
-            from .distributed import evaluate_dataset
-
-            out = evaluate_dataset(pairs, args.model, address=args.ray, actors=args.actors, threads=args.threads,
-                                   gpus_per_actor=args.gpus_per_actor, device=args.device,
-                                   label_offset=args.label_offset, knn=args.knn, knn_backend=args.knn_backend,
-                                   progress=not args.no_progress, backend=args.backend, precision=args.precision,
-                                   bpe_dir=args.bpe_dir, policy=policy, knn_overrides=knn)
-            result, categories, failed = out.result, out.categories, out.failed
-        else:
-            seg = load_segmenter(args.model, device=args.device, backend=args.backend, precision=args.precision,
-                                 threads=args.threads, bpe_dir=args.bpe_dir, policy=policy, knn=knn)
-            seg.knn_backend = args.knn_backend
-            result = evaluate(seg, pairs, label_offset=args.label_offset, knn=args.knn, progress=not args.no_progress)
-            categories = list(seg.categories)
-    except (ValueError, FileNotFoundError, TypeError, ModelDirError, RuntimeError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
-    for e in failed:
-        print(f"error: {e}", file=sys.stderr)
-    print(format_table(result.metrics, categories))
-    summary = "  ".join(f"{k}: mIoU {100 * m.miou:.2f}" for k, m in result.metrics.items())
-    print(f"\n{result.num_images} images in {result.seconds:.1f} s  {summary}")
-    if args.json_out:
-        report = result_dict(result, categories, model=str(args.model), images_dir=str(args.images),
-                             labels_dir=str(args.labels), label_offset=args.label_offset,
-                             knn=result.knn.to_dict() if result.knn else {"enabled": False})
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json_out}")
-    if failed:
-        print(f"error: {len(failed)} image(s) could not be scored; the metrics cover the other {result.num_images}",
-              file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

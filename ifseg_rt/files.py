@@ -6,6 +6,9 @@ import hashlib
 from pathlib import Path
 from typing import Any, Dict, Union
 
+WEIGHTS_FILE = "model.safetensors"  # the weights file of checkpoints written here, run directories, model directories
+RUN_FILE = "run.json"  # an adaptation run directory's record (ifseg_rt.adapt.run writes it; export and eval read it)
+
 
 def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in 4 MiB blocks."""

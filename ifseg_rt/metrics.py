@@ -21,6 +21,21 @@ import numpy as np
 
 RAW_IGNORE = 255  # stored label value that is always ignored
 LABEL_OFFSETS = (0, 1)
+# PNG text chunk of the label maps ifseg_rt writes (segment, Ray, save_label_png): their values are class ids, so
+# reading them back needs label_offset 0; load_label(label_offset=None) reads it
+LABEL_PNG_KEY, CLASS_IDS = "ifseg_rt.labels", "class ids"
+
+
+def label_offset_of(path: Union[str, Path], default: int = 1) -> int:
+    """0 for a label map ifseg_rt wrote (its PNG says its values are class ids), else ``default``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}) or {}
+    except OSError:
+        return default
+    return 0 if text.get(LABEL_PNG_KEY) == CLASS_IDS else default
 
 
 def decode_labels(label: np.ndarray, num_classes: int, *, label_offset: int = 1, source: str = "label map"
@@ -59,11 +74,14 @@ def decode_labels(label: np.ndarray, num_classes: int, *, label_offset: int = 1,
     return out
 
 
-def load_label(path: Union[str, Path], num_classes: int, *, label_offset: int = 1) -> np.ndarray:
-    """Read a PNG label map (palette or grayscale, 8 or 16 bit) and :func:`decode_labels` it."""
+def load_label(path: Union[str, Path], num_classes: int, *, label_offset: Optional[int] = 1) -> np.ndarray:
+    """Read a PNG label map (palette or grayscale, 8 or 16 bit) and :func:`decode_labels` it (``label_offset=None``:
+    :func:`label_offset_of` the file: 0 for the maps ifseg_rt writes, else 1)."""
     from PIL import Image
 
     path = Path(path)
+    if label_offset is None:
+        label_offset = label_offset_of(path)
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):

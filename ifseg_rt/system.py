@@ -1,10 +1,29 @@
-"""Facts about the machine that thread counts and benchmark reports depend on (a leaf module: stdlib only)."""
+"""Facts about the machine that thread counts, provenance records and benchmark reports depend on (a leaf module:
+stdlib only)."""
 
 from __future__ import annotations
 
 import os
 import platform
 from pathlib import Path
+
+
+def versions(*modules: str) -> dict:
+    """``{"ifseg_rt": ..., "python": ..., module: version}`` for each of ``modules`` that is installed (read from
+    the installed distributions, so nothing is imported): the provenance runs and exports record."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"ifseg_rt": __version__, "python": platform.python_version()}
+    for name in modules:
+        for dist in (name, name + "-gpu"):  # onnxruntime-gpu provides onnxruntime
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                pass
+    return out
 
 
 def available_cores() -> int:

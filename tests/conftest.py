@@ -60,6 +60,51 @@ def tiny_segofa(num_categories: int = 5, seed: int = 0, **overrides):
     return model
 
 
+CATEGORIES = ["sky", "road", "car", "tree", "person"]  # of the shared export's tiny model
+
+
+def make_run_dir(root: Path, seed: int = 0) -> Path:
+    """A tiny adaptation run directory: model.safetensors (prompt + categories) and a minimal run.json."""
+    import json
+
+    from ifseg_rt.checkpoint import save_checkpoint
+    from ifseg_rt.files import RUN_FILE, WEIGHTS_FILE
+
+    run = root / f"run{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(tiny_segofa(len(CATEGORIES), seed=seed), run / WEIGHTS_FILE, categories=CATEGORIES)
+    (run / RUN_FILE).write_text(json.dumps({"format": "ifseg_rt.adapt.run", "finished": True, "step": 3,
+                                            "steps": 3, "categories": CATEGORIES}))
+    return run
+
+
+@pytest.fixture(scope="session")
+def shared_export(tmp_path_factory) -> Path:
+    """One dynamic-shape export of a tiny random model (CATEGORIES), shared by the whole session (~20 s). Tests
+    that change it work on :func:`export_copy`."""
+    pytest.importorskip("onnxruntime")
+    from ifseg_rt.export import export
+
+    root = tmp_path_factory.mktemp("export")
+    export(make_run_dir(root), root / "model")
+    return root / "model"
+
+
+def export_copy(src: Path, tmp_path_factory, name: str, policy) -> Path:
+    """A copy of the model directory ``src`` with ``policy`` (an ImagePolicy) written into its manifest."""
+    import json
+    import shutil
+
+    from ifseg_rt.runtime.model_dir import MANIFEST
+
+    d = tmp_path_factory.mktemp(name) / "model"
+    shutil.copytree(src, d)
+    m = json.loads((d / MANIFEST).read_text())
+    m["image"]["policy"] = policy.to_dict()
+    (d / MANIFEST).write_text(json.dumps(m))
+    return d
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models run fastest on one thread, and OpenMP spin-waits make shared CPUs crawl: use one, then restore."""
@@ -85,7 +130,7 @@ def quick_nano_model(tmp_path_factory):
     import torch
 
     from ifseg_rt.nano.demo import QUICK, run_demo
-    from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES
+    from ifseg_rt.world import DEFAULT_DEMO_CATEGORIES
 
     out = tmp_path_factory.mktemp("quick_nano")
     n = torch.get_num_threads()

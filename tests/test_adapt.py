@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_config, tiny_segofa
 
 from ifseg_rt.adapt import AdaptOptions, WordGridTrainer, cosine_lr, split_parameters, training_model, word_grid_loss
-from ifseg_rt.adapt.cli import main
+from ifseg_rt.cli import UsageError
+from ifseg_rt.cli.adapt import main
 from ifseg_rt.adapt.trainer import category_ids
 from ifseg_rt.checkpoint import load_checkpoint, save_checkpoint
 from ifseg_rt.model import build_model
@@ -220,7 +221,7 @@ def test_cli_end_to_end(tiny_run_inputs, tmp_path, capsys):
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
 
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run"):
         main(_cli(ckpt, bpe, out))
     assert main(["--out", str(out), "--resume"]) == 0
     assert "already finished" in capsys.readouterr().out
@@ -234,7 +235,7 @@ def test_cli_stop_and_resume_exact(tiny_run_inputs, tmp_path):
     assert main(_cli(ckpt, bpe, tmp_path / "b", "--stop-at", "2")) == 0
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["step"] == 2 and not run["finished"]
-    with pytest.raises(SystemExit, match="keeps its settings"):
+    with pytest.raises(UsageError, match="keeps its settings"):
         main(["--out", str(tmp_path / "b"), "--resume", "--lr", "1e-3"])
     assert main(["--out", str(tmp_path / "b"), "--resume", "--no-progress", "--device", "cpu"]) == 0
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
@@ -253,7 +254,7 @@ def test_cli_bad_categories(tiny_run_inputs, tmp_path, categories, message):
     ckpt, bpe = tiny_run_inputs
     argv = _cli(ckpt, bpe, tmp_path / "run")
     argv[argv.index("--categories") + 1] = categories
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UsageError, match=message):
         main(argv)
 
 
@@ -261,14 +262,14 @@ def test_cli_bad_inputs(tiny_run_inputs, tmp_path):
     ckpt, bpe = tiny_run_inputs
     out = tmp_path / "run"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no complete tokenizer file set"):
+    with pytest.raises(UsageError, match="no complete tokenizer file set"):
         main(_cli(ckpt, tmp_path / "empty", out))
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(UsageError, match="checkpoint not found"):
         main(_cli(tmp_path / "nope.safetensors", bpe, out))
     long_prefix = " " + " ".join(["sky"] * 70)
-    with pytest.raises(SystemExit, match="more than the 64 text positions"):
+    with pytest.raises(UsageError, match="more than the 64 text positions"):
         main(_cli(ckpt, bpe, out, "--prompt-prefix", long_prefix))
-    with pytest.raises(SystemExit, match="nothing to resume"):
+    with pytest.raises(UsageError, match="nothing to resume"):
         main(["--out", str(tmp_path / "fresh"), "--resume"])
     with pytest.raises(SystemExit):  # argparse: exit code 2
         main(_cli(ckpt, bpe, out, "--val-images", str(tmp_path)))
@@ -284,7 +285,7 @@ def test_cli_bad_inputs(tiny_run_inputs, tmp_path):
 
 def test_cli_real_bpe_mismatch(tiny_run_inputs, tmp_path, bpe_dir):
     ckpt, _ = tiny_run_inputs
-    with pytest.raises(SystemExit, match=r"do not match .*token id \d+ but the checkpoint's dictionary has 300"):
+    with pytest.raises(UsageError, match=r"do not match .*token id \d+ but the checkpoint's dictionary has 300"):
         main(_cli(ckpt, bpe_dir, tmp_path / "run"))
 
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
-from test_export import CATEGORIES, exported_model_dir  # noqa: E402
+from conftest import CATEGORIES  # noqa: E402
 
 from ifseg_rt.runtime import ImagePolicy, ModelDirError, Segmenter  # noqa: E402
 from ifseg_rt.runtime.segmenter import ImageError  # noqa: E402
@@ -22,8 +22,8 @@ SMALL = ImagePolicy(mode="fixed", size=(64, 80))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return exported_model_dir(tmp_path_factory)
+def model_dir(shared_export):
+    return shared_export
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_one_bad_image_in_a_batch(seg, tmp_path):
 
 
 def test_segment_cli_names_every_failure_once(model_dir, tmp_path, capsys):
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     d = _copy(model_dir, tmp_path)
     m = json.loads((d / "ifseg.json").read_text())
@@ -111,7 +111,7 @@ def test_category_count_must_match_the_graph(model_dir, tmp_path, names, backend
     with pytest.raises(ModelDirError, match=rf"{file} outputs {len(CATEGORIES)} category scores per cell .* lists "
                                             rf"{names} categories"):
         Segmenter.load(d, backend=backend, threads=1)
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     Image.fromarray(_image(32, 32)).save(tmp_path / "a.png")
     assert cli(["segment", "--model", str(d), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--backend",
@@ -129,7 +129,7 @@ def test_unloadable_onnx_is_a_model_dir_error(model_dir, tmp_path, content, file
         Segmenter.load(d, backend="onnxruntime", verify=False)
     with pytest.raises(ModelDirError, match=rf"{file}: (size|sha256)"):  # with verification: caught earlier
         Segmenter.load(d, backend="onnxruntime")
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     Image.fromarray(_image(32, 32)).save(tmp_path / "a.png")
     assert cli(["segment", "--model", str(d), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from ifseg_rt.__main__ import COMMANDS, cli
+from ifseg_rt.cli import COMMANDS, cli
 
 COMMAND_NAMES = sorted(COMMANDS)
 
@@ -31,7 +31,7 @@ def test_every_help_renders_with_examples_and_no_internal_references(cmd, capsys
 
 
 def test_export_module_help_too(capsys):
-    from ifseg_rt.export.cli import main
+    from ifseg_rt.cli.export import main
 
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -52,7 +52,7 @@ def test_version_and_usage(capsys):
 
 def test_closed_pipe_ends_quietly():
     """`ifseg-rt --help | head -1`: the reader goes away; no BrokenPipeError traceback, the shell's 141."""
-    code = ("import sys, ifseg_rt.__main__ as m\n"
+    code = ("import sys, ifseg_rt.cli as m\n"
             "def boom(*a, **k): raise BrokenPipeError(32, 'Broken pipe')\n"
             "m.print = boom\n"
             "sys.exit(m.cli(['--help']))\n")
@@ -67,7 +67,7 @@ def test_console_script_is_declared():
     from pathlib import Path
 
     meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert meta["project"]["scripts"]["ifseg-rt"] == "ifseg_rt.__main__:cli"
+    assert meta["project"]["scripts"]["ifseg-rt"] == "ifseg_rt.cli:cli"
 
 
 # --- pictures ------------------------------------------------------------------------------------------------------

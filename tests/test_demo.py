@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ifseg_rt.__main__ import cli
-from ifseg_rt.nano.demo import NANO_DIR, DemoSettings, main, panel_scale, parse_demo_categories, run_demo
-from ifseg_rt.nano.world import DEFAULT_DEMO_CATEGORIES
+from ifseg_rt.cli import cli
+from ifseg_rt.cli.demo import main
+from ifseg_rt.nano.demo import NANO_DIR, DemoSettings, panel_scale, parse_demo_categories, run_demo
+from ifseg_rt.world import DEFAULT_DEMO_CATEGORIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,6 +53,7 @@ def test_demo_end_to_end(tmp_path, nano_dir, capsys):
         np.testing.assert_array_equal(panel[:64 * scale, :64 * scale], first)
 
 
+@pytest.mark.slow
 def test_shipped_model_meets_the_quality_targets(tmp_path):
     """The whole method, not just the plumbing: the shipped nano model adapted image-free at the demo's default
     settings (fewer scenes) and run through export + onnxruntime reaches the issue's targets on held-out scenes:

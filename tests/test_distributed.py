@@ -8,7 +8,6 @@ import importlib.util
 import io
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -18,9 +17,10 @@ torch = pytest.importorskip("torch")  # the shared export
 pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
-from test_export import CATEGORIES, exported_model_copy  # noqa: E402  (shares the one export of the test run)
+from conftest import CATEGORIES, export_copy  # noqa: E402
 
 from ifseg_rt import distributed  # noqa: E402
+from ifseg_rt.cli.args import ray_address  # noqa: E402
 from ifseg_rt.runtime import ImagePolicy  # noqa: E402
 from ifseg_rt.runtime.inputs import list_images  # noqa: E402
 from ifseg_rt.runtime.outputs import decode_label_png, encode_label_png, output_names  # noqa: E402
@@ -33,14 +33,14 @@ BAD = ["corrupt.png", "empty.jpg", "text.png", "tiny.png", "truncated.jpg"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return exported_model_copy(tmp_path_factory, "distributed", POLICY)
+def model_dir(shared_export, tmp_path_factory):
+    return export_copy(shared_export, tmp_path_factory, "distributed", POLICY)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """40 scenes (images/ + labels/) and extra/: five unusable files and a good JPEG whose stem repeats a scene's."""
-    from ifseg_rt.nano.world import write_dataset
+    from ifseg_rt.world import write_dataset
 
     root = tmp_path_factory.mktemp("ray_data")
     pairs = write_dataset(root, range(40), SCENES, size=64)
@@ -71,7 +71,7 @@ def ray_local():
 
 def _cli(args):
     """Run ``python -m ifseg_rt ...`` in-process: (exit code, stdout, stderr)."""
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -266,13 +266,11 @@ def test_ray_flags_are_checked(model_dir, tmp_path):
     for args, message in (
             (["segment", "--ray", str(tmp_path), "--model", str(model_dir), "--out", "o"], "--ray=local"),
             (["segment", str(tmp_path), "--model", str(model_dir), "--out", "o", "--actors", "2"],
-             "--actors only apply with --ray"),
-            (["segment", str(tmp_path), "--model", str(model_dir), "--out", "o", "--overwrite"],
-             "--overwrite only apply with --ray")):
+             "--actors only apply with --ray")):
         rc, _, stderr = _cli(args)
         assert rc == 2 and message in stderr, stderr
     for ok in ("local", "auto", "ray://head:10001", "10.0.0.5:6379", "[::1]:6379"):
-        assert distributed.ray_address(ok) == ok
+        assert ray_address(ok) == ok
 
 
 # --- the pool ----------------------------------------------------------------------------------------------------
@@ -337,10 +335,3 @@ def test_label_png_bytes(m, tmp_path):
     data = encode_label_png(labels, m)
     np.testing.assert_array_equal(decode_label_png(data), labels)
     assert save_label_png(labels, tmp_path / "l.png", m).read_bytes() == data
-
-
-def test_runtime_imports_without_ray_or_torch():
-    code = ("import sys, ifseg_rt.runtime, ifseg_rt.runtime.cli, ifseg_rt.runtime.outputs, ifseg_rt.runtime.inputs, "
-            "ifseg_rt.distributed, ifseg_rt.evaluate; "
-            "bad = [m for m in ('ray', 'torch', 'pyarrow') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)

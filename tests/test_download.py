@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ifseg_rt.download import BPE_FILES, DownloadError, download, main  # noqa: E402
+from ifseg_rt.cli.download import main  # noqa: E402
+from ifseg_rt.download import BPE_FILES, DownloadError, download  # noqa: E402
 
 
 class Files(BaseHTTPRequestHandler):

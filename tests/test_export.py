@@ -11,50 +11,11 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import tiny_config, tiny_segofa  # noqa: E402
-
-CATEGORIES = ["sky", "road", "car", "tree", "person"]
-_CACHE = {}
-
-
-def make_run_dir(root: Path, seed: int = 0) -> Path:
-    """A tiny adaptation run directory: model.safetensors (prompt + categories) and a minimal run.json."""
-    from ifseg_rt.checkpoint import save_checkpoint
-
-    run = root / f"run{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(tiny_segofa(len(CATEGORIES), seed=seed), run / "model.safetensors", categories=CATEGORIES)
-    (run / "run.json").write_text(json.dumps({"format": "ifseg_rt.adapt.run", "finished": True, "step": 3,
-                                              "steps": 3, "categories": CATEGORIES}))
-    return run
-
-
-def exported_model_dir(tmp_path_factory) -> Path:
-    """One dynamic-shape export shared by this module and test_runtime.py (export takes ~20 s)."""
-    if "dir" not in _CACHE:
-        from ifseg_rt.export import export
-
-        root = tmp_path_factory.mktemp("export")
-        export(make_run_dir(root), root / "model")
-        _CACHE["dir"] = root / "model"
-    return _CACHE["dir"]
-
-
-def exported_model_copy(tmp_path_factory, name: str, policy) -> Path:
-    """A copy of the shared export with ``policy`` (an ImagePolicy) written into its ifseg.json."""
-    import shutil
-
-    d = tmp_path_factory.mktemp(name) / "model"
-    shutil.copytree(exported_model_dir(tmp_path_factory), d)
-    m = json.loads((d / "ifseg.json").read_text())
-    m["image"]["policy"] = policy.to_dict()
-    (d / "ifseg.json").write_text(json.dumps(m))
-    return d
-
+from conftest import CATEGORIES, make_run_dir, tiny_config, tiny_segofa  # noqa: E402
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return exported_model_dir(tmp_path_factory)
+def model_dir(shared_export):
+    return shared_export
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +136,7 @@ def _tiny_bpe(d: Path) -> Path:
 def test_unadapted_ofa_exports_with_warning(tmp_path, capsys):
     from ifseg_rt.checkpoint import save_checkpoint
     from ifseg_rt.export import ZeroShotWarning
-    from ifseg_rt.export.cli import main
+    from ifseg_rt.cli.export import main
     from ifseg_rt.model import build_model
 
     torch.manual_seed(0)
@@ -194,7 +155,7 @@ def test_unadapted_ofa_exports_with_warning(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys, model_dir):
-    from ifseg_rt.export.cli import main
+    from ifseg_rt.cli.export import main
     from ifseg_rt.export.exporter import resolve_format
 
     assert resolve_format("trt")["arg"] == resolve_format("tensorrt")["arg"] == "engine"

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from conftest import tiny_segofa  # noqa: E402
-from test_export import CATEGORIES, exported_model_dir  # noqa: E402  (shares the module's one export)
+from conftest import CATEGORIES  # noqa: E402
 
 from ifseg_rt.runtime import Segmenter  # noqa: E402
 from ifseg_rt.runtime.backends import BackendUnavailable  # noqa: E402
@@ -22,8 +22,8 @@ from ifseg_rt.runtime.backends.torch_backend import MAX_GRAPHS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return exported_model_dir(tmp_path_factory)
+def model_dir(shared_export):
+    return shared_export
 
 
 class FakeStream:

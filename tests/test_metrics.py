@@ -10,7 +10,9 @@ from conftest import tiny_config, tiny_segofa
 from PIL import Image
 
 from ifseg_rt.checkpoint import save_checkpoint
-from ifseg_rt.evaluate import evaluate, find_pairs, main
+from ifseg_rt.cli import UsageError
+from ifseg_rt.cli.eval import main
+from ifseg_rt.evaluate import evaluate, find_pairs
 from ifseg_rt.model import build_model
 from ifseg_rt.metrics import ConfusionMatrix, decode_labels, format_table, load_label
 from ifseg_rt.runtime.preprocess import ImagePolicy, preprocess
@@ -198,16 +200,16 @@ def test_evaluate_bad_inputs(dataset, checkpoint, tmp_path):
     images, labels = dataset
     base = ["--model", str(ckpt), "--images", str(images), "--labels", str(labels), "--no-progress", "--no-knn"]
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(labels / "img0.png")
-    with pytest.raises(SystemExit, match=r"label map .*img0.png is 10x10 px but image .*img0.png is 40x56 px"):
+    with pytest.raises(UsageError, match=r"label map .*img0.png is 10x10 px but image .*img0.png is 40x56 px"):
         main(base)
     (labels / "img0.png").unlink()
-    with pytest.raises(SystemExit, match=r"1 image\(s\) .* have no label map .*: img0.png"):
+    with pytest.raises(UsageError, match=r"1 image\(s\) .* have no label map .*: img0.png"):
         main(base)
     Image.fromarray(np.full((40, 56), 9, np.uint8)).save(labels / "img0.png")
-    with pytest.raises(SystemExit, match="stored value 9 decodes to class 8, but there are only M = 3"):
+    with pytest.raises(UsageError, match="stored value 9 decodes to class 8, but there are only M = 3"):
         main(base)
-    with pytest.raises(SystemExit, match="model not found"):
+    with pytest.raises(UsageError, match="model not found"):
         main(["--model", str(tmp_path / "nope"), *base[2:]])
     plain = save_checkpoint(build_model(tiny_config(patch_image_size=64)), tmp_path / "ofa.safetensors")
-    with pytest.raises(SystemExit, match="plain OFA checkpoint"):
+    with pytest.raises(UsageError, match="plain OFA checkpoint"):
         main(["--model", str(plain), *base[2:]])

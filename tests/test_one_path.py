@@ -12,9 +12,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
-from test_export import CATEGORIES, exported_model_copy  # noqa: E402  (shares the module's one export)
+from conftest import CATEGORIES, export_copy  # noqa: E402
 
-from ifseg_rt.evaluate import evaluate, find_pairs, load_segmenter, main  # noqa: E402
+from ifseg_rt.cli.eval import main  # noqa: E402
+from ifseg_rt.evaluate import evaluate, find_pairs, load_segmenter  # noqa: E402
 from ifseg_rt.knn import KnnSettings  # noqa: E402
 from ifseg_rt.runtime import ImagePolicy, Segmenter  # noqa: E402
 
@@ -25,9 +26,9 @@ SIZES = [(40, 56), (64, 48), (16, 64), (50, 50)]  # grids 2x3, 3x2, 2x8, 2x2
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(shared_export, tmp_path_factory):
     """The shared export, with the small policy written into its ifseg.json."""
-    return exported_model_copy(tmp_path_factory, "one_path", POLICY)
+    return export_copy(shared_export, tmp_path_factory, "one_path", POLICY)
 
 
 @pytest.fixture(scope="module")

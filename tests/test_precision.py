@@ -47,12 +47,13 @@ def _fp32_copy(int8_dir, tmp_path):
 
 def _add(out, m, precisions, calib, min_agreement):
     from ifseg_rt.export.precision import add_precisions
-    from ifseg_rt.runtime.model_dir import load_model_dir, write_manifest
+    from ifseg_rt.runtime.model_dir import write_manifest
 
-    add_precisions(out, m, precisions, spec=load_model_dir(out), calibration=calib, min_agreement=min_agreement,
-                   write=lambda d: write_manifest(out, d))
-    m["precision"] = precisions[0]
-    write_manifest(out, m)
+    try:  # as export() does: the manifest is written whether the gate passes or not
+        add_precisions(out, m, precisions, calibration=calib, min_agreement=min_agreement)
+        m["precision"] = precisions[0]
+    finally:
+        write_manifest(out, m)
 
 
 def _agreement(a: Segmenter, b: Segmenter, images) -> float:
@@ -138,8 +139,8 @@ def test_split_graph_computes_tables_once_per_grid(int8_dir):
 
 
 def test_bench_formats_table(int8_dir, tmp_path, capsys):
-    from ifseg_rt.__main__ import cli
-    from ifseg_rt.nano.world import write_dataset
+    from ifseg_rt.cli import cli
+    from ifseg_rt.world import write_dataset
 
     pairs = write_dataset(tmp_path / "data", [7, 8], ["sky", "grass", "water", "sand", "ball", "star"], size=64)
     out = tmp_path / "bench.json"

@@ -13,8 +13,9 @@ from ifseg_rt.checkpoint import file_sha256, load_checkpoint
 from ifseg_rt.model import build_model
 from ifseg_rt.nano.tasks import (CAPTION_PROMPT, NUM_BINS, PATCH, REGION_PROMPT, TaskBuilder, build_vocab, collate,
                            load_tokenizer, model_inputs, nano_config, write_vocab)
-from ifseg_rt.nano.pretrain import PretrainOptions, calibrate_batchnorm, main, pretrain
-from ifseg_rt.nano.world import CATEGORY_NAMES, render_scene
+from ifseg_rt.cli.pretrain_nano import main
+from ifseg_rt.nano.pretrain import PretrainOptions, calibrate_batchnorm, pretrain
+from ifseg_rt.world import CATEGORY_NAMES, render_scene
 from ifseg_rt.tokenizer import IFSEG_PROMPT_PREFIX, build_ifseg_prompt
 
 SHIPPED = Path(__file__).resolve().parents[1] / "export" / "nano"

@@ -13,14 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from test_export import CATEGORIES, exported_model_dir  # noqa: E402  (shares the module's one export)
+from conftest import CATEGORIES  # noqa: E402
 
 from ifseg_rt.runtime import ImagePolicy, ModelDirError, Segmenter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return exported_model_dir(tmp_path_factory)
+def model_dir(shared_export):
+    return shared_export
 
 
 def _small(seg: Segmenter, size=(96, 128)) -> Segmenter:
@@ -294,7 +294,7 @@ def test_long_lists_are_batched_in_windows(ort_seg):
 
 
 def test_segment_cli_rejects_bad_batch_size(model_dir, tmp_path, capsys):
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     for bad in ("0", "-1"):
         with pytest.raises(SystemExit) as info:
@@ -318,7 +318,7 @@ def test_unavailable_backends(model_dir):
 def test_segment_cli(model_dir, tmp_path, capsys):
     from PIL import Image
 
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -339,7 +339,7 @@ def test_segment_cli(model_dir, tmp_path, capsys):
 
 
 def test_bench_cli(model_dir, tmp_path, capsys):
-    from ifseg_rt.__main__ import cli
+    from ifseg_rt.cli import cli
 
     out = tmp_path / "bench.json"
     rc = cli(["bench", "--model", str(model_dir), "--batch", "1", "2", "--size", "32x48", "--warmup", "0",

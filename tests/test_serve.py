@@ -29,7 +29,7 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from ifseg_rt import Segmenter  # noqa: E402
-from ifseg_rt.nano.world import render_scene  # noqa: E402
+from ifseg_rt.world import render_scene  # noqa: E402
 from ifseg_rt.runtime.segmenter import ImageError  # noqa: E402
 from ifseg_rt.serve import Client, ServeError  # noqa: E402
 from ifseg_rt.serve import protocol as P  # noqa: E402

@@ -108,7 +108,7 @@ def test_export_repository_refuses_bad_options_and_overwrites_only_with_force(re
 
 
 def test_export_cli_format_triton(quick_nano_model, tmp_path, capsys):
-    from ifseg_rt.export.cli import main
+    from ifseg_rt.cli.export import main
 
     out = tmp_path / "repo"
     assert main([str(quick_nano_model), "--out", str(out), "--format", "triton", "--instance-kind", "cpu",
@@ -162,7 +162,7 @@ def test_bundled_server_runs_the_exported_ensemble(quick_nano_model, tmp_path):
     root = export_repository(quick_nano_model, tmp_path / "repo", onnx_stand_in=True, threads=1)
     assert (root / "ifseg_onnx" / CONFIG).read_text().startswith("# STAND-IN")
     seg = Segmenter.load(quick_nano_model, threads=1)
-    from ifseg_rt.nano.world import render_scene
+    from ifseg_rt.world import render_scene
 
     scene = render_scene(7, (90, 140)).image
     with TritonServer(root, http_port=0, grpc_port=0, metrics_port=0, exit_timeout_s=5) as server:

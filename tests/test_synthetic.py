@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ifseg_rt.nano.world import (CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, STUFF_NAMES, THING_NAMES, check_categories,
+from ifseg_rt.world import (CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, STUFF_NAMES, THING_NAMES, check_categories,
                                 render_scene, scene_objects, write_dataset)
 
 

@@ -19,6 +19,9 @@ enum class FeatDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // anyway. kAuto: kInt16 where the CPU has AMX-INT8 (elsewhere the fp32 search is as fast). kFp32: the exact search.
 enum class KnnScreen : int { kAuto = 0, kInt16 = 1, kFp32 = 2 };
 constexpr int kKnnScreenMargin = 8;  // extra candidates per row kept by the screening
+// Largest k of the CUDA kernels: IFSEG_KNN_MAX_L + 1 of knn_kernel.cuh (static_assert in knn_cuda.cu); Python reads
+// it as _C.knn_cuda_max_k and ifseg_rt.knn checks its own limit against the kernel source.
+constexpr int kKnnCudaMaxK = 33;
 
 struct KnnParams {
   const void* features = nullptr;  // BxNxC, dtype feat_dtype, rows contiguous (stride C)

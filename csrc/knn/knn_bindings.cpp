@@ -118,7 +118,9 @@ KnnParams cuda_params(uintptr_t features, const std::string& dtype, uintptr_t in
   p.c = c;
   p.m = m;
   check_k(p, k, iters);
-  if (k > 33) throw py::value_error("the CUDA backend supports k <= 33, got " + std::to_string(k));
+  if (k > kKnnCudaMaxK)
+    throw py::value_error("the CUDA backend supports k <= " + std::to_string(kKnnCudaMaxK) + ", got " +
+                          std::to_string(k));
   p.k = k;
   p.iters = iters;
   if (!features || !indices) throw py::value_error("features and indices must be device pointers, got 0");
@@ -154,6 +156,7 @@ void register_knn(py::module_& m) {
         "The screening kernel screen='int16' uses here ('amx', 'avx512vnni'; screen='auto': 'amx' only), '' when "
         "none (fp32 search).");
   m.attr("knn_screen_margin") = kKnnScreenMargin;
+  m.attr("knn_cuda_max_k") = kKnnCudaMaxK;
   m.def("cpu_isa", []() { return std::string(knn_cpu_isa()); },
         "The fp32 micro-kernel the CPU kNN dispatches to here: 'avx512', 'avx2' or 'generic'.");
   m.def("knn_cpu", &knn_cpu_py, py::arg("features"), py::arg("indices"), py::arg("probs") = py::none(),

@@ -8,6 +8,8 @@
 #include "knn/knn.h"
 #include "knn/knn_kernel.cuh"
 
+static_assert(IFSEG_KNN_MAX_L + 1 == ifseg::kKnnCudaMaxK, "knn.h kKnnCudaMaxK must be knn_kernel.cuh IFSEG_KNN_MAX_L + 1");
+
 namespace ifseg {
 namespace {
 

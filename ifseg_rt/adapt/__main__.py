@@ -1,6 +1,8 @@
+"""``python -m ifseg_rt.adapt``: the same command as ``python -m ifseg_rt adapt``."""
+
 import sys
 
-from .cli import main
+from ..cli import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(["adapt", *sys.argv[1:]]))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,19 +24,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import __version__
+from ..system import versions
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..files import file_sha256
+from ..files import RUN_FILE, WEIGHTS_FILE, file_sha256
 from ..knn.settings import KnnSettings
 from ..model import OFAConfig, SegOFA, build_model
+from ..runtime import ImagePolicy, Segmenter
 from ..tokenizer import IFSEG_PROMPT_PREFIX, OFATokenizer, build_ifseg_prompt, parse_categories
 from .options import AdaptOptions
 from .trainer import WordGridTrainer, category_ids, training_model
 
 RUN_FORMAT = "ifseg_rt.adapt.run"
 RUN_VERSION = 1
-MODEL_FILE = "model.safetensors"
-RUN_FILE = "run.json"
+MODEL_FILE = WEIGHTS_FILE
 TRAIN_STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -60,7 +59,7 @@ class Validation:
 
     pairs: Sequence[Tuple[Path, Path]]
     every: int  # steps; 0 = only at the end
-    label_offset: int = 1
+    label_offset: Optional[int] = None  # None: per file (metrics.load_label)
     knn: bool = True  # also score with the kNN post-processing
     knn_settings: KnnSettings = KnnSettings()
     knn_backend: str = "auto"
@@ -111,10 +110,6 @@ def prepare(checkpoint, bpe_dir, categories, *, prompt_prefix: str = IFSEG_PROMP
     return RunSetup(model=model, categories=names, prompt_prefix=prompt_prefix, provenance=provenance)
 
 
-def versions() -> Dict[str, str]:
-    return {"ifseg_rt": __version__, "torch": torch.__version__, "python": platform.python_version()}
-
-
 def read_run(out_dir) -> Dict[str, Any]:
     path = Path(out_dir) / RUN_FILE
     if not path.is_file():
@@ -153,6 +148,7 @@ class RunWriter:
     save_dtype: str = "float32"
     keep_checkpoints: bool = True
     validation_log: List[Dict[str, Any]] = field(default_factory=list)
+    image_policy: Optional[ImagePolicy] = None  # recorded in run.json: what the run was validated for; export uses it
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -164,7 +160,7 @@ class RunWriter:
 
     def save(self, trainer: WordGridTrainer, *, final_loss: Optional[float], finished: bool) -> None:
         model, step = trainer.model, trainer.step
-        provenance = {**self.setup.provenance, **versions(), "step": step, "steps": trainer.options.steps,
+        provenance = {**self.setup.provenance, **versions("torch"), "step": step, "steps": trainer.options.steps,
                       "final_loss": final_loss, "tool": "ifseg_rt.adapt"}
         path = save_checkpoint(model, self.out_dir / MODEL_FILE, categories=self.setup.categories,
                                prompt_prefix=self.setup.prompt_prefix, provenance=provenance,
@@ -190,6 +186,7 @@ class RunWriter:
             "args": self.args, "provenance": provenance,
             "step": step, "steps": trainer.options.steps, "finished": finished, "final_loss": final_loss,
             "validation": self.validation_log,
+            "image_policy": self.image_policy.to_dict() if self.image_policy is not None else None,
             "files": {"model": MODEL_FILE, "train_state": TRAIN_STATE_FILE, "log": LOG_FILE},
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -201,8 +198,6 @@ class RunWriter:
 def validation_segmenter(trainer: WordGridTrainer, val: Validation, categories: Sequence[str]):
     """The :class:`~ifseg_rt.runtime.Segmenter` that scores the trainer's current weights (no export): the same
     post-processing as an exported model's ``Segmenter.seg``. Build a new one after further training."""
-    from ..runtime import ImagePolicy, Segmenter
-
     policy = ImagePolicy(short_side=val.short_side, max_long_side=max(val.max_long_side, val.short_side))
     return Segmenter.from_model(trainer.model, categories, policy=policy, knn=val.knn_settings,
                                 device=str(trainer.device), dtype=trainer.precision, knn_backend=val.knn_backend)

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from dataclasses import dataclass
 import platform
 import tempfile
@@ -50,17 +52,19 @@ import torch
 
 from .. import __version__
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..files import file_record, file_sha256
+from ..files import RUN_FILE, file_record, file_sha256
 from ..knn.settings import KnnSettings
 from ..model import SegOFA
 from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, SCHEMA_VERSION,
                                  TABLE_NAMES, TABLES_FILE, WEIGHTS_FILE, CPU_PRECISIONS, ModelSpec, build_manifest, load_model_dir,
                                  write_manifest)
 from ..geometry import PATCH, token_grid
+from ..system import versions
+from ..tokenizer import IFSEG_PROMPT_PREFIX, OFATokenizer, build_ifseg_prompt, parse_categories
 from ..runtime.preprocess import ImagePolicy
 from ..model.grid_attention import EXPORT_BLOCKS, export_query_blocks
 from .onnx_model import IFSegBodyGraph, IFSegOnnxModel, IFSegTablesGraph
-from .precision import INT8_BODY, MIN_AGREEMENT, add_precisions
+from .precision import MIN_AGREEMENT, PrecisionGateError, add_precisions
 
 ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
@@ -118,6 +122,7 @@ class Source:
     categories: List[str]
     provenance: Dict[str, Any]
     knn: Optional[KnnSettings] = None  # the kNN settings the checkpoint records, if any
+    policy: Optional[ImagePolicy] = None  # the image policy a run directory records (what it was validated for)
 
 
 def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequence[str]] = None,
@@ -129,7 +134,7 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
     run: Dict[str, Any] = {}
     weights = src
     if src.is_dir():
-        rj = src / "run.json"
+        rj = src / RUN_FILE
         if rj.is_file():
             try:
                 run = json.loads(rj.read_text(encoding="utf-8"))
@@ -147,8 +152,6 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
             raise FileNotFoundError(f"{src} is not a run directory: {weights.name} is missing")
     want = None
     if categories is not None:
-        from ..tokenizer import parse_categories
-
         want = parse_categories(categories)
     ck = load_checkpoint(weights, num_categories=None)
     provenance: Dict[str, Any] = {"source": str(src.resolve()), "weights": str(weights.resolve()),
@@ -156,7 +159,7 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
     if run:
         provenance["run"] = {k: run.get(k) for k in ("format", "version", "step", "steps", "finished", "final_loss",
                                                      "saved_at", "precision") if k in run}
-        provenance["run_json_sha256"] = file_sha256(src / "run.json")
+        provenance["run_json_sha256"] = file_sha256(src / RUN_FILE)
     if ck.kind == "ofa":
         if want is None or bpe_dir is None:
             missing = " and ".join(f for f, v in (("--categories", want), ("--bpe-dir", bpe_dir)) if v is None)
@@ -184,12 +187,11 @@ def load_source(source: Union[str, Path], *, categories: Union[None, str, Sequen
         if bpe_dir is None:
             raise ValueError(f"{weights} has no stored prompt token ids; pass --bpe-dir to tokenise the prompt")
         _set_prompt(model, names, bpe_dir, prompt_prefix or ck.prompt_prefix, update_table=False)
-    return Source(model.float().eval(), names, provenance, knn=ck.knn)
+    policy = ImagePolicy.from_dict(run["image_policy"]) if run and run.get("image_policy") else None
+    return Source(model.float().eval(), names, provenance, knn=ck.knn, policy=policy)
 
 
 def _set_prompt(model: SegOFA, names: Sequence[str], bpe_dir, prefix: Optional[str], *, update_table: bool) -> None:
-    from ..tokenizer import IFSEG_PROMPT_PREFIX, OFATokenizer, build_ifseg_prompt
-
     tok = OFATokenizer.from_dir(bpe_dir)
     prompt = build_ifseg_prompt(tok, names, prefix=prefix or IFSEG_PROMPT_PREFIX,
                                 max_length=model.config.max_positions)
@@ -391,16 +393,6 @@ def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequen
 
 
 # --- the whole directory ----------------------------------------------------------------------------------------
-def versions() -> Dict[str, str]:
-    out = {"ifseg_rt": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    return out
-
-
 def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: str = "onnx",
            categories: Union[None, str, Sequence[str]] = None, bpe_dir: Union[None, str, Path] = None,
            prompt_prefix: Optional[str] = None, image_policy: Optional[ImagePolicy] = None,
@@ -441,71 +433,136 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     if fmt["arg"] == "triton":  # a repository is made from a model directory: export one, then export_repository
         raise ValueError("export() writes model directories; for a Triton repository call "
                          "ifseg_rt.serve.export_repository(model_dir, repo) (the CLI's --format triton does both)")
-    trt_given = {"workspace_gb": workspace_gb, "min_shape": min_shape, "opt_shape": opt_shape,
-                 "max_shape": max_shape, "timing_cache": timing_cache}
-    validate_args(fmt, trt_given)
-    if fmt["arg"] == "engine":
-        engine_precision, cpu_precisions = precision or "fp16", ["fp32"]
-    else:
-        cpu_precisions = [precision] if isinstance(precision, str) else list(precision or ["fp32"])
-        bad = [p for p in cpu_precisions if p not in CPU_PRECISIONS]
-        if bad or not cpu_precisions:
-            raise ValueError(f"--precision {','.join(cpu_precisions)}: the CPU engines offer {list(CPU_PRECISIONS)}")
+    trt = {"workspace_gb": workspace_gb, "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape,
+           "timing_cache": timing_cache}
+    validate_args(fmt, trt)
+    cpu_precisions, engine_precision = _precisions(fmt, precision)
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be a fraction in [0, 1], got {min_agreement}")
-    out = Path(out)
+    out = _check_out(Path(out), force)
+    say = log or (lambda msg: None)
+    policy = _policy(image_policy, static_shape)
+    static_shape = policy.size if static_shape is not None else None
+    src = _source(source, categories=categories, bpe_dir=bpe_dir, prompt_prefix=prompt_prefix)
+    if image_policy is None and static_shape is None and src.policy is not None:
+        policy = src.policy  # the run's own: what it was adapted and validated for
+        say(f"image policy {policy.describe()}: the run's (run.json); pass --short-side / --image-size to change it")
+    else:
+        say(f"image policy {policy.describe()}")
+    model, names = src.model, src.categories
+    if not isinstance(knn, KnnSettings):
+        knn = (src.knn or KnnSettings()).replace(**(knn or {}))
+    if not model.has_prompt:
+        raise ValueError("the model has no prompt (set_categories) to bake into the graph")
+    blocks = export_query_blocks(model.config.heads, policy.max_cells, model.prompt_tokens.numel())
+    if fmt["arg"] == "engine":  # refuse an engine profile TensorRT cannot build before minutes of ONNX export
+        _check_engine_profiles(model, blocks, static_shape, min_shape, opt_shape, max_shape)
+    if "int8" in cpu_precisions and (not split or static_shape is not None):
+        raise ValueError("--precision int8 needs the split graph: not with --static-shape or --no-split")
+
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"  # everything is written here, then renamed to out
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        manifest = _write_model(work, model, names, knn, policy, src.provenance, say=say, opset=opset,
+                                static_shape=static_shape, normalize_features=normalize_features, split=split,
+                                check=check, save_weights=save_weights, blocks=blocks)
+        gate_error = None
+        if cpu_precisions != ["fp32"]:
+            say(f"[5/5] precisions {', '.join(p for p in cpu_precisions if p != 'fp32')}: build, measure the label "
+                f"agreement with fp32, gate at {100 * min_agreement:.1f} %")
+            try:
+                add_precisions(work, manifest, cpu_precisions, calibration=calibration, min_agreement=min_agreement)
+                manifest["precision"] = cpu_precisions[0]
+            except PrecisionGateError as e:  # the fp32 directory is still written, then the refusal raised
+                gate_error = e
+        if fmt["arg"] == "engine":
+            from .tensorrt import build_engine
+
+            rec = build_engine(work / ONNX_FILE, work, precision=engine_precision, workspace_gb=workspace_gb,
+                               min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
+                               timing_cache=timing_cache, static_shape=static_shape,
+                               prompt_tokens=model.prompt_tokens.numel())
+            manifest["engines"].append(rec)
+            manifest["files"][rec["file"]] = file_record(work / rec["file"])
+        write_manifest(work, manifest)  # the one write of ifseg.json
+        _replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if gate_error is not None:
+        raise gate_error
+    spec = load_model_dir(out)
+    spec.verify()
+    return spec
+
+
+# --- the steps of export() -----------------------------------------------------------------------------------------
+def _precisions(fmt: Dict[str, Any], precision) -> Tuple[List[str], Optional[str]]:
+    """(CPU precisions, TensorRT precision) of an export request."""
+    if fmt["arg"] == "engine":
+        return ["fp32"], precision or "fp16"
+    cpu = [precision] if isinstance(precision, str) else list(precision or ["fp32"])
+    bad = [p for p in cpu if p not in CPU_PRECISIONS]
+    if bad or not cpu:
+        raise ValueError(f"--precision {','.join(cpu)}: the CPU engines offer {list(CPU_PRECISIONS)}")
+    return cpu, None
+
+
+def _check_out(out: Path, force: bool) -> Path:
+    """The output directory, refused before any work when it is a file or holds something else than a model."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; the export writes a directory (e.g. --out {out.with_suffix('')})")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"output directory {out} is not empty; pass force=True (--force) to overwrite")
         if not (out / MANIFEST).is_file():
             raise FileExistsError(f"refusing to overwrite {out}: it is not empty and holds no {MANIFEST}")
-    if static_shape is not None:
-        static_shape = (int(static_shape[0]), int(static_shape[1]))
-        if min(static_shape) < PATCH:
-            raise ValueError(f"static shape {static_shape} must be at least {PATCH} px per side")
-        if image_policy is not None and (image_policy.mode != "fixed" or image_policy.size != static_shape):
-            raise ValueError(f"a static-shape export needs the fixed image policy {static_shape}, got {image_policy}")
-        image_policy = ImagePolicy(mode="fixed", size=static_shape)
-    policy = image_policy or ImagePolicy()
+    return out
 
-    if isinstance(source, SegOFA):
-        model = source
-        if source.training or any(t.dtype != torch.float32 for t in source.parameters()):
-            model = copy.deepcopy(source).float().eval()  # never change the caller's model
-        if categories is None:
-            raise ValueError("pass categories= (names) when exporting a SegOFA object")
-        from ..tokenizer import parse_categories
 
-        names = parse_categories(categories)
-        if len(names) != model.num_categories:
-            raise ValueError(f"{len(names)} category names for a model with M = {model.num_categories}")
-        src = Source(model, names, {"source": "<in-memory SegOFA>"})
-    else:
-        src = load_source(source, categories=categories, bpe_dir=bpe_dir, prompt_prefix=prompt_prefix)
-    model, names, provenance = src.model, src.categories, src.provenance
-    if not isinstance(knn, KnnSettings):
-        knn = (src.knn or KnnSettings()).replace(**(knn or {}))
-    if not model.has_prompt:
-        raise ValueError("the model has no prompt (set_categories) to bake into the graph")
+def _policy(image_policy: Optional[ImagePolicy], static_shape) -> ImagePolicy:
+    if static_shape is None:
+        return image_policy or ImagePolicy()
+    static_shape = (int(static_shape[0]), int(static_shape[1]))
+    if min(static_shape) < PATCH:
+        raise ValueError(f"static shape {static_shape} must be at least {PATCH} px per side")
+    if image_policy is not None and (image_policy.mode != "fixed" or image_policy.size != static_shape):
+        raise ValueError(f"a static-shape export needs the fixed image policy {static_shape}, got {image_policy}")
+    return ImagePolicy(mode="fixed", size=static_shape)
+
+
+def _source(source, *, categories, bpe_dir, prompt_prefix) -> Source:
+    if not isinstance(source, SegOFA):
+        return load_source(source, categories=categories, bpe_dir=bpe_dir, prompt_prefix=prompt_prefix)
+    model = source
+    if source.training or any(t.dtype != torch.float32 for t in source.parameters()):
+        model = copy.deepcopy(source).float().eval()  # never change the caller's model
+    if categories is None:
+        raise ValueError("pass categories= (names) when exporting a SegOFA object")
+    names = parse_categories(categories)
+    if len(names) != model.num_categories:
+        raise ValueError(f"{len(names)} category names for a model with M = {model.num_categories}")
+    return Source(model, names, {"source": "<in-memory SegOFA>"})
+
+
+def _check_engine_profiles(model: SegOFA, blocks: int, static_shape, min_shape, opt_shape, max_shape) -> None:
+    from .tensorrt import check_profile, profile_shapes
+
+    for _, _, mx in profile_shapes(min_shape, opt_shape, max_shape, static_shape):
+        check_profile(mx, heads=model.config.heads, prompt_tokens=model.prompt_tokens.numel(), blocks=blocks,
+                      flag="--max-shape" if static_shape is None else "--static-shape (with the batch of --max-shape)")
+
+
+def _write_model(out: Path, model: SegOFA, names: List[str], knn: KnnSettings, policy: ImagePolicy,
+                 provenance: Dict[str, Any], *, say, opset: int, static_shape, normalize_features: bool, split: bool,
+                 check: bool, save_weights: bool, blocks: int) -> Dict[str, Any]:
+    """Steps 1-4 into ``out``: the portable graph, the split graph, the parity check, the weights; returns the fp32
+    manifest (not written)."""
     cfg = model.config
-    if fmt["arg"] == "engine":  # refuse an engine profile TensorRT cannot build before minutes of ONNX export
-        from .tensorrt import check_profile, profile_shapes
-
-        blocks = export_query_blocks(cfg.heads, policy.max_cells, model.prompt_tokens.numel())
-        for _, _, mx in profile_shapes(min_shape, opt_shape, max_shape, static_shape):
-            check_profile(mx, heads=cfg.heads, prompt_tokens=model.prompt_tokens.numel(), blocks=blocks,
-                          flag="--max-shape" if static_shape is None
-                          else "--static-shape (with the batch of --max-shape)")
-
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (ONNX_FILE, ONNX_FILE + ".data", TABLES_FILE, BODY_FILE, INT8_BODY, WEIGHTS_FILE, MANIFEST):
-        (out / stale).unlink(missing_ok=True)
     meta = {"ifseg_rt.schema_version": str(SCHEMA_VERSION), "ifseg_rt.categories": json.dumps(names),
             "ifseg_rt.config": json.dumps(cfg.to_dict()), "ifseg_rt.image_policy": json.dumps(policy.to_dict()),
             "ifseg_rt.knn": json.dumps(knn.to_dict()), "ifseg_rt.version": __version__}
-    say = log or (lambda msg: None)
     say(f"[1/5] {ONNX_FILE}: the portable graph (opset {opset})")
-    blocks = export_query_blocks(cfg.heads, policy.max_cells, model.prompt_tokens.numel())
     onnx_info = export_onnx(model, out / ONNX_FILE, opset=opset, static_shape=static_shape,
                             normalize_features=normalize_features, metadata=meta, query_blocks=blocks)
     files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
@@ -517,8 +574,6 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
         onnx_info.update(tables=info["tables"], body=info["body"])
         files += info["files"]
         split_pair = (out / info["tables"], out / info["body"])
-    elif "int8" in cpu_precisions:
-        raise ValueError("--precision int8 needs the split graph: not with --static-shape or --no-split")
     verification = None
     if check:
         say("[3/5] onnxruntime vs PyTorch parity check")
@@ -533,36 +588,26 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
         verification = {"shapes": [list(s) for s in shapes], "max_abs_error": err, "atol": PARITY_ATOL}
         if max(err.values()) > PARITY_ATOL:
             raise RuntimeError(f"onnxruntime disagrees with PyTorch beyond {PARITY_ATOL}: {err}; the export is wrong")
-
     say(f"[4/5] {WEIGHTS_FILE} + {MANIFEST}" if save_weights else f"[4/5] {MANIFEST}")
     if save_weights:
         save_checkpoint(model, out / WEIGHTS_FILE, categories=names, provenance=provenance, knn=knn)
         files.append(WEIGHTS_FILE)
-    provenance = {**provenance, "versions": versions(),
+    provenance = {**provenance, "versions": versions("torch", "onnx", "onnxruntime", "onnxscript"),
                   "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "verification": verification}
-    manifest = build_manifest(categories=names, config=cfg.to_dict(), policy=policy, knn=knn,
-                              feature_dim=cfg.image_feature_dim, normalize_features=normalize_features,
-                              precision="fp32", onnx=onnx_info, files={f: file_record(out / f) for f in files},
-                              provenance=provenance)
-    write_manifest(out, manifest)
-    if cpu_precisions != ["fp32"]:
-        say(f"[5/5] precisions {', '.join(p for p in cpu_precisions if p != 'fp32')}: build, measure the label "
-            f"agreement with fp32, gate at {100 * min_agreement:.1f} %")
-        add_precisions(out, manifest, cpu_precisions, spec=load_model_dir(out), calibration=calibration,
-                       min_agreement=min_agreement, write=lambda m: write_manifest(out, m))
-        manifest["precision"] = cpu_precisions[0]
-        write_manifest(out, manifest)
+    return build_manifest(categories=names, config=cfg.to_dict(), policy=policy, knn=knn,
+                          feature_dim=cfg.image_feature_dim, normalize_features=normalize_features, precision="fp32",
+                          onnx=onnx_info, files={f: file_record(out / f) for f in files}, provenance=provenance)
 
-    if fmt["arg"] == "engine":
-        from .tensorrt import build_engine
 
-        rec = build_engine(out / ONNX_FILE, out, precision=engine_precision, workspace_gb=workspace_gb,
-                           min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, timing_cache=timing_cache,
-                           static_shape=static_shape, prompt_tokens=model.prompt_tokens.numel())
-        manifest["engines"].append(rec)
-        manifest["files"][rec["file"]] = file_record(out / rec["file"])
-        write_manifest(out, manifest)
-    spec = load_model_dir(out)
-    spec.verify()
-    return spec
+def _replace_dir(work: Path, out: Path) -> None:
+    """Move the finished ``work`` directory to ``out`` (a previous model there is replaced as a whole), so that
+    ``out`` never holds half an export."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

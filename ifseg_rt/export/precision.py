@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..runtime.model_dir import BODY_FILE, WEIGHTS_FILE, ModelSpec
+from ..runtime.model_dir import BODY_FILE, WEIGHTS_FILE, ModelSpec, parse_manifest
 from ..runtime.preprocess import IMAGE_EXTENSIONS, load_image
 
 MIN_AGREEMENT = 0.99  # default gate: fraction of pixels whose label equals fp32's
@@ -61,7 +61,7 @@ def calibration_images(source: Union[None, str, Path, Sequence[np.ndarray]] = No
     """Up to ``n`` HxWx3 uint8 images: from a folder (sorted by name), a list of arrays, or (default) scenes of the
     synthetic world, which any model can segment (real images of the target domain are better)."""
     if source is None:
-        from ..nano.world import render_scene
+        from ..world import render_scene
 
         return [render_scene(10 ** 6 + i, CALIBRATION_SIZE).image for i in range(n)]
     if isinstance(source, (str, Path)):
@@ -75,9 +75,10 @@ def calibration_images(source: Union[None, str, Path, Sequence[np.ndarray]] = No
     return [np.asarray(im) for im in list(source)[:n]]
 
 
-def label_agreement(model_dir: Union[str, Path], precision: str, images: Sequence[np.ndarray], *,
+def label_agreement(model_dir: Union[str, Path, ModelSpec], precision: str, images: Sequence[np.ndarray], *,
                     threads: Optional[int] = None) -> Dict[str, Any]:
-    """Fraction of pixels whose label under ``precision`` equals fp32's, over ``images`` (full pipeline)."""
+    """Fraction of pixels whose label under ``precision`` equals fp32's, over ``images`` (full pipeline; the model
+    directory or its parsed spec)."""
     from ..runtime import Segmenter
 
     opts = {"threads": threads} if threads else {}
@@ -94,12 +95,13 @@ def label_agreement(model_dir: Union[str, Path], precision: str, images: Sequenc
             "backend": low.backend.name}
 
 
-def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str], *, spec: ModelSpec,
-                   calibration=None, min_agreement: float = MIN_AGREEMENT, write) -> Dict[str, Any]:
-    """Build every requested low-precision variant in ``out``, measure and record its agreement, enforce the gate.
-
-    ``write(manifest)`` writes ``ifseg.json`` (with file records refreshed); returns the manifest's ``precisions``.
-    """
+def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str], *, calibration=None,
+                   min_agreement: float = MIN_AGREEMENT) -> Dict[str, Any]:
+    """Build every requested low-precision variant in ``out``, measure its agreement with fp32 through the runtime
+    (the directory as ``manifest`` describes it; nothing is written but the variants' files), record it in
+    ``manifest`` and enforce the gate: a variant below it is removed again (files and record) and
+    :class:`PrecisionGateError` raised, ``manifest`` still describing a valid directory. Returns the recorded
+    ``precisions``; the caller writes ``ifseg.json``."""
     from ..files import file_record
 
     images = None
@@ -108,7 +110,7 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
         if p == "fp32":
             continue
         if p == "int8":
-            if spec.tables_file is None:
+            if manifest.get("onnx", {}).get("body") is None:
                 raise ValueError("--precision int8 needs the split graph (not available with --static-shape)")
             quantize_int8(out / BODY_FILE, out / INT8_BODY)
             manifest["files"][INT8_BODY] = file_record(out / INT8_BODY)
@@ -121,10 +123,9 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
         else:
             raise ValueError(f"unknown CPU precision {p!r}; choose from fp32, int8, bf16")
         manifest.setdefault("precisions", {})[p] = rec
-        write(manifest)
         if images is None:
             images = calibration_images(calibration)
-        rec["agreement"] = label_agreement(out, p, images)
+        rec["agreement"] = label_agreement(parse_manifest(manifest, out), p, images)
         rec["agreement"]["calibration"] = str(calibration) if isinstance(calibration, (str, Path)) else \
             ("synthetic scenes" if calibration is None else "given images")
         if rec["agreement"]["pixels"] < min_agreement:
@@ -132,11 +133,9 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
             if rec.get("body"):
                 manifest["files"].pop(rec["body"], None)
                 (out / rec["body"]).unlink(missing_ok=True)
-            write(manifest)
             raise PrecisionGateError(
                 f"{p}: labels agree with fp32 on {100 * rec['agreement']['pixels']:.2f} % of the pixels of "
                 f"{len(images)} calibration images, below the gate of {100 * min_agreement:.2f} %; the {p} variant "
                 f"was not kept (lower --min-agreement to accept it, or calibrate with --calibration DIR)")
         recs[p] = rec
-        write(manifest)
     return recs

@@ -53,6 +53,7 @@ import warnings
 
 import numpy as np
 
+from ..extension import extension
 from . import reference
 from ._cuda import kernel_source
 from .settings import DEFAULT_ITERS, DEFAULT_K, DEFAULT_SCREEN, MAX_ITERS, SCREENS, KnnSettings
@@ -69,11 +70,7 @@ _warned = set()
 
 def _extension():
     """``ifseg_rt._C`` if it is built and has the kNN kernels, else None."""
-    try:
-        from ifseg_rt import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "knn_cpu") else None
+    return extension("knn_cpu")
 
 
 def _warn_once(key, message):

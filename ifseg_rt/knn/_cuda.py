@@ -13,6 +13,8 @@ import importlib.resources
 import pathlib
 import sys
 
+from ..extension import extension
+
 _KERNEL_FILE = "knn_kernel.cuh"
 TILE, LANES, THREADS, MAX_L, TARGET_BLOCKS = 64, 4, 256, 32, 256  # the IFSEG_KNN_* macros of knn_kernel.cuh
 
@@ -38,11 +40,7 @@ def splits(batch, n):
 
 
 def _compiled():
-    try:
-        from ifseg_rt import _C
-    except ImportError:
-        return None
-    return _C if getattr(_C, "with_cuda", False) and hasattr(_C, "knn_cuda") else None
+    return extension("knn_cuda", cuda=True)
 
 
 def _cupy():

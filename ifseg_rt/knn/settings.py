@@ -10,10 +10,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping
 
+from ._cuda import MAX_L
+
 DEFAULT_K = 3  # neighbours per cell, the cell itself included (the paper's K)
 DEFAULT_ITERS = 25  # averaging steps (the paper's iterations)
 DEFAULT_TEMPERATURE = 1.0  # softmax temperature before averaging
-MAX_K = 33  # the CUDA kernel keeps up to 33 neighbours per cell; far above any useful value (the paper: 3)
+MAX_K = MAX_L + 1  # the CUDA kernel keeps up to 33 neighbours per cell (knn_kernel.cuh); far above any useful value
 MAX_ITERS = 1000  # the averaging converges long before; a typo such as 10**9 would otherwise hang a request
 MAX_TEMPERATURE = 1e4
 # How the CPU backend finds the neighbours (``ifseg_rt.knn.knn_average(..., screen=)``): "int16" screens candidates with

@@ -1,6 +1,6 @@
 """The embedded default: a nano OFA-architecture model and the procedurally generated world it lives in.
 
-* :mod:`~ifseg_rt.nano.world` - the synthetic world: textured stuff regions and coloured things, exact label maps
+* :mod:`~ifseg_rt.world` - the synthetic world: textured stuff regions and coloured things, exact label maps
   (for evaluation only), box annotations; numpy + Pillow, deterministic per seed;
 * :mod:`~ifseg_rt.nano.tasks` - the nano model's vocabulary, configuration and OFA-style pretraining tasks;
 * :mod:`~ifseg_rt.nano.pretrain` - ``python -m ifseg_rt.pretrain_nano``: pretraining from scratch (no label maps);

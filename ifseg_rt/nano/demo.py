@@ -16,9 +16,7 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._argtypes import HelpFormatter, examples, positive_int
-from .world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, check_categories
+from ..files import WEIGHTS_FILE
+from ..world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES, check_categories
 
 _CHECKOUT_NANO = Path(__file__).resolve().parents[2] / "export" / "nano"  # the shipped model in a source checkout
 _INSTALLED_NANO = Path(__file__).resolve().parents[1] / "_nano"  # the copy CMake installs into a wheel
-NANO_DIR = _CHECKOUT_NANO if (_CHECKOUT_NANO / "model.safetensors").is_file() or not _INSTALLED_NANO.is_dir() \
+NANO_DIR = _CHECKOUT_NANO if (_CHECKOUT_NANO / WEIGHTS_FILE).is_file() or not _INSTALLED_NANO.is_dir() \
     else _INSTALLED_NANO
 TILE = 192  # px; overlay tiles are scaled up (nearest) to at least this height
 DEMO_SEED = 2 ** 40  # evaluation scenes: seeds DEMO_SEED + i, disjoint from pretraining (< 10**12) and its eval
@@ -67,7 +65,7 @@ def parse_demo_categories(text: Optional[str]) -> List[str]:
 
 def find_nano(model_dir: Optional[str]) -> Path:
     d = Path(model_dir) if model_dir else NANO_DIR
-    missing = [f for f in ("model.safetensors", "vocab.json", "merges.txt") if not (d / f).is_file()]
+    missing = [f for f in (WEIGHTS_FILE, "vocab.json", "merges.txt") if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"the nano model folder {d} lacks {', '.join(missing)}; pass --model DIR or rebuild it "
                                 f"with `python -m ifseg_rt.pretrain_nano --out {d}`")
@@ -147,7 +145,7 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     from ..export import export
     from ..runtime import ImagePolicy, Segmenter
     from ..runtime.preprocess import load_image
-    from .world import write_dataset
+    from ..world import write_dataset
 
     from ..system import idle_cores
 
@@ -168,7 +166,7 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
 
     policy = ImagePolicy(short_side=settings.size, max_long_side=4 * settings.size)
     options = AdaptOptions(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed)
-    setup = prepare(nano / "model.safetensors", nano, names, options=options)
+    setup = prepare(nano / WEIGHTS_FILE, nano, names, options=options)
     shown = {p for p, _ in pairs[:settings.overlays]}
     maps: Dict[Path, Dict[str, np.ndarray]] = {p: {} for p in shown}
 
@@ -189,7 +187,7 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
     log(f"[3/5] image-free adaptation: {settings.steps} steps x {settings.batch_size} word grids")
     trainer = WordGridTrainer(setup.model, options, device="cpu")
     writer = RunWriter(out / "run", setup, args={"tool": "ifseg_rt.demo", "categories": list(names)},
-                       keep_checkpoints=False)
+                       keep_checkpoints=False, image_policy=policy)
     summary = train(trainer, writer, save_every=0, log_every=max(1, settings.steps // 10), progress=progress)
     timings["adapt_s"] = time.perf_counter() - t0
 
@@ -249,84 +247,3 @@ def format_results(results: Dict[str, Any]) -> str:
     lines.append("-" * 46)
     lines.append(f"IFSeg - un-adapted: {gain:+.1f} mIoU;  kNN: {knn:+.1f} mIoU")
     return "\n".join(lines)
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------------
-
-
-def _size(text: str) -> int:
-    v = positive_int(text)
-    if v % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the cell size), got {v}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d, q = DemoSettings(), QUICK
-    p = argparse.ArgumentParser(
-        prog="python -m ifseg_rt demo", formatter_class=HelpFormatter,
-        description="IFSeg end to end on the embedded nano model and its synthetic world: held-out scenes, the "
-                    "un-adapted baseline, image-free adaptation, export, segmentation through the runtime, an mIoU "
-                    "table and overlay panels (a few minutes on a laptop CPU).",
-        epilog=examples("python -m ifseg_rt demo                          # 14 default categories",
-                        'python -m ifseg_rt demo --categories "sky, grass, water, sand, brick, snow, ball, star"',
-                        "python -m ifseg_rt demo --quick --out /tmp/demo  # seconds: checks the pipeline only",
-                        "python -m ifseg_rt demo --out demo_out --overwrite"))
-    p.add_argument("--categories", default=None,
-                   help=f"comma-separated names from the synthetic world (default: {', '.join(DEFAULT_DEMO_CATEGORIES)}"
-                        f"; all: {', '.join(CATEGORY_NAMES)})")
-    p.add_argument("--out", default="demo_out", help="output folder (scenes, run, model, overlays, results.json)")
-    p.add_argument("--model", default=None, help=f"nano model folder (default: the shipped {NANO_DIR})")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes that only exercise the pipeline (seconds; the numbers mean nothing)")
-    p.add_argument("--steps", type=positive_int, default=None, help=f"adaptation updates (default: {d.steps}; {q.steps} with --quick)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help=f"word grids per update (default: {d.batch_size}; {q.batch_size} with --quick)")
-    p.add_argument("--lr", type=float, default=None, help=f"peak adaptation learning rate (default: {d.lr}; {q.lr} with --quick)")
-    p.add_argument("--images", type=positive_int, default=None, help=f"evaluation scenes (default: {d.images}; {q.images} with --quick)")
-    p.add_argument("--size", type=_size, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
-    p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for every engine (default: the idle cores available to this process)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        names = parse_demo_categories(args.categories)
-    except ValueError as e:
-        parser.error(str(e))
-    base = QUICK if args.quick else DemoSettings()
-    changes = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "images", "size", "overlays")
-               if getattr(args, k) is not None}
-    if changes.get("overlays", 0) < 0:
-        parser.error("--overlays must be >= 0")
-    if "lr" in changes and not changes["lr"] > 0:
-        parser.error(f"--lr must be > 0, got {changes['lr']}")
-    settings = DemoSettings(**{**base.__dict__, **changes})
-    try:
-        prepare_out(Path(args.out), args.overwrite)
-        results = run_demo(Path(args.out), names, settings, model_dir=args.model, seed=args.seed,
-                           threads=args.threads, progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print()
-    print(f"{len(names)} categories: {', '.join(names)}; {settings.images} held-out scenes of {settings.size} px")
-    print(format_results(results))
-    print(f"\nresults: {Path(args.out) / 'results.json'}   overlays: {Path(args.out) / 'overlays'}   "
-          f"({results['timings_s']['total_s']:.0f} s)")
-    print(f"more scenes of this world: python -m ifseg_rt segment --model {results['model_dir']} --out OUT_DIR "
-          f"--overlay IMAGES...")
-    print("real photos: the nano model knows only its synthetic world (on a photo it splits bright from dark). "
-          "Download a real OFA\ncheckpoint and adapt it to your categories: python -m ifseg_rt download ofa-base, "
-          "then the adapt command it prints.")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,7 +19,6 @@ Reproduce the shipped checkpoint (2 CPU threads, under 30 minutes)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,17 +27,17 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List
 
 import numpy as np
 
 from .. import __version__
-from .._argtypes import positive_int
+from ..files import WEIGHTS_FILE
 from ..geometry import PATCH
 from .tasks import IMAGE_SIZE, INPUTS, TASKS, Batch, TaskBuilder, collate, forward, load_tokenizer, nano_config, \
     write_vocab
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = WEIGHTS_FILE
 REPORT_FILE = "pretrain.json"
 CARD_FILE = "CARD.md"
 EVAL_SEED = 10 ** 12  # held-out scenes/layouts start here; training seeds are seed * 10**9 + sample index
@@ -244,7 +243,7 @@ def card(report: Dict[str, Any]) -> str:
     return f"""# nano-OFA (synthetic world) — model card
 
 An OFA-architecture vision-language model small enough to ship inside the repository, pretrained from scratch on
-the procedurally generated world of `ifseg_rt.nano.world`. It is the embedded default of `python -m ifseg_rt demo`.
+the procedurally generated world of `ifseg_rt.world`. It is the embedded default of `python -m ifseg_rt demo`.
 
 - **file**: `{ck['file']}` ({ck['bytes']:,} bytes, float32 safetensors, ifseg_rt format; loads with
   `ifseg_rt.load_checkpoint` and `ifseg_rt.adapt.prepare`)
@@ -294,45 +293,3 @@ fp32, seed {o['seed']}. ResNet BN statistics set once from 64 scenes, then fixed
 
 Bit-identical weights need the same torch build and thread count; the card and `pretrain.json` are rewritten.
 """
-
-
-# --- CLI -----------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = PretrainOptions()
-    p = argparse.ArgumentParser(prog="python -m ifseg_rt.pretrain_nano", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="export/nano", help="output folder (checkpoint, tokenizer, report, card)")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser updates")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per update")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    p.add_argument("--size", type=positive_int, default=d.size, help="scene size in px (multiple of 16)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data stream and the initialisation")
-    p.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
-    p.add_argument("--eval-samples", type=int, default=96, help="held-out samples per task/input (0: skip)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="loss window in steps")
-    p.add_argument("--no-card", action="store_true", help="do not write CARD.md")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.size % 16:
-        build_parser().error(f"--size must be a multiple of 16, got {args.size}")
-    if args.warmup < 0:
-        build_parser().error(f"--warmup must be >= 0, got {args.warmup}")
-    options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                              size=args.size, seed=args.seed, threads=args.threads)
-    report = pretrain(args.out, options, progress=not args.no_progress, log_every=args.log_every,
-                      eval_samples=args.eval_samples, write_card=not args.no_card)
-    print(f"pretrained {report['steps_done']} steps in {report['seconds'] / 60:.1f} min: loss "
-          f"{report['first_loss']} -> {report['final_loss']}; wrote {Path(args.out) / MODEL_FILE} "
-          f"({report['checkpoint']['bytes'] / 1e6:.1f} MB, sha256 {report['checkpoint']['sha256'][:12]}...)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

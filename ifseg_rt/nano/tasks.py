@@ -1,5 +1,5 @@
 """The embedded nano VL model: its dimensions, its own small word vocabulary, and the OFA-style pretraining tasks
-built from the synthetic world (``ifseg_rt.nano.world``).
+built from the synthetic world (``ifseg_rt.world``).
 
 The vocabulary is a byte-level BPE in the HF-style files the :class:`~ifseg_rt.tokenizer.OFATokenizer` reads
 (``vocab.json`` + ``merges.txt``; fairseq id layout ``<s> <pad> </s> <unk>``, pieces, ``<mask>``), followed by
@@ -33,7 +33,7 @@ import numpy as np
 
 from ..geometry import PATCH
 from ..tokenizer import IFSEG_PROMPT_PREFIX, IFSEG_UNKNOWN, MASK_SYMBOL, SPECIAL_SYMBOLS, OFATokenizer
-from .world import CATEGORIES, CATEGORY_NAMES, SceneObject, render_scene
+from ..world import CATEGORIES, CATEGORY_NAMES, SceneObject, render_scene
 
 NUM_BINS = 16  # location tokens <bin_0> ... <bin_15> (8 px per bin on 128-px scenes)
 IMAGE_SIZE = 128  # px; pretraining scenes (an 8x8 cell grid, = the IFSeg reference grid of the nano config)

@@ -58,8 +58,14 @@ def list_images(inputs: Sequence[str], *, allow_uris: bool = False) -> List[str]
         else:
             p = Path(item)
             if p.is_dir():
-                out += [str(q) for q in sorted(q for q in p.iterdir()
-                                               if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())]
+                found = [str(q) for q in sorted(q for q in p.iterdir()
+                                                if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())]
+                subdirs = sorted(q.name for q in p.iterdir() if q.is_dir())
+                if not found and subdirs:  # folders are not searched recursively: say how to include them
+                    raise ValueError(f"{p} holds no images, only folders ({', '.join(subdirs[:3])}"
+                                     f"{', ...' if len(subdirs) > 3 else ''}); give those folders, or a recursive glob "
+                                     f"such as '{p / '**' / '*.jpg'}'")
+                out += found
             elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
                 out += read_list_file(p, allow_uris=allow_uris)
             elif p.is_file():
@@ -69,6 +75,23 @@ def list_images(inputs: Sequence[str], *, allow_uris: bool = False) -> List[str]
     if not out:
         raise ValueError("no images found in the inputs")
     return out
+
+
+def check_outputs_apart(inputs: Sequence[str], out_dir) -> None:
+    """Refuse an output folder that holds (or is) one of the local ``inputs``: its outputs could overwrite an input
+    (``photo.png`` -> ``photo.png``), and a re-run would take its own outputs for inputs. Raises ``ValueError`` naming
+    the first such input."""
+    if is_uri(str(out_dir)):
+        return
+    root = Path(out_dir).resolve()
+    for item in inputs:
+        if is_uri(str(item)):
+            continue
+        p = Path(item).resolve()
+        if p == root or root in p.parents:
+            raise ValueError(f"--out {out_dir} holds the input {item}: its outputs would overwrite inputs and a "
+                             f"re-run would segment its own outputs; choose an output folder outside the inputs, "
+                             f"e.g. --out {Path(out_dir).name or 'out'}-labels next to it")
 
 
 def read_list_file(path: Path, *, allow_uris: bool = False) -> List[str]:

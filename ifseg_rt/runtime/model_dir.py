@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..files import file_record, file_sha256
+from ..files import RUN_FILE, WEIGHTS_FILE, file_record, file_sha256
 from ..knn.settings import KnnSettings
 from .preprocess import MEAN, PATCH, STD, ImagePolicy
 
@@ -33,7 +33,6 @@ SCHEMA_VERSION = 2  # 2: graphs without S x S position tables (version 1 split g
 FORMAT = "ifseg_rt.model_dir"
 MANIFEST = "ifseg.json"
 ONNX_FILE = "model.onnx"
-WEIGHTS_FILE = "model.safetensors"
 ENGINES_DIR = "engines"
 TABLES_FILE = "tables.onnx"
 BODY_FILE = "body.onnx"
@@ -415,17 +414,30 @@ def spec_for_model(categories: Sequence[str], config: Mapping[str, Any], *, feat
 def load_model_dir(path: Union[str, Path]) -> ModelSpec:
     """Read and validate ``DIR/ifseg.json`` (files are verified separately, by :meth:`ModelSpec.verify`)."""
     root = Path(path)
+    if root.is_file() and (root.parent / MANIFEST).is_file():
+        raise ModelDirError(f"{root} is a file of the model directory {root.parent}; pass the directory: "
+                            f"--model {root.parent}")
     if not root.is_dir():
         raise ModelDirError(f"model directory not found: {root}")
     mf = root / MANIFEST
     if not mf.is_file():
-        raise ModelDirError(f"{root} is not a model directory: {MANIFEST} is missing (export one with "
-                            f"`python -m ifseg_rt.export RUN_DIR --out {root}`)")
+        raise ModelDirError(f"{root} is not a model directory: {MANIFEST} is missing; {_what_it_is(root)}")
     try:
         d = json.loads(mf.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{mf} is not valid JSON: {e}") from None
     return parse_manifest(d, root)
+
+
+def _what_it_is(root: Path) -> str:
+    """Advice for a folder that is not a model directory, recognising the usual mix-ups."""
+    inner = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
+    if inner:  # e.g. the demo's output folder, whose model is DEMO_OUT/model
+        return f"it holds the model directory {root / inner[0]}: --model {root / inner[0]}"
+    if (root / RUN_FILE).is_file():
+        return (f"it is an adaptation run: export it first with `python -m ifseg_rt export {root} --out "
+                f"{root.name}-model` (eval also scores a run directly: eval --model {root})")
+    return f"export one with `python -m ifseg_rt export RUN_DIR --out {root}`"
 
 
 def write_manifest(root: Union[str, Path], manifest: Dict[str, Any]) -> Path:

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .palette import label_image, plot
+from .palette import label_image, label_png_info, plot
 from .preprocess import load_image
 from .segmenter import SegmentationResult
 
@@ -55,7 +55,7 @@ def output_files(name: str, overlay: bool = False) -> List[str]:
 def encode_label_png(labels: np.ndarray, num_classes: int) -> bytes:
     """``HxW`` labels -> the bytes of the palette PNG (:func:`~ifseg_rt.runtime.palette.label_image`)."""
     buf = io.BytesIO()
-    label_image(labels, num_classes).save(buf, format="PNG")
+    label_image(labels, num_classes).save(buf, format="PNG", pnginfo=label_png_info())
     return buf.getvalue()
 
 
@@ -138,7 +138,10 @@ def error_message(source: str, reason: str) -> str:
 
 
 def summary_line(record: ImageRecord, categories: Sequence[str]) -> str:
-    """``name.png: 480x640 -> 512x683 (32x43 cells, HxW), sky 40%, road 31%, car 9%; 85 ms`` for a result."""
+    """``name.png: 480x640 -> 512x683 (32x43 cells, HxW), sky 40%, road 31%, car 9%; 85 ms`` for a result;
+    ``name.png: done before (NAME.png kept)`` for a skipped one."""
+    if record.skipped:
+        return f"{Path(record.source.partition('?')[0]).name}: done before ({record.name}{LABEL_SUFFIX} kept)"
     r = record.result
     counts = record.pixel_counts / r.labels.size
     top = ", ".join(f"{categories[i]} {100 * counts[i]:.0f}%" for i in np.argsort(-counts)[:3] if counts[i] > 0)

@@ -13,13 +13,18 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-ALPHA = 0.5  # overlay opacity of the label colours
-_BASE = [  # Tableau 10 without its grey
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-    (188, 189, 34), (23, 190, 207),
+from ..metrics import CLASS_IDS, LABEL_PNG_KEY
+
+ALPHA = 0.5  # overlay opacity of the label colours (region outlines are drawn at full colour)
+_BASE = [  # Kelly's colours of maximum contrast without white, black, grey and the near-black olive; re-ordered so
+    # that neighbours in the list differ in hue and lightness (sky-like blue, then orange, green, purple, ...)
+    (0, 103, 165), (243, 132, 0), (0, 136, 86), (135, 86, 146), (243, 195, 0), (190, 0, 50), (161, 202, 241),
+    (101, 69, 34), (141, 182, 0), (230, 143, 172), (96, 78, 151), (246, 166, 0), (179, 68, 108), (220, 211, 0),
+    (136, 45, 23), (249, 147, 121), (194, 178, 128), (226, 88, 34),
 ]
-LEGEND_ROW = 14  # px per legend line
-SWATCH = 10  # px, legend colour square
+LEGEND_ROW = 14  # px per legend line (at scale 1: images up to LEGEND_WIDTH px wide)
+SWATCH = 10  # px, legend colour square (at scale 1)
+LEGEND_WIDTH = 640  # px; wider images get a legend scaled by width // LEGEND_WIDTH
 
 
 def palette(n: int) -> np.ndarray:
@@ -47,10 +52,19 @@ def label_image(labels: np.ndarray, num_classes: int):
     return Image.fromarray(labels.astype(np.uint16))
 
 
+def label_png_info():
+    """The PNG text chunk that marks a label map as ifseg_rt's (values = class ids; ``eval`` reads it back so)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(LABEL_PNG_KEY, CLASS_IDS)
+    return info
+
+
 def save_label_png(labels: np.ndarray, path: Union[str, Path], num_classes: int) -> Path:
     """Write ``HxW`` labels as an 8-bit palette PNG (values = category index); > 256 classes -> 16-bit grey."""
     path = Path(path)
-    label_image(labels, num_classes).save(path)
+    label_image(labels, num_classes).save(path, format="PNG", pnginfo=label_png_info())
     return path
 
 
@@ -59,35 +73,86 @@ def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return palette(max(num_classes, 1))[np.clip(labels, 0, max(num_classes, 1) - 1)]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = ALPHA) -> np.ndarray:
-    """Blend the label colours over an ``HxWx3`` uint8 image."""
+def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
+    """``HxW`` bool: pixels within ``width`` px of a pixel of another label (4-neighbourhood, grown ``width - 1``
+    times), the outlines of every region."""
+    labels = np.asarray(labels)
+    edge = np.zeros(labels.shape, dtype=bool)
+    dv = labels[1:, :] != labels[:-1, :]
+    dh = labels[:, 1:] != labels[:, :-1]
+    edge[1:, :] |= dv
+    edge[:-1, :] |= dv
+    edge[:, 1:] |= dh
+    edge[:, :-1] |= dh
+    for _ in range(width - 1):
+        grown = edge.copy()
+        grown[1:, :] |= edge[:-1, :]
+        grown[:-1, :] |= edge[1:, :]
+        grown[:, 1:] |= edge[:, :-1]
+        grown[:, :-1] |= edge[:, 1:]
+        edge = grown
+    return edge
+
+
+def outline_width(h: int, w: int) -> int:
+    """Outline thickness in px for an ``h x w`` picture: 1 up to 512 px on the short side, then growing with it."""
+    return max(1, min(h, w) // 512)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = ALPHA, *,
+            outlines: bool = True) -> np.ndarray:
+    """Blend the label colours over an ``HxWx3`` uint8 image; with ``outlines`` every region's border is drawn in
+    its full label colour (the legend swatch's), so that a class reads the same over dark and light photo areas."""
     colours = colorize(labels, num_classes)
-    return (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+    out = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+    if outlines:
+        edge = boundaries(labels, outline_width(*labels.shape[:2]))
+        out[edge] = colours[edge]
+    return out
+
+
+def legend_scale(width: int) -> int:
+    """How much larger than at scale 1 the legend of a ``width`` px picture is drawn (legible on large images)."""
+    return max(1, width // LEGEND_WIDTH)
 
 
 def legend_layout(categories: Sequence[str], present: Sequence[int], width: int, *, column: int = 120
                   ) -> List[Tuple[int, str, Tuple[int, int, int, int], Tuple[int, int]]]:
     """Where :func:`legend` draws each entry: (label, name, swatch box x0, y0, x1, y1, text origin x, y)."""
+    s = legend_scale(width)
+    column, row, swatch = column * s, LEGEND_ROW * s, SWATCH * s
     per_row = max(1, width // column)
     out = []
     for j, c in enumerate(present):
-        x, y = (j % per_row) * column + 2, (j // per_row) * LEGEND_ROW + 2
-        out.append((int(c), str(categories[c])[:24], (x, y + 1, x + SWATCH, y + 1 + SWATCH), (x + SWATCH + 4, y)))
+        x, y = (j % per_row) * column + 2 * s, (j // per_row) * row + 2 * s
+        out.append((int(c), str(categories[c])[:24], (x, y + s, x + swatch, y + s + swatch), (x + swatch + 4 * s, y)))
     return out
 
 
+def _font(scale: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=11 * scale)  # Pillow >= 10.1: a scalable default font
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def legend(categories: Sequence[str], present: Sequence[int], width: int, *, column: int = 120) -> np.ndarray:
-    """A white strip of ``width`` px listing ``present`` labels as colour swatch + name, row by row."""
+    """A white strip of ``width`` px listing ``present`` labels as colour swatch + name, row by row; swatches,
+    text and rows grow with :func:`legend_scale`."""
     from PIL import Image, ImageDraw
 
+    s = legend_scale(width)
     layout = legend_layout(categories, present, width, column=column)
-    rows = max(1, -(-len(present) // max(1, width // column)))
-    canvas = Image.new("RGB", (width, LEGEND_ROW * rows + 4), (255, 255, 255))
+    rows = max(1, -(-len(present) // max(1, width // (column * s))))
+    canvas = Image.new("RGB", (width, (LEGEND_ROW * rows + 4) * s), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     pal = palette(len(categories))
+    font = _font(s)
     for c, name, box, origin in layout:
-        draw.rectangle(box, fill=tuple(int(v) for v in pal[c]), outline=(0, 0, 0))
-        draw.text(origin, name, fill=(0, 0, 0))
+        draw.rectangle(box, fill=tuple(int(v) for v in pal[c]), outline=(0, 0, 0), width=s)
+        draw.text(origin, name, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 
 

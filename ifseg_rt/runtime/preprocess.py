@@ -98,6 +98,12 @@ class ImagePolicy:
             h, w = int(h0 * s + 0.5), int(w0 * s + 0.5)
         return self._round(h, w)
 
+    def describe(self) -> str:
+        """``short side 512, long side <= 2048`` / ``fixed 512x512`` (what commands print)."""
+        if self.mode == "fixed":
+            return f"fixed {self.size[0]}x{self.size[1]}"
+        return f"short side {self.short_side}, long side <= {self.max_long_side}"
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size) if self.size is not None else None

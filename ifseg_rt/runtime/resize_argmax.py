@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..extension import extension
+
 __all__ = ["BACKENDS", "interp_matrix", "resize_argmax"]
 
 BACKENDS = ("auto", "cpu", "numpy", "cuda")
@@ -73,11 +75,7 @@ def _labels_torch(scores, grid: Tuple[int, int], size: Tuple[int, int]):
 
 def _extension():
     """``ifseg_rt._C`` if it is built and has the resize kernel, else None."""
-    try:
-        from ifseg_rt import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "resize_argmax_cpu") else None
+    return extension("resize_argmax_cpu")
 
 
 def _is_torch_cuda(x) -> bool:

@@ -144,7 +144,8 @@ class Segmenter:
         self.knn_backend = knn_backend
         self.threads: Optional[int] = getattr(backend, "threads", None)  # CPU threads of engine and post-processing
         self.precision: str = getattr(backend, "precision", None) or "fp32"  # the compute precision the engine runs
-        self.agreement: Optional[Dict[str, Any]] = None  # its measured label agreement with fp32 (ifseg.json)
+        self.agreement: Optional[Dict[str, Any]] = None  # its measured label agreement with fp32 (ifseg.json;
+        # fp32 itself: pixels 1.0; None for a precision run without a recorded measurement)
 
     def _knn(self, knn: Union[None, bool, KnnSettings]) -> KnnSettings:
         if knn is None:
@@ -156,7 +157,7 @@ class Segmenter:
         raise TypeError(f"knn must be None, a bool or a KnnSettings, got {type(knn).__name__}")
 
     @classmethod
-    def load(cls, model_dir: Union[str, Path], backend: str = "auto", device: str = "cpu", *,
+    def load(cls, model_dir: Union[str, Path, ModelSpec], backend: str = "auto", device: str = "cpu", *,
              precision: Optional[str] = None, verify: bool = True, knn: Union[None, bool, KnnSettings] = None,
              knn_backend: str = "auto", **backend_options) -> "Segmenter":
         """Read and validate ``ifseg.json``, verify the sha256 of the files the backend uses, build the engine and
@@ -164,7 +165,7 @@ class Segmenter:
 
         Parameters
         ----------
-        model_dir : directory written by ``python -m ifseg_rt.export``
+        model_dir : directory written by ``python -m ifseg_rt.export`` (or its parsed :class:`ModelSpec`)
         backend : "auto" | "onnxruntime" | "tensorrt" | "torch"
         device : "cpu" | "cuda" | "cuda:N" | "auto" (cuda when torch sees a GPU)
         precision : on the CPU, one of the directory's precisions ("fp32", "int8", "bf16"; default: the one it was
@@ -180,7 +181,7 @@ class Segmenter:
         ModelDirError for a missing, malformed, tampered or unloadable model directory (the message names the field
         or file); BackendUnavailable when the backend cannot run here
         """
-        spec = load_model_dir(model_dir)
+        spec = model_dir if isinstance(model_dir, ModelSpec) else load_model_dir(model_dir)
         device = resolve_device(device)
         on_gpu = device.startswith("cuda")
         if not on_gpu:
@@ -210,6 +211,8 @@ class Segmenter:
         seg.precision = precision or getattr(seg.backend, "precision", None) or "fp32"
         rec = spec.precisions.get(seg.precision)
         seg.agreement = rec.agreement if rec is not None else None
+        if seg.agreement is None and seg.precision == "fp32":  # the reference itself
+            seg.agreement = {"pixels": 1.0, "reference": "fp32", "images": 0, "backend": seg.backend.name}
         return seg
 
     @classmethod

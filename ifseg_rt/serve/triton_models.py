@@ -82,9 +82,9 @@ class _Model:
         return t.as_numpy()
 
     def _manifest(self):
-        from ..runtime.model_dir import parse_manifest
+        from ..runtime.model_dir import MANIFEST, parse_manifest
 
-        path = self.version_dir / self.params.get(P.PARAM_MANIFEST, "ifseg.json")
+        path = self.version_dir / self.params.get(P.PARAM_MANIFEST, MANIFEST)
         return parse_manifest(json.loads(path.read_text(encoding="utf-8")), None)
 
     def finalize(self) -> None:

@@ -9,7 +9,7 @@ Each :class:`Scene` carries the exact per-pixel label map (used **only for evalu
 annotations (area + bounding box, the image- and box-level facts the pretraining texts are built from). Everything is
 deterministic given the seed::
 
-    from ifseg_rt.nano.world import render_scene, CATEGORY_NAMES
+    from ifseg_rt.world import render_scene, CATEGORY_NAMES
     scene = render_scene(seed=7, size=128)                        # all 24 categories allowed
     scene = render_scene(seed=7, size=(96, 160), categories=["sky", "grass", "ball"])
     scene.image      # HxWx3 uint8

@@ -7,8 +7,13 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from .._argtypes import HelpFormatter, examples, non_negative_int, positive_int
-from . import protocol as P
+from ..runtime.backends import BACKENDS, resolve_device
+from ..serve import protocol as P
+from ..serve.repository import MAX_QUEUE_SIZE
+from ..serve.server import ServeOptions, serve
+from ..serve.tritonserver import ServerError
+from ..system import available_cores
+from .args import HelpFormatter, examples, non_negative_int, positive_int
 
 
 def _port(text: str) -> int:
@@ -32,8 +37,6 @@ def _min_pixels(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .repository import MAX_QUEUE_SIZE
-
     p = argparse.ArgumentParser(
         prog="python -m ifseg_rt serve", formatter_class=HelpFormatter,
         epilog=examples("python -m ifseg_rt serve --model models/street --http-port 8000 --grpc-port 8001",
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--repository", help="serve this Triton model repository as it is instead (e.g. python -m "
                                           "ifseg_rt.export DIR --format triton --onnx-stand-in --out REPO: this "
                                           "tritonserver has the python backend only); the model options are its own")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference engine of each instance (torch is imported only for --backend torch)")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--name", type=_model_name, default=P.MODEL_NAME, help="Triton model name")
@@ -86,11 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .server import ServeOptions, serve
-    from .tritonserver import ServerError
-
     parser = build_parser()
+    args = parser.parse_args(argv)
     ports = (args.http_port, args.grpc_port, args.metrics_port)
     if len(set(ports)) != 3:
         parser.error(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
@@ -103,9 +103,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"--repository the repository's own config.pbtxt files decide")
     instances = args.instances
     if instances is None:
-        from ..runtime.backends import resolve_device
-        from ..system import available_cores
-
         try:
             on_gpu = resolve_device(args.device).startswith("cuda")
         except ValueError as e:
@@ -125,7 +122,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind = "server error" if isinstance(e, ServerError) else "error"
         print(f"{kind}: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

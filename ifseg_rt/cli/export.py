@@ -9,21 +9,26 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .._argtypes import HelpFormatter, examples, image_size, non_negative_int, positive_int
+import torch
+
+from ..export.exporter import export, resolve_format, validate_args
+from ..export.precision import PrecisionGateError
+from ..knn.settings import KnnSettings
+from ..runtime.model_dir import MANIFEST, PRECISIONS
+from ..runtime.preprocess import ImagePolicy
+from ..serve.repository import RepositoryError, export_repository
+from .args import HelpFormatter, examples, image_size, non_negative_int, positive_int
 
 
 def _precisions(s: str):
     items = [t.strip() for t in s.split(",") if t.strip()]
-    allowed = ("fp32", "int8", "bf16", "fp16")
-    bad = [t for t in items if t not in allowed]
+    bad = [t for t in items if t not in PRECISIONS]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"expected precisions from {', '.join(allowed)}, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected precisions from {', '.join(PRECISIONS)}, got {s!r}")
     return items
 
 
 def _format(s: str) -> str:
-    from .exporter import resolve_format
-
     try:
         return resolve_format(s)["arg"]
     except ValueError as e:
@@ -49,15 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", type=_format, default="onnx",
                    help="onnx, or engine (aliases trt, tensorrt: builds a TensorRT engine from the ONNX; needs a GPU), "
                         "or triton (a Triton model repository at --out; SOURCE may be an exported model directory)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing model directory")
+    p.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                   help="replace an existing model directory (as a whole, once the new one is complete)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of the export's PyTorch and onnxruntime work (default: the available cores)")
     g = p.add_argument_group("categories (un-adapted checkpoints only)")
     g.add_argument("--categories", help="comma-separated category names; required for an un-adapted OFA checkpoint "
                                         "(the zero-shot baseline), checked against an adapted model's own list")
     g.add_argument("--bpe-dir", help="OFA BPE directory (encoder.json, vocab.bpe, dict.txt) to tokenise the prompt")
     g.add_argument("--prompt-prefix", help="task text of the prompt (default: IFSeg's)")
     g = p.add_argument_group("image policy and post-processing (written to ifseg.json)")
-    g.add_argument("--short-side", type=positive_int, default=512, help="paper policy: resize the short side to this")
-    g.add_argument("--max-long-side", type=positive_int, default=2048, help="paper policy: cap for the long side")
+    g.add_argument("--short-side", type=positive_int, default=None,
+                   help="paper policy: resize the short side to this (default: the run's own policy from its "
+                        "run.json, else 512)")
+    g.add_argument("--max-long-side", type=positive_int, default=None,
+                   help="paper policy: cap for the long side (default: the run's, else 2048)")
     g.add_argument("--image-size", type=image_size, help="fixed network input HxW instead of the paper policy")
     g.add_argument("--knn-k", type=positive_int, default=None,
                    help="kNN neighbours, the cell itself included (default: the source's setting, else 3)")
@@ -122,8 +133,6 @@ _TRITON_ARGS = {"model_name": "name", "max_batch_size": "max_batch_size", "insta
 
 def _triton_repository(args, model_dir) -> int:
     """--format triton: the repository for an exported model directory (ifseg_rt.serve.repository)."""
-    from ..serve.repository import RepositoryError, export_repository
-
     opts = {kw: getattr(args, flag) for flag, kw in _TRITON_ARGS.items() if getattr(args, flag) is not None}
     try:
         repo = export_repository(model_dir, args.out, force=args.force, **opts)
@@ -153,10 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..knn.settings import KnnSettings
-    from ..runtime.preprocess import ImagePolicy
-    from .exporter import export, resolve_format, validate_args
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fmt = resolve_format(args.format)
     try:
         validate_args(fmt, {"workspace_gb": args.workspace_gb, "calibration": args.calibration,
@@ -167,11 +174,9 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         parser.error(str(e))
     triton_work = None
     if fmt["arg"] == "triton":
-        from ..runtime.model_dir import MANIFEST
-
         out = Path(args.out)
         if out.exists() and any(out.iterdir()) and not args.force:
-            parser.error(f"--out {out} is not empty; pass --force to replace its models")
+            parser.error(f"--out {out} is not empty; pass --overwrite to replace its models")
         if (Path(args.source) / MANIFEST).is_file():  # an exported model directory: no model export needed
             defaults = vars(parser.parse_args([args.source, "--out", args.out, "--format", "triton"]))
             extra = sorted(k for k, v in vars(args).items() if v != defaults[k] and k not in _TRITON_ARGS
@@ -211,9 +216,13 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         policy = ImagePolicy(mode="fixed", size=args.image_size)
     elif args.static_shape:
         policy = None
+    elif args.short_side is None and args.max_long_side is None:
+        policy = None  # the run's own (run.json), else the paper's
     else:
+        d = ImagePolicy()
+        short = args.short_side or d.short_side
         try:
-            policy = ImagePolicy(short_side=args.short_side, max_long_side=args.max_long_side)
+            policy = ImagePolicy(short_side=short, max_long_side=args.max_long_side or max(d.max_long_side, short))
         except ValueError as e:
             parser.error(str(e))
     try:
@@ -226,6 +235,9 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                       split=not args.no_split, workspace_gb=args.workspace_gb, min_shape=args.min_shape,
                       opt_shape=args.opt_shape, max_shape=args.max_shape, timing_cache=args.timing_cache,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except PrecisionGateError as e:  # the work ran: the fp32 directory is there, the variant was refused
+        print(f"error: {e}\nthe fp32 model directory was written to {args.out}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -241,6 +253,13 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     if err:
         print(f"onnxruntime vs PyTorch: max |logits| error {err['logits']:.2e}, |features| {err['features']:.2e} "
               f"at {ver['shapes']} (BxHxW)")
+    for name, rec in spec.precisions.items():
+        if rec.agreement:
+            a = rec.agreement
+            print(f"{name} ({rec.backend}): labels equal fp32's on {100 * a['pixels']:.2f} % of the pixels of "
+                  f"{a.get('images')} calibration image(s) ({a.get('calibration', '')}; worst image "
+                  f"{100 * a.get('worst_image', a['pixels']):.2f} %), gate {100 * args.min_agreement:.2f} %"
+                  + ("; the runtime's default" if name == spec.precision else ""))
     print("segment images with:\n  " + " ".join(
         ["python", "-m", "ifseg_rt", "segment", "--model", shlex.quote(str(spec.root)), "IMAGES...", "--out",
          "OUT_DIR", "--overlay"]))

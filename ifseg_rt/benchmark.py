@@ -12,9 +12,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..system import available_cores, cpu_model  # noqa: F401  (re-exported for the CLI)
-from .model_dir import WEIGHTS_FILE
-from .segmenter import STAGES, Segmenter
+from .evaluate import evaluate
+from .runtime.backends.onnxruntime import OnnxRuntimeBackend
+from .runtime.model_dir import WEIGHTS_FILE, PrecisionSpec, load_model_dir
+from .runtime.segmenter import STAGES, Segmenter
+from .system import available_cores, cpu_model  # noqa: F401  (re-exported for the CLI)
 
 
 def stats(values: Sequence[float]) -> Dict[str, float]:
@@ -69,8 +71,6 @@ def formats(model_dir, images: Sequence[np.ndarray], *, threads: Optional[int] =
     import dataclasses
     import importlib.util
 
-    from .model_dir import load_model_dir
-
     spec = load_model_dir(model_dir)
     rows = []
     reference: Optional[List[np.ndarray]] = None
@@ -80,9 +80,6 @@ def formats(model_dir, images: Sequence[np.ndarray], *, threads: Optional[int] =
             seg = Segmenter.load(model_dir, backend=v["backend"], precision=v["precision"],
                                  **({"threads": threads} if threads else {}))
             if v.get("graph") == "portable":  # the same weights without the split: tables recomputed per call
-                from .backends.onnxruntime import OnnxRuntimeBackend
-                from .model_dir import PrecisionSpec
-
                 portable = dataclasses.replace(spec, tables_file=None, precisions={
                     "fp32": PrecisionSpec("fp32", "onnxruntime")})
                 seg.backend = OnnxRuntimeBackend(portable, **({"threads": threads} if threads else {}))
@@ -101,8 +98,6 @@ def formats(model_dir, images: Sequence[np.ndarray], *, threads: Optional[int] =
         row["agreement"] = same / sum(a.size for a in reference)
         row["recorded_agreement"] = (seg.agreement or {}).get("pixels")
         if pairs:
-            from ..evaluate import evaluate
-
             m = evaluate(seg, pairs, knn=seg.knn.enabled).metrics
             row["miou"] = 100 * m["knn" if "knn" in m else "raw"].miou
         run = measure(seg, images, warmup=warmup, repeats=repeats)
@@ -115,11 +110,15 @@ def formats(model_dir, images: Sequence[np.ndarray], *, threads: Optional[int] =
     return rows
 
 
+def _width(stage: str) -> int:
+    return max(10, len(stage) + 2)  # whole stage names in the header ("resize_argmax")
+
+
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     """The human-readable table of :func:`formats`."""
     miou = any("miou" in r for r in rows)
     head = (f"{'backend':<12}{'precision':<10}{'graph':<9}{'MB':>8}{'agree':>8}" + (f"{'mIoU':>7}" if miou else "")
-            + "".join(f"{k[:9]:>10}" for k in STAGES) + f"{'img/s':>8}")
+            + "".join(f"{k:>{_width(k)}}" for k in STAGES) + f"{'img/s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         graph = r.get("graph") or ("split" if r["backend"] == "onnxruntime" else "-")
@@ -129,7 +128,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
         cells = f"{r['size_mb']:>8.1f}{100 * r['agreement']:>7.2f}%" + (f"{r.get('miou', float('nan')):>7.1f}"
                                                                         if miou else "")
         lines.append(f"{r['backend']:<12}{r['precision']:<10}{graph:<9}{cells}"
-                     + "".join(f"{r['ms'][k]:>10.1f}" for k in STAGES) + f"{r['img_s']:>8.2f}")
+                     + "".join(f"{r['ms'][k]:>{_width(k)}.1f}" for k in STAGES) + f"{r['img_s']:>8.2f}")
     lines.append("-" * len(head))
     lines.append("agree: pixels whose label equals the first row's; ms: median per image and stage")
     return "\n".join(lines)

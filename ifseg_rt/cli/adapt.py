@@ -17,9 +17,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .._argtypes import HelpFormatter, examples, non_negative_int, positive_int
-from ..tokenizer import IFSEG_PROMPT_PREFIX
-from .options import PRECISIONS, AdaptOptions
+from ..adapt import run as R
+from ..adapt.options import PRECISIONS, AdaptOptions
+from ..adapt.trainer import WordGridTrainer
+from ..evaluate import find_pairs
+from ..runtime.preprocess import ImagePolicy
+from ..tokenizer import IFSEG_PROMPT_PREFIX, parse_categories
+from . import UsageError
+from .args import HelpFormatter, add_knn_backend_argument, add_label_offset_argument, examples, non_negative_int, positive_int
 
 # CLI dest -> AdaptOptions field
 _OPTION_FLAGS = {
@@ -90,14 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--val-every", type=non_negative_int, default=500,
                      help="validate every N updates (0: only at the end)")
     val.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N validation images")
-    val.add_argument("--label-offset", type=int, choices=(0, 1), default=1,
-                     help="1: stored 0/255 ignored, v -> class v-1 (ADE-style); 0: values are class ids, 255 ignored")
+    add_label_offset_argument(val)
     val.add_argument("--val-knn", action=argparse.BooleanOptionalAction, default=True,
                      help="also report mIoU with the kNN post-processing")
     val.add_argument("--val-short-side", type=positive_int, default=512,
                      help="resize the short side of validation images to this (long side capped at 2048)")
-    val.add_argument("--knn-backend", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
-                     help="ifseg_rt.knn backend for validation")
+    add_knn_backend_argument(val, help="ifseg_rt.knn backend for validation")
     return p
 
 
@@ -135,19 +138,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _run(args, argv, parser)
     except (ValueError, FileNotFoundError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UsageError(str(e)) from None
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
-    from . import run as R
-    from .trainer import WordGridTrainer
-    from ..tokenizer import parse_categories
-
     out = Path(args.out)
     validation = None
     if args.val_images:  # checked before any checkpoint is loaded
-        from ..evaluate import find_pairs
-
         validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
                                   every=args.val_every, label_offset=args.label_offset, knn=args.val_knn,
                                   knn_backend=args.knn_backend, short_side=args.val_short_side)
@@ -195,8 +192,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
               f"{n_train:,} trainable parameters, {options.steps} steps x {options.batch_size} grids, "
               f"{trainer.precision} on {trainer.device}")
 
+    # the image policy the run is validated for goes into run.json (export uses it); a resumed run keeps its own
+    policy = ImagePolicy.from_dict(saved["image_policy"]) if args.resume and saved.get("image_policy") else \
+        ImagePolicy(short_side=args.val_short_side, max_long_side=max(2048, args.val_short_side)) \
+        if validation is not None else None
     writer = R.RunWriter(out, setup, args=run_args, save_dtype=args.save_dtype, keep_checkpoints=args.keep_checkpoints,
-                         validation_log=validation_log)
+                         validation_log=validation_log, image_policy=policy)
     summary = R.train(trainer, writer, stop_at=args.stop_at, save_every=args.save_every, log_every=args.log_every,
                       validation=validation, progress=not args.no_progress)
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']} (continue with --resume)"
