@@ -146,3 +146,24 @@ def test_unknown_name_and_no_network(tmp_path, capsys):
     # a closed port on loopback stands for "no network": a clear error, exit 1
     assert main(["ofa-tiny", "--to", str(tmp_path), "--url-base", "http://127.0.0.1:9/", "--no-progress"]) == 1
     assert "ofa_tiny.pt" in capsys.readouterr().err
+
+
+def test_a_local_folder_is_a_mirror(tiny_bytes, tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "ofa_tiny.pt").write_bytes(tiny_bytes)
+    path = download("ofa-tiny", tmp_path / "ck", url_base=str(mirror), bpe=False, progress=False,
+                    log=lambda *_: None)
+    assert path.read_bytes() == tiny_bytes
+    with pytest.raises(DownloadError, match="mirror folder not found"):
+        download("ofa-tiny", tmp_path / "ck2", url_base=str(tmp_path / "nope"), bpe=False, progress=False)
+
+
+def test_download_errors_point_the_right_way(server, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["ofa-tiny", "--to", str(tmp_path / "file"), "--no-progress"]) == 1
+    assert "--to " in capsys.readouterr().err
+    Files.files = {}
+    with pytest.raises(DownloadError) as e:  # a mirror that was given and failed: no advice to give one
+        download("ofa-tiny", tmp_path / "x", url_base="http://127.0.0.1:9/", bpe=False, progress=False)
+    assert "--url-base" not in str(e.value)

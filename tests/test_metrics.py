@@ -150,7 +150,7 @@ def test_evaluate_end_to_end(dataset, checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "IoU raw" in printed and "IoU knn" in printed and "tree" in printed
     report = json.loads(out.read_text())
-    assert report["images"] == 3 and report["categories"] == CATS and report["label_offset"] == 1
+    assert report["images"] == 3 and report["categories"] == CATS and report["label_offset"] == "auto"
     for variant in ("raw", "knn"):
         m = report["metrics"][variant]
         assert len(m["per_class"]) == 3 and 0 <= m["mIoU"] <= 100

@@ -69,8 +69,8 @@ def run(entry, argv) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_PIPE
     except OSError as e:
-        where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
-        print(f"error: {e.strerror or e}{where}" if e.strerror else f"error: {e}", file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror}{where}" if e.strerror else f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
 
 

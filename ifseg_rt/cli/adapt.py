@@ -24,7 +24,8 @@ from ..evaluate import find_pairs
 from ..runtime.preprocess import ImagePolicy
 from ..tokenizer import IFSEG_PROMPT_PREFIX, parse_categories
 from . import UsageError
-from .args import HelpFormatter, add_knn_backend_argument, add_label_offset_argument, examples, non_negative_int, positive_int
+from .args import (HelpFormatter, add_knn_backend_argument, add_label_offset_argument, examples, non_negative_int,
+                   positive_int)
 
 # CLI dest -> AdaptOptions field
 _OPTION_FLAGS = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from ..distributed import TABLE_NAME
 from ..geometry import PATCH
@@ -82,8 +83,6 @@ def check_output_file(path, flag: str) -> None:
     """Refuse, before any work, an output file path (``--json``) that is a folder or whose folder cannot be made."""
     if path is None:
         return
-    from pathlib import Path
-
     p = Path(path)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{flag} {path} is a folder; give a file name, e.g. {p / 'results.json'}")

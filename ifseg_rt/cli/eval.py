@@ -15,7 +15,8 @@ from ..metrics import format_table
 from ..runtime import ModelDirError
 from ..runtime.preprocess import ImagePolicy
 from . import UsageError
-from .args import (HelpFormatter, add_engine_arguments, add_label_offset_argument, add_knn_backend_argument, add_ray_arguments,
+from .args import (HelpFormatter, add_engine_arguments, add_knn_backend_argument, add_label_offset_argument,
+                   add_ray_arguments,
                    check_output_file, check_ray_arguments, examples, non_negative_int, positive_int)
 
 IGNORED_WARNING = 0.5  # warn when more of the label pixels than this are ignore pixels
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
               f"ids from 0, pass --label-offset 0", file=sys.stderr)
     if args.json_out:
         report = result_dict(result, categories, model=str(args.model), images_dir=str(args.images),
-                             labels_dir=str(args.labels), label_offset=args.label_offset,
+                             labels_dir=str(args.labels),
+                             label_offset="auto" if args.label_offset is None else args.label_offset,
                              knn=result.knn.to_dict() if result.knn else {"enabled": False})
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

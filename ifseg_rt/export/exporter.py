@@ -440,7 +440,8 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be a fraction in [0, 1], got {min_agreement}")
     out = _check_out(Path(out), force)
-    say = log or (lambda msg: None)
+    log = log or (lambda msg: None)
+    say = log
     policy = _policy(image_policy, static_shape)
     static_shape = policy.size if static_shape is not None else None
     src = _source(source, categories=categories, bpe_dir=bpe_dir, prompt_prefix=prompt_prefix)
@@ -464,12 +465,15 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
+        split = split and static_shape is None  # a static graph has its tables folded in already
+        steps = 2 + split + check + (cpu_precisions != ["fp32"]) + (fmt["arg"] == "engine")
+        say = _numbered(log, steps)
         manifest = _write_model(work, model, names, knn, policy, src.provenance, say=say, opset=opset,
                                 static_shape=static_shape, normalize_features=normalize_features, split=split,
                                 check=check, save_weights=save_weights, blocks=blocks)
         gate_error = None
         if cpu_precisions != ["fp32"]:
-            say(f"[5/5] precisions {', '.join(p for p in cpu_precisions if p != 'fp32')}: build, measure the label "
+            say(f"precisions {', '.join(p for p in cpu_precisions if p != 'fp32')}: build, measure the label "
                 f"agreement with fp32, gate at {100 * min_agreement:.1f} %")
             try:
                 add_precisions(work, manifest, cpu_precisions, calibration=calibration, min_agreement=min_agreement)
@@ -479,6 +483,7 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
         if fmt["arg"] == "engine":
             from .tensorrt import build_engine
 
+            say(f"TensorRT engine ({engine_precision})")
             rec = build_engine(work / ONNX_FILE, work, precision=engine_precision, workspace_gb=workspace_gb,
                                min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
                                timing_cache=timing_cache, static_shape=static_shape,
@@ -496,6 +501,16 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     return spec
 
 
+def _numbered(log: Callable[[str], None], total: int) -> Callable[[str], None]:
+    """``log`` with each call numbered ``[k/total]`` (the steps that run, so none is skipped in the count)."""
+    count = [0]
+
+    def say(msg: str) -> None:
+        count[0] += 1
+        log(f"[{count[0]}/{total}] {msg}")
+    return say
+
+
 # --- the steps of export() -----------------------------------------------------------------------------------------
 def _precisions(fmt: Dict[str, Any], precision) -> Tuple[List[str], Optional[str]]:
     """(CPU precisions, TensorRT precision) of an export request."""
@@ -510,6 +525,11 @@ def _precisions(fmt: Dict[str, Any], precision) -> Tuple[List[str], Optional[str
 
 def _check_out(out: Path, force: bool) -> Path:
     """The output directory, refused before any work when it is a file or holds something else than a model."""
+    out = out.resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ValueError(f"--out {out} is (or holds) the current directory; the export replaces the directory as a "
+                         f"whole: run it from elsewhere or give another --out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; the export writes a directory (e.g. --out {out.with_suffix('')})")
     if out.exists() and any(out.iterdir()):
@@ -562,13 +582,13 @@ def _write_model(out: Path, model: SegOFA, names: List[str], knn: KnnSettings, p
     meta = {"ifseg_rt.schema_version": str(SCHEMA_VERSION), "ifseg_rt.categories": json.dumps(names),
             "ifseg_rt.config": json.dumps(cfg.to_dict()), "ifseg_rt.image_policy": json.dumps(policy.to_dict()),
             "ifseg_rt.knn": json.dumps(knn.to_dict()), "ifseg_rt.version": __version__}
-    say(f"[1/5] {ONNX_FILE}: the portable graph (opset {opset})")
+    say(f"{ONNX_FILE}: the portable graph (opset {opset})")
     onnx_info = export_onnx(model, out / ONNX_FILE, opset=opset, static_shape=static_shape,
                             normalize_features=normalize_features, metadata=meta, query_blocks=blocks)
     files = [ONNX_FILE] + ([onnx_info["data_file"]] if onnx_info["data_file"] else [])
     split_pair = None
-    if split and static_shape is None:  # a static graph has its tables folded in already
-        say(f"[2/5] {TABLES_FILE} + {BODY_FILE}: the runtime's split graph")
+    if split:
+        say(f"{TABLES_FILE} + {BODY_FILE}: the runtime's split graph")
         info = export_split(model, out, opset=opset, normalize_features=normalize_features, metadata=meta,
                             query_blocks=blocks)
         onnx_info.update(tables=info["tables"], body=info["body"])
@@ -576,7 +596,7 @@ def _write_model(out: Path, model: SegOFA, names: List[str], knn: KnnSettings, p
         split_pair = (out / info["tables"], out / info["body"])
     verification = None
     if check:
-        say("[3/5] onnxruntime vs PyTorch parity check")
+        say("onnxruntime vs PyTorch parity check")
         if static_shape is None:
             g = cfg.seg_grid
             # non-square, N < G^2 off the G x G grid (direct position lookup), and N > G^2 (resized positions)
@@ -588,7 +608,7 @@ def _write_model(out: Path, model: SegOFA, names: List[str], knn: KnnSettings, p
         verification = {"shapes": [list(s) for s in shapes], "max_abs_error": err, "atol": PARITY_ATOL}
         if max(err.values()) > PARITY_ATOL:
             raise RuntimeError(f"onnxruntime disagrees with PyTorch beyond {PARITY_ATOL}: {err}; the export is wrong")
-    say(f"[4/5] {WEIGHTS_FILE} + {MANIFEST}" if save_weights else f"[4/5] {MANIFEST}")
+    say(f"{WEIGHTS_FILE} + {MANIFEST}" if save_weights else MANIFEST)
     if save_weights:
         save_checkpoint(model, out / WEIGHTS_FILE, categories=names, provenance=provenance, knn=knn)
         files.append(WEIGHTS_FILE)
