@@ -134,8 +134,8 @@ PredictionHook = Callable[[Path, Dict[str, np.ndarray]], None]
 
 
 def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Optional[int] = None,
-             knn: Optional[bool] = None,
-             progress: bool = False, on_prediction: Optional[PredictionHook] = None) -> EvalResult:
+             knn: Optional[bool] = None, progress: bool = False, on_prediction: Optional[PredictionHook] = None,
+             batch_size: int = 1) -> EvalResult:
     """Accumulate plain (``"raw"``) and kNN (``"knn"``) confusion matrices over ``pairs`` with ``segmenter``.
 
     Parameters
@@ -143,6 +143,7 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Opt
     label_offset : how label values map to classes (:func:`~ifseg_rt.metrics.decode_labels`); None: per file, 0 for
         the label maps ifseg_rt writes (``segment``'s), else 1 (ADE-style)
     knn : also score with the segmenter's kNN settings (default: when they are enabled)
+    batch_size : images per engine call (images of equal network size are batched; the scores do not change)
     on_prediction : called with (image path, {"raw": labels, "knn": labels}) for every image
 
     Raises ``ValueError`` naming the file when a label map's size differs from its image's.
@@ -163,14 +164,22 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Opt
             tqdm = None
         if tqdm is not None:
             it = tqdm(pairs, desc="eval", unit="img", dynamic_ncols=True)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     ignored = total = 0
-    for image_path, label_path in it:
-        pred, gt = predict_pair(segmenter, image_path, label_path, label_offset=label_offset, knn=settings)
-        ignored, total = ignored + int((gt == num_classes).sum()), total + gt.size
-        for name, labels in pred.items():
-            cms[name].update(labels, gt)
-        if on_prediction is not None:
-            on_prediction(Path(image_path), pred)
+    chunk: List[Tuple[Path, Path]] = []
+    for k, pair in enumerate(it):
+        chunk.append(pair)
+        if len(chunk) < batch_size and k + 1 < len(pairs):
+            continue
+        for (image_path, _), (pred, gt) in zip(chunk, predict_pairs(segmenter, chunk, label_offset=label_offset,
+                                                                     knn=settings, batch_size=batch_size)):
+            ignored, total = ignored + int((gt == num_classes).sum()), total + gt.size
+            for name, labels in pred.items():
+                cms[name].update(labels, gt)
+            if on_prediction is not None:
+                on_prediction(Path(image_path), pred)
+        chunk = []
     return EvalResult(metrics={k: cm.metrics() for k, cm in cms.items()}, num_images=len(pairs),
                       seconds=time.perf_counter() - t0, knn=settings, ignored=ignored / max(total, 1))
 
@@ -192,17 +201,30 @@ def predict_pair(segmenter, image_path, label_path, *, label_offset: Optional[in
 
     Raises ``ValueError`` naming the file for an unreadable image or label map and for differing sizes.
     """
+    return predict_pairs(segmenter, [(image_path, label_path)], label_offset=label_offset, knn=knn)[0]
+
+
+def predict_pairs(segmenter, pairs: Sequence[Tuple[Any, Any]], *, label_offset: Optional[int] = None,
+                  knn: Optional[KnnSettings] = None, batch_size: int = 8
+                  ) -> List[Tuple[Dict[str, np.ndarray], np.ndarray]]:
+    """:func:`predict_pair` for several images, their engine calls batched (equal network sizes share one)."""
     num_classes = len(segmenter.categories)
-    image = load_image(image_path)
-    gt = load_label(label_path, num_classes, label_offset=label_offset)
-    if gt.shape != image.shape[:2]:
-        raise ValueError(f"label map {label_path} is {gt.shape[0]}x{gt.shape[1]} px but image {image_path} is "
-                         f"{image.shape[0]}x{image.shape[1]} px")
-    out = segmenter.infer([image])[0]
-    pred = {"raw": segmenter.finish(out, knn=False).labels}
-    if knn is not None:
-        pred["knn"] = segmenter.finish(out, knn=knn).labels
-    return pred, gt
+    images, gts = [], []
+    for image_path, label_path in pairs:
+        image = load_image(image_path)
+        gt = load_label(label_path, num_classes, label_offset=label_offset)
+        if gt.shape != image.shape[:2]:
+            raise ValueError(f"label map {label_path} is {gt.shape[0]}x{gt.shape[1]} px but image {image_path} is "
+                             f"{image.shape[0]}x{image.shape[1]} px")
+        images.append(image)
+        gts.append(gt)
+    results = []
+    for out, gt in zip(segmenter.infer(images, batch_size=batch_size), gts):
+        pred = {"raw": segmenter.finish(out, knn=False).labels}
+        if knn is not None:
+            pred["knn"] = segmenter.finish(out, knn=knn).labels
+        results.append((pred, gt))
+    return results
 
 
 def result_dict(result: EvalResult, categories: Sequence[str], **extra: Any) -> Dict[str, Any]:

@@ -179,6 +179,24 @@ def test_evaluate_knn_identity(dataset, checkpoint, tmp_path):
     assert res.num_images == 3 and res.knn == KnnSettings(k=1)
 
 
+def test_evaluate_batches_without_changing_the_scores(dataset, checkpoint):
+    from ifseg_rt.runtime import Segmenter
+
+    model, _ = checkpoint
+    pairs = find_pairs(*dataset) * 2  # repeated images: equal network sizes that a batch joins
+    seg = Segmenter.from_model(model, CATS, policy=POLICY, knn_backend="numpy")
+    one = evaluate(seg, pairs, knn=True, batch_size=1)
+    four = evaluate(seg, pairs, knn=True, batch_size=4)
+    for name in ("raw", "knn"):
+        np.testing.assert_array_equal(one.metrics[name].intersection, four.metrics[name].intersection)
+        np.testing.assert_array_equal(one.metrics[name].union, four.metrics[name].union)
+    ref = _reference_metrics(model, pairs)
+    np.testing.assert_array_equal(four.metrics["raw"].intersection, ref.intersection)
+    assert four.num_images == len(pairs) and 0 < four.ignored < 1
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        evaluate(seg, pairs, batch_size=0)
+
+
 def test_evaluate_uses_the_checkpoints_knn_settings(dataset, tmp_path):
     """kNN settings recorded with the weights are what eval applies; CLI flags only override them."""
     from ifseg_rt.evaluate import load_segmenter

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_knn_backend_argument(p)
     p.add_argument("--json", dest="json_out", default=None, help="write the metrics (percent) to this JSON file")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images (by stem)")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="images per engine call (equal network sizes are batched; the scores do not change)")
     add_engine_arguments(p, threads_help="CPU threads of the engine",
                          precision_help="an exported model's precision (default: the one it was exported for), or "
                                         "the compute precision of checkpoints (default fp32; bf16/fp16 = autocast)")
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
             seg = load_segmenter(args.model, device=args.device, backend=args.backend, precision=args.precision,
                                  threads=args.threads, bpe_dir=args.bpe_dir, policy=policy, knn=knn)
             seg.knn_backend = args.knn_backend
-            result = evaluate(seg, pairs, label_offset=args.label_offset, knn=args.knn, progress=not args.no_progress)
+            result = evaluate(seg, pairs, label_offset=args.label_offset, knn=args.knn, progress=not args.no_progress,
+                              batch_size=args.batch_size)
             categories = list(seg.categories)
     except (ValueError, FileNotFoundError, TypeError, ModelDirError, RuntimeError, ImportError) as e:
         raise UsageError(str(e)) from None

@@ -24,8 +24,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "python -m ifseg_rt segment --model models/street 'photos/*.jpg' --out labels/ "
                         "--batch-size 4 --precision int8",
                         "python -m ifseg_rt segment --model models/street images.txt --out labels/ --ray"))
-    p.add_argument("inputs", nargs="+", help="image files, folders, globs, list files (.txt/.lst: one image per "
-                                             "line) and, with --ray, URIs (s3://..., gs://...)")
+    p.add_argument("inputs", nargs="+", help="image files, folders (not recursive), globs ('photos/**/*.jpg'), list "
+                                             "files (.txt/.lst: one image per line; relative paths are read from the "
+                                             "list file's folder) and, with --ray, URIs (s3://..., gs://...)")
     p.add_argument("--out", required=True, help="output folder for <name>.png label maps")
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg (labels over the image)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images of equal network size per forward")
