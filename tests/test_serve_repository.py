@@ -183,17 +183,26 @@ def test_bundled_server_runs_the_exported_ensemble(quick_nano_model, tmp_path):
 
 
 def test_server_start_failure_names_the_cause(quick_nano_model, tmp_path):
-    """A busy port: tritonserver exits, and the error carries its own message (not a timeout)."""
+    """A model that cannot load: tritonserver exits, and the error carries the model's own message (not a timeout);
+    a busy port is refused before anything starts."""
     pytest.importorskip("pytriton")
+    import shutil
     import socket
 
     from ifseg_rt.serve.tritonserver import ServerError, TritonServer
 
-    root = write_serving_repository(tmp_path / "models", load_model_dir(quick_nano_model), threads=1)
+    model = tmp_path / "model"
+    shutil.copytree(quick_nano_model, model)
+    root = write_serving_repository(tmp_path / "models", load_model_dir(model), threads=1)
+    (model / "ifseg.json").unlink()  # the instances cannot load it now
+    server = TritonServer(root, http_port=0, grpc_port=0, metrics_port=0)
+    with pytest.raises(ServerError, match=r"exited with code .* before it was ready:(.|\n)*ifseg.json is missing"):
+        server.start(timeout_s=120)
+    assert not server.is_alive()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         server = TritonServer(root, http_port=busy.getsockname()[1], grpc_port=0, metrics_port=0)
-        with pytest.raises(ServerError, match="exited with code .* before it was ready:(.|\n)*HTTP"):
+        with pytest.raises(ServerError, match=r"cannot listen on 127.0.0.1: http port \d+"):
             server.start(timeout_s=120)
     assert not server.is_alive()

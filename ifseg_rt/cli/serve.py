@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from ..runtime.backends import BACKENDS, resolve_device
 from ..serve import protocol as P
-from ..serve.repository import MAX_QUEUE_SIZE
+from ..serve.repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS
 from ..serve.server import ServeOptions, serve
 from ..serve.tritonserver import ServerError
 from ..system import available_cores
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine CPU threads per instance (0: the available cores divided by --instances)")
     g.add_argument("--max-queue-size", type=positive_int, default=MAX_QUEUE_SIZE,
                    help="requests waiting for an instance; more are rejected at once (HTTP 503 / gRPC UNAVAILABLE)")
+    g.add_argument("--queue-timeout-ms", type=non_negative_int, default=QUEUE_TIMEOUT_MS,
+                   help="a request still waiting for an instance after this is rejected instead of run (0: no limit)")
     g.add_argument("--max-queue-delay-us", type=non_negative_int, default=0,
                    help="how long the batcher may hold a request to fill a batch (0: batch what is waiting)")
     g.add_argument("--max-request-bytes", type=positive_int, default=P.MAX_REQUEST_BYTES,
@@ -96,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
     if args.repository:
         model_opts = ("backend", "device", "name", "max_batch_size", "instances", "threads", "max_queue_size",
-                      "max_queue_delay_us", "max_request_bytes", "max_pixels")
+                      "max_queue_delay_us", "max_request_bytes", "max_pixels", "queue_timeout_ms")
         given = [k for k in model_opts if getattr(args, k) != parser.get_default(k)]
         if given:
             parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) the served model; with "
@@ -111,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = ServeOptions(name=args.name, backend=args.backend, device=args.device, threads=args.threads,
                            max_batch_size=args.max_batch_size, instances=instances,
                            max_queue_size=args.max_queue_size, max_queue_delay_us=args.max_queue_delay_us,
+                           queue_timeout_ms=args.queue_timeout_ms,
                            max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
                            address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout)

@@ -41,6 +41,7 @@ VERSION = "1"  # the one version directory every model gets
 LABELS_FILE = "labels.txt"  # category names, one a line (the ensemble's label_filename for 'labels')
 WARMUP_IMAGE = "image"  # NAME_pre/warmup/<this>: a serialized BYTES tensor holding one encoded PNG
 MAX_QUEUE_SIZE = 64  # requests waiting per model before Triton rejects new ones (HTTP 503 / UNAVAILABLE)
+QUEUE_TIMEOUT_MS = 10_000  # a request still queued after this is rejected, not run (its client has likely gone)
 TRT_WORKSPACE = 1 << 30  # bytes; TensorRT builder workspace of the onnxruntime TensorRT accelerator
 INSTANCE_KINDS = ("gpu", "cpu")
 
@@ -92,9 +93,13 @@ def _categories_param(spec: ModelSpec) -> Dict[str, Dict[str, str]]:
     return _params({P.CATEGORIES_PARAMETER: json.dumps(list(spec.categories))})
 
 
-def _batching(max_queue_size: int, max_queue_delay_us: int) -> Dict[str, Any]:
-    return {"max_queue_delay_microseconds": int(max_queue_delay_us),
-            "default_queue_policy": {"max_queue_size": int(max_queue_size), "timeout_action": "REJECT"}}
+def _batching(max_queue_size: int, max_queue_delay_us: int, queue_timeout_us: int = 0) -> Dict[str, Any]:
+    """Dynamic batching with a bounded queue: more than ``max_queue_size`` waiting requests are rejected at once, and
+    a request that waited ``queue_timeout_us`` (0: no limit) is rejected instead of run (its client gave up)."""
+    policy = {"max_queue_size": int(max_queue_size), "timeout_action": "REJECT"}
+    if queue_timeout_us:
+        policy["default_timeout_microseconds"] = int(queue_timeout_us)
+    return {"max_queue_delay_microseconds": int(max_queue_delay_us), "default_queue_policy": policy}
 
 
 def _contract_outputs(label_file: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -138,7 +143,7 @@ def _shim(cls: str, what: str, python_path: Optional[str] = None) -> str:
 def serving_config(spec: ModelSpec, *, name: str = P.MODEL_NAME, backend: str = "auto", device: str = "cpu",
                    threads: int = 0, max_batch_size: int = 8, instances: int = 1, max_queue_size: int = MAX_QUEUE_SIZE,
                    max_queue_delay_us: int = 0, max_request_bytes: int = P.MAX_REQUEST_BYTES,
-                   max_pixels: int = P.MAX_PIXELS, knn_backend: str = "auto"):
+                   max_pixels: int = P.MAX_PIXELS, knn_backend: str = "auto", queue_timeout_ms: int = QUEUE_TIMEOUT_MS):
     """The ``ModelConfig`` of the one python-backend model that ``serve`` runs around a ``Segmenter``.
 
     Memory is bounded by ``instances`` (each holds one ``Segmenter`` and runs one batch of at most
@@ -150,6 +155,7 @@ def serving_config(spec: ModelSpec, *, name: str = P.MODEL_NAME, backend: str = 
     for key, v, lo in (("max_batch_size", max_batch_size, 1), ("instances", instances, 1),
                        ("max_queue_size", max_queue_size, 1), ("max_request_bytes", max_request_bytes, 1),
                        ("max_pixels", max_pixels, PATCH * PATCH), ("max_queue_delay_us", max_queue_delay_us, 0),
+                       ("queue_timeout_ms", queue_timeout_ms, 0),
                        ("threads", threads, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
@@ -157,7 +163,7 @@ def serving_config(spec: ModelSpec, *, name: str = P.MODEL_NAME, backend: str = 
         "name": name, "backend": "python", "max_batch_size": max_batch_size,
         "input": [_image_input()], "output": _contract_outputs(),
         "instance_group": [{"count": instances, "kind": "KIND_CPU"}],
-        "dynamic_batching": _batching(max_queue_size, max_queue_delay_us),
+        "dynamic_batching": _batching(max_queue_size, max_queue_delay_us, 1000 * queue_timeout_ms),
         "parameters": {**_categories_param(spec), **_params({
             P.PARAM_MODEL_DIR: str(Path(spec.root).resolve()), P.PARAM_BACKEND: backend, P.PARAM_DEVICE: device,
             P.PARAM_THREADS: threads, P.PARAM_KNN_BACKEND: knn_backend, P.PARAM_MAX_BYTES: max_request_bytes,

@@ -22,8 +22,8 @@ from ..runtime.backends import resolve_backend, resolve_device
 from ..runtime.model_dir import load_model_dir
 from ..system import available_cores
 from . import protocol as P
-from .repository import MAX_QUEUE_SIZE, check_repository, write_serving_repository
-from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer
+from .repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS, check_repository, write_serving_repository
+from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer, WorkerWatch
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ServeOptions:
     instances: int = 1
     max_queue_size: int = MAX_QUEUE_SIZE
     max_queue_delay_us: int = 0
+    queue_timeout_ms: int = QUEUE_TIMEOUT_MS
     max_request_bytes: int = P.MAX_REQUEST_BYTES
     max_pixels: int = P.MAX_PIXELS
     address: str = "127.0.0.1"
@@ -71,6 +72,7 @@ def start_server(model_dir: Union[str, Path], workdir: Union[str, Path], options
                              threads=_threads(options) if backend != "tensorrt" else 0,
                              max_batch_size=options.max_batch_size, instances=options.instances,
                              max_queue_size=options.max_queue_size, max_queue_delay_us=options.max_queue_delay_us,
+                             queue_timeout_ms=options.queue_timeout_ms,
                              max_request_bytes=options.max_request_bytes, max_pixels=options.max_pixels)
     server = TritonServer(repo, http_port=options.http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, address=options.address, log=log,
@@ -114,7 +116,7 @@ def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOption
     # non-interactive shell inherits it ignored and would never stop on Ctrl-C / kill -INT
     previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _interrupt),
                                                     (signal.SIGINT, signal.default_int_handler))}
-    server = None
+    server = watch = None
     try:
         with tempfile.TemporaryDirectory(prefix="ifseg_serve_") as work:
             try:
@@ -124,6 +126,8 @@ def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOption
                 else:
                     server = start_repository(repository, options, log=log)
                     what = f"the models of {repository}"
+                watch = WorkerWatch(server, log=announce)
+                watch.start()
                 if ready_file:
                     _write_ready_file(ready_file, server, options)
                 announce(f"serving {what}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
@@ -139,6 +143,10 @@ def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOption
             finally:
                 for s in previous:  # a second signal must not cut the shutdown short (it takes <= exit timeout + 20 s)
                     signal.signal(s, signal.SIG_IGN)
+                if watch is not None:
+                    watch.stop()
+                    if watch.deaths:
+                        announce(f"workers: {watch.counts()}")
                 if server is not None:
                     server.stop()
                 if ready_file:

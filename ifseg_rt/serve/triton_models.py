@@ -110,8 +110,11 @@ class SegmenterModel(_Model):
                                         knn_backend=params.get(P.PARAM_KNN_BACKEND) or "auto", **opts)
         if self.segmenter.categories != P.categories_from_config(self.config, f"model '{self.name}'"):
             raise ValueError(f"model '{self.name}': the config's categories differ from {params[P.PARAM_MODEL_DIR]}")
-        # one forward now, so that the first client does not pay for the engine's lazy initialisation
-        self.segmenter.seg(np.full((64, 64, 3), 128, np.uint8))
+        # one forward now at the policy's usual input size (a 4:3 photo), so that the first client pays neither for
+        # the engine's lazy initialisation nor for that shape's first run
+        policy = self.segmenter.spec.policy
+        h, w = policy.size if policy.mode == "fixed" else (policy.short_side, policy.short_side * 4 // 3)
+        self.segmenter.seg(np.full((h, w, 3), 128, np.uint8))
         self.pb.Logger.log_info(f"{self.name}: {args.get('model_instance_name')} serves "
                                 f"{params[P.PARAM_MODEL_DIR]} ({self.segmenter.backend.name}, "
                                 f"{len(self.segmenter.categories)} categories)")

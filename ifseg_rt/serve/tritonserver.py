@@ -13,8 +13,12 @@ Three facts the launch relies on (checked on this machine, see the README):
   on ``LD_LIBRARY_PATH``, then the wheel's ``nvidia_pytriton.libs`` (the copied stub's RPATH no longer reaches it).
 * The stub picks its interpreter and site-packages from the first ``python3`` on ``PATH`` (it ignores
   ``PYTHONPATH``): the running interpreter's directory goes first.
-* Model control is ``none`` (the repository API cannot load or unload models, hence cannot run code), and the
-  shared-memory, model-repository, trace and logging APIs require a random header only this process knows.
+* Model control is ``explicit`` with every model loaded at start; the model-repository API (load / unload, hence
+  running code) and the shared-memory, trace and logging APIs require a random header only this process knows. We
+  use it to restart a model whose python-backend worker (stub) died: :class:`WorkerWatch`.
+
+Start-up checks that every port is free before anything is reported (a second ``serve`` on busy ports must not
+answer with the first one's readiness), and removes the shared-memory regions that killed earlier servers left.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ ADMIN_HEADER = "ifseg-admin-token"
 LOG_LINES = 400  # last lines of the server log kept for error messages
 # harmless log lines on a machine without a GPU, left out of error messages
 NOISE = ("CudaDriverHelper", "CUDA driver version", "Failed to initialize NVML", "model_config_content_name_")
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "ifseg"  # the python backend's regions: ifseg<serve pid>_<token>_<uuid> (see TritonServer.command)
+_SHM_NAME = re.compile(rf"^{SHM_PREFIX}(\d+)_[0-9a-f]{{8}}_")
+STUB = "triton_python_backend_stub"
+WATCH_INTERVAL_S = 0.5  # how often WorkerWatch looks at the workers
 
 
 class ServerError(RuntimeError):
@@ -97,6 +106,83 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
         return s.getsockname()[1]
+
+
+def check_ports(address: str, ports: Dict[str, int]) -> None:
+    """Raise :class:`ServerError` naming every port (of ``{kind: port}``; 0 = chosen later) that cannot be bound on
+    ``address`` now: another server (or anything else) listens there."""
+    busy = []
+    for kind, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((address, port))
+            except OSError as e:
+                busy.append(f"{kind} port {port} ({e.strerror or e})")
+    if busy:
+        raise ServerError(f"cannot listen on {address}: {', '.join(busy)}; another server runs there? choose free "
+                          f"ports (--http-port / --grpc-port / --metrics-port)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_shm(shm_dir: Path = SHM_DIR) -> List[str]:
+    """Remove the python-backend shared-memory regions of ifseg_rt servers whose process is gone (a ``kill -9`` of
+    ``serve`` leaves them); returns their names."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _SHM_NAME.match(name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(shm_dir / name)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One python-backend stub process of a running server."""
+
+    pid: int
+    model: str  # the Triton model it runs
+    instance: str  # e.g. ifseg_0_1
+    shm: str  # its shared-memory region (under /dev/shm)
+
+
+def workers(server_pid: int) -> Dict[int, Worker]:
+    """The python-backend stubs that are children of ``server_pid``, by pid (Linux /proc)."""
+    out: Dict[int, Worker] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != server_pid or not argv or not argv[0].endswith(STUB.encode()):
+            continue
+        args = [a.decode("utf-8", "replace") for a in argv]
+        # stub argv: model.py path (models/<name>/<version>/model.py), shm region, sizes, parent pid, backend dir,
+        # ipc size, instance name, ...
+        model = Path(args[1]).parent.parent.name if len(args) > 1 else "?"
+        out[int(entry)] = Worker(int(entry), model, args[8] if len(args) > 8 else "?", args[2] if len(args) > 2 else "")
+    return out
 
 
 def server_environment(bundle: BundledTriton, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -179,7 +265,7 @@ class TritonServer:
         restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={self._token}"
         return [str(bundle.executable), f"--model-repository={self.repository.resolve()}",
                 f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}",
-                "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+                "--model-control-mode=explicit", "--load-model=*", "--strict-readiness=true", "--exit-on-error=true",
                 f"--http-address={self.address}", f"--http-port={p['http']}",
                 f"--grpc-address={self.address}", f"--grpc-port={p['grpc']}",
                 f"--metrics-address={self.address}", f"--metrics-port={p['metrics']}",
@@ -211,9 +297,11 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository not found: {self.repository}")
         bundle = bundled_tritonserver()
+        check_ports(self.address, self.ports)
         for k, v in self.ports.items():
             if v == 0:
                 self.ports[k] = free_port(self.host)
+        clean_stale_shm()
         backends = self._backends(bundle)
         self.lines.clear()
         try:
@@ -258,6 +346,22 @@ class TritonServer:
                 pass
             time.sleep(0.2)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.errors()}")
+
+    def _admin(self, path: str) -> None:
+        req = urllib.request.Request(f"http://{self.host}:{self.ports['http']}{path}", data=b"{}", method="POST",
+                                     headers={ADMIN_HEADER: self._token, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=READY_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"{path}: HTTP {e.code} {e.read().decode('utf-8', 'replace')[:300]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerError(f"{path}: {e}") from None
+
+    def restart_model(self, name: str) -> None:
+        """Unload model ``name`` (its readiness turns false), then load it again with fresh workers."""
+        self._admin(f"/v2/repository/models/{name}/unload")
+        self._admin(f"/v2/repository/models/{name}/load")
 
     def errors(self) -> str:
         """The server's error lines (Triton's ``E...`` log lines and Python tracebacks), else its last lines."""
@@ -308,3 +412,50 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+
+
+class WorkerWatch(threading.Thread):
+    """Watches a running server's python-backend workers; when one dies (killed, crashed, out of memory) while the
+    server runs, the model is restarted (:meth:`TritonServer.restart_model`: not ready until its workers are back),
+    the dead worker's shared-memory region removed, and the event logged and counted (``deaths``, ``restarts``,
+    ``failures``)."""
+
+    def __init__(self, server: TritonServer, *, log: Callable[[str], None] = print,
+                 interval_s: float = WATCH_INTERVAL_S):
+        super().__init__(name="ifseg-worker-watch", daemon=True)
+        self.server, self.log, self.interval_s = server, log, interval_s
+        self.deaths = self.restarts = self.failures = 0
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+    def counts(self) -> Dict[str, int]:
+        return {"worker_deaths": self.deaths, "model_restarts": self.restarts, "restart_failures": self.failures}
+
+    def run(self) -> None:
+        known = workers(self.server.pid) if self.server.pid else {}
+        while not self._stop_event.wait(self.interval_s):
+            if not self.server.is_alive():
+                return
+            now = workers(self.server.pid)
+            dead = [w for pid, w in known.items() if pid not in now]
+            if not dead:
+                known = now if len(now) >= len(known) else known
+                continue
+            for w in dead:
+                self.deaths += 1
+                self.log(f"worker died: {w.instance} of model '{w.model}' (pid {w.pid}); restarting the model")
+                if w.shm:
+                    (SHM_DIR / w.shm).unlink(missing_ok=True)
+            for model in sorted({w.model for w in dead}):
+                t0 = time.monotonic()
+                try:
+                    self.server.restart_model(model)
+                    self.restarts += 1
+                    self.log(f"model '{model}' restarted in {time.monotonic() - t0:.1f} s")
+                except ServerError as e:
+                    self.failures += 1
+                    self.log(f"model '{model}' could not be restarted: {e}")
+            known = workers(self.server.pid)

@@ -1,0 +1,112 @@
+"""A service that tells the truth under faults (issue 24), against the real bundled tritonserver on loopback: a dead
+worker is restarted (readiness false meanwhile), busy ports refuse the start before anything is reported, stale
+shared memory of killed servers is removed, queued requests time out instead of running after their client left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.http")
+pytest.importorskip("pytriton")
+
+from ifseg_rt.serve import Client  # noqa: E402
+from ifseg_rt.serve.repository import serving_config  # noqa: E402
+from ifseg_rt.serve.server import ServeOptions, start_server  # noqa: E402
+from ifseg_rt.serve.tritonserver import (SHM_DIR, ServerError, WorkerWatch, check_ports, clean_stale_shm,  # noqa: E402
+                                         free_port, workers)
+
+START_TIMEOUT_S = 240
+
+
+def _ready(url: str):
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def test_a_dead_worker_is_restarted(quick_nano_model, tmp_path):
+    options = ServeOptions(instances=2, threads=1, http_port=0, grpc_port=0, metrics_port=0)
+    server = start_server(quick_nano_model, tmp_path, options, timeout_s=START_TIMEOUT_S)
+    lines = []
+    watch = WorkerWatch(server, log=lines.append, interval_s=0.2)
+    watch.start()
+    try:
+        before = workers(server.pid)
+        assert len(before) == 2 and {w.model for w in before.values()} == {"ifseg"}
+        victim = next(iter(before.values()))
+        assert (SHM_DIR / victim.shm).exists()
+        image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        client = Client(server.http_url)
+        client.seg(image)
+        os.kill(victim.pid, signal.SIGKILL)
+        states, deadline = [], time.monotonic() + 60
+        while watch.restarts < 1 and time.monotonic() < deadline:
+            states.append(_ready(server.http_url))
+            time.sleep(0.05)
+        assert watch.counts() == {"worker_deaths": 1, "model_restarts": 1, "restart_failures": 0}, lines
+        assert any(f"worker died: {victim.instance} of model 'ifseg' (pid {victim.pid})" in ln for ln in lines)
+        assert any("model 'ifseg' restarted" in ln for ln in lines)
+        assert not (SHM_DIR / victim.shm).exists()
+        after = workers(server.pid)
+        assert len(after) == 2 and victim.pid not in after
+        assert _ready(server.http_url) == 200
+        for _ in range(8):  # every request succeeds again: no instance is left dead
+            assert client.seg(image).labels.shape == (48, 64)
+    finally:
+        watch.stop()
+        server.stop()
+
+
+def test_busy_ports_refuse_the_start(quick_nano_model, tmp_path, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServerError, match=rf"http port {port} \(.*\); another server runs there"):
+            check_ports("127.0.0.1", {"http": port, "grpc": 0})
+        ready = tmp_path / "ready.json"
+        proc = subprocess.run([sys.executable, "-m", "ifseg_rt", "serve", "--model", str(quick_nano_model),
+                               "--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port",
+                               str(free_port()), "--ready-file", str(ready)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"http port {port}" in proc.stderr, proc.stderr[-2000:]
+    assert "serving" not in proc.stdout and not ready.exists()
+
+
+def test_stale_shared_memory_is_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"ifseg{dead.pid}_0123abcd_region"
+    ours = tmp_path / f"ifseg{os.getpid()}_0123abcd_region"
+    other = tmp_path / "someone_else"
+    for f in (stale, ours, other):
+        f.write_bytes(b"x")
+    assert clean_stale_shm(tmp_path) == [stale.name]
+    assert not stale.exists() and ours.exists() and other.exists()
+
+
+def test_queued_requests_time_out():
+    class Spec:  # serving_config reads these fields only
+        root = "/m"
+        categories = ("a", "b")
+
+    policy = serving_config(Spec(), queue_timeout_ms=1500).dynamic_batching.default_queue_policy
+    assert policy.default_timeout_microseconds == 1_500_000 and policy.max_queue_size == 64
+    assert serving_config(Spec(), queue_timeout_ms=0).dynamic_batching.default_queue_policy \
+        .default_timeout_microseconds == 0
+    with pytest.raises(ValueError, match="queue_timeout_ms must be an integer >= 0"):
+        serving_config(Spec(), queue_timeout_ms=-1)
