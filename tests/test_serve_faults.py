@@ -58,6 +58,7 @@ def test_a_dead_worker_is_restarted(quick_nano_model, tmp_path):
             states.append(_ready(server.http_url))
             time.sleep(0.05)
         assert watch.counts() == {"worker_deaths": 1, "model_restarts": 1, "restart_failures": 0}, lines
+        assert {400, 503} & set(states), states  # not ready while the model restarts
         assert any(f"worker died: {victim.instance} of model 'ifseg' (pid {victim.pid})" in ln for ln in lines)
         assert any("model 'ifseg' restarted" in ln for ln in lines)
         assert not (SHM_DIR / victim.shm).exists()
@@ -66,9 +67,16 @@ def test_a_dead_worker_is_restarted(quick_nano_model, tmp_path):
         assert _ready(server.http_url) == 200
         for _ in range(8):  # every request succeeds again: no instance is left dead
             assert client.seg(image).labels.shape == (48, 64)
+        watch.stop()
+        server.drain()  # what a SIGTERM starts with: not ready, new requests refused (kept-alive connection too)
+        assert _ready(server.http_url) in (400, 503)  # Triton answers "not ready" with 400
+        with pytest.raises(Exception, match="ifseg"):
+            client.seg(image)
     finally:
         watch.stop()
         server.stop()
+    assert not server.is_alive()
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(server.shm_prefix)]
 
 
 def test_busy_ports_refuse_the_start(quick_nano_model, tmp_path, capsys):

@@ -273,7 +273,7 @@ class TritonServer:
                 f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
                 f"--exit-timeout-secs={int(self.exit_timeout_s)}", f"--log-verbose={int(self.log_verbose)}",
                 # one shared-memory namespace per server: two servers on one machine must not share regions
-                f"--backend-config=python,shm-region-prefix-name=ifseg{os.getpid()}_{self._token[:8]}_",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 "--backend-config=python,shm-default-byte-size=4194304",
                 "--backend-config=python,shm-growth-byte-size=1048576"]
 
@@ -378,12 +378,35 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             return None
 
+    @property
+    def shm_prefix(self) -> str:
+        """The name prefix of this server's shared-memory regions under /dev/shm."""
+        return f"{SHM_PREFIX}{os.getpid()}_{self._token[:8]}_"
+
+    def drain(self) -> None:
+        """Unload every model (readiness turns false at once and new requests are refused, also on kept-alive
+        connections; in-flight requests finish first, within ``exit_timeout_s``)."""
+        names = sorted(d.name for d in self.repository.iterdir() if (d / "config.pbtxt").is_file())
+        done = threading.Event()
+
+        def unload():
+            for name in names:
+                try:
+                    self._admin(f"/v2/repository/models/{name}/unload")
+                except ServerError:
+                    pass
+            done.set()
+
+        threading.Thread(target=unload, name="tritonserver-drain", daemon=True).start()
+        done.wait(self.exit_timeout_s + 5)
+
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
-        """SIGTERM (Triton stops accepting, finishes in-flight requests within ``exit_timeout_s``, unloads the
-        models), then SIGKILL if it is still there ``timeout_s`` later. Returns the exit code."""
+        """Drain (:meth:`drain`), then SIGTERM (Triton finishes what is left within ``exit_timeout_s``), then SIGKILL
+        if it is still there ``timeout_s`` later; its shared-memory regions are removed. Returns the exit code."""
         code = None
         if self.process is not None:
             if self.process.poll() is None:
+                self.drain()
                 self.process.send_signal(signal.SIGTERM)
                 try:
                     self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 20)
@@ -402,6 +425,12 @@ class TritonServer:
         return code
 
     def _cleanup(self) -> None:
+        try:
+            for name in os.listdir(SHM_DIR):
+                if name.startswith(self.shm_prefix):
+                    (SHM_DIR / name).unlink(missing_ok=True)
+        except OSError:
+            pass
         if self._work is not None:
             self._work.cleanup()
             self._work = None
