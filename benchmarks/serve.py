@@ -13,6 +13,13 @@ Without ``--model`` the quick nano model is built (``demo --quick``, ~20 s) and 
 requests, and the served/in-process throughput ratio; server RSS (tritonserver + its python-backend stubs) after
 loading and at its peak under load. The clients run on the same machine and share its cores with the server.
 
+``--faults`` runs the fault cases instead (2 instances, 8 clients sending throughout): kill -9 of one python-backend
+worker (failed requests, time to the model's restart, failures after it), a second server on the same ports
+(refused before it reports anything), and a SIGTERM-style drain under load (requests accepted after it began,
+duration, shared-memory regions left).
+
+    python benchmarks/serve.py --faults --json benchmarks/results/serve_faults.json
+
 ``--shapes N`` first sends N images of distinct shapes one after another (short side ``--size``, long side up to
 4x, both orientations) and reports the server's RSS after every 10: memory must not grow with new shapes.
 
@@ -153,6 +160,108 @@ def shape_sweep(server, n: int, short: int) -> Dict[str, object]:
     return {"images": n, "rss_mb_after": after, "change_from_first_pct": 100 * (after[-1][1] / first - 1)}
 
 
+class Load(threading.Thread):
+    """``clients`` threads sending ``scenes`` until stopped; every request's (start, end, ok) is recorded."""
+
+    def __init__(self, url: str, scenes, clients: int = 8):
+        super().__init__(daemon=True)
+        self.url, self.scenes, self.clients = url, scenes, clients
+        self.records: List[tuple] = []
+        self.errors: Dict[str, int] = {}  # first line of each distinct error -> count
+        self.halt = threading.Event()
+
+    def run(self):
+        from ifseg_rt.serve import Client
+
+        def worker(c):
+            client = Client(self.url, timeout_s=30)
+            k = 0
+            while not self.halt.is_set():
+                t0 = time.monotonic()
+                try:
+                    client.seg(self.scenes[(c * 7 + k) % len(self.scenes)])
+                    ok = True
+                except Exception as e:  # noqa: BLE001 - every failure is counted, by message
+                    ok = False
+                    msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                    self.errors[msg] = self.errors.get(msg, 0) + 1
+                self.records.append((t0, time.monotonic(), ok))
+                k += 1
+                if not ok:
+                    time.sleep(0.05)
+            client.close()
+
+        threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def failed(self, start: float = 0.0, end: float = float("inf")) -> List[int]:
+        """[failed, total] of the requests that started in [start, end)."""
+        sel = [ok for t0, _, ok in self.records if start <= t0 < end]
+        return [sum(1 for ok in sel if not ok), len(sel)]
+
+
+def fault_run(model: Path, work: Path, scenes) -> Dict[str, object]:
+    """The fault cases of ``--faults`` (see the module docstring)."""
+    import signal
+
+    from ifseg_rt.serve.server import ServeOptions, start_server
+    from ifseg_rt.serve.tritonserver import SHM_DIR, ServerError, TritonServer, WorkerWatch, workers
+
+    out: Dict[str, object] = {}
+    options = ServeOptions(http_port=0, grpc_port=0, metrics_port=0, instances=2, threads=1)
+    server = start_server(model, work / "a", options)
+    events: List[str] = []
+    watch = WorkerWatch(server, log=lambda line: events.append(f"{time.monotonic():.2f} {line}"))
+    watch.start()
+    try:
+        load = Load(server.http_url, scenes)
+        load.start()
+        time.sleep(3)
+        victim = next(iter(workers(server.pid).values()))
+        t_kill = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        while watch.restarts + watch.failures < 1 and time.monotonic() < t_kill + 120:
+            time.sleep(0.05)
+        t_back = time.monotonic()
+        time.sleep(5)
+        load.halt.set()
+        load.join()
+        out["worker_kill"] = {"errors": dict(load.errors), "before": load.failed(0, t_kill), "kill_to_restart": load.failed(t_kill, t_back),
+                              "after_restart_5s": load.failed(t_back), "restart_s": round(t_back - t_kill, 2),
+                              "counts": watch.counts(), "log": events}
+        # a second server on the same ports
+        t0 = time.monotonic()
+        second = TritonServer(server.repository, http_port=server.ports["http"], grpc_port=server.ports["grpc"],
+                              metrics_port=server.ports["metrics"])
+        try:
+            second.start(timeout_s=60)
+            out["busy_ports"] = {"refused": False}
+            second.stop()
+        except ServerError as e:
+            out["busy_ports"] = {"refused": True, "seconds": round(time.monotonic() - t0, 3), "error": str(e)}
+        # drain under load
+        load = Load(server.http_url, scenes)
+        load.start()
+        time.sleep(2)
+        watch.stop()
+        t_stop = time.monotonic()
+        code = server.stop()
+        t_done = time.monotonic()
+        load.halt.set()
+        load.join()
+        accepted_after = sum(1 for t0, _, ok in load.records if ok and t0 >= t_stop + 0.5)
+        out["drain"] = {"errors": dict(load.errors), "exit_code": code, "stop_s": round(t_done - t_stop, 2), "before": load.failed(0, t_stop),
+                        "accepted_after_drain_began": accepted_after,
+                        "shm_left": [n for n in os.listdir(SHM_DIR) if n.startswith(server.shm_prefix)]}
+    finally:
+        watch.stop()
+        server.stop()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -167,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8, help="server max batch size")
     p.add_argument("--quick", action="store_true", help="20 requests per client: checks that the script works")
     p.add_argument("--shapes", type=int, default=0, help="first send this many images of distinct shapes (memory)")
+    p.add_argument("--faults", action="store_true", help="run the fault cases instead (see the module docstring)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -189,6 +299,14 @@ def main(argv=None) -> int:
             buf = io.BytesIO()
             Image.fromarray(render_scene(100 + i, args.size).image).save(buf, format="JPEG", quality=90)
             scenes.append(buf.getvalue())
+        if args.faults:
+            result = {"machine": info, "model": str(model), "faults": fault_run(model, work, scenes)}
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(text + "\n")
+            return 0
         threads = args.threads or cores
         result = {"machine": info, "model": str(model), "size": args.size, "requests_per_client": args.requests,
                   "instances": args.instances, "threads": threads, "max_batch_size": args.max_batch_size,

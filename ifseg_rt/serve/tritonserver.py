@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import ctypes.util
 import os
 import re
@@ -347,12 +348,12 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.errors()}")
 
-    def _admin(self, path: str) -> None:
+    def _admin(self, path: str) -> bytes:
         req = urllib.request.Request(f"http://{self.host}:{self.ports['http']}{path}", data=b"{}", method="POST",
                                      headers={ADMIN_HEADER: self._token, "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=READY_TIMEOUT_S):
-                pass
+            with urllib.request.urlopen(req, timeout=READY_TIMEOUT_S) as r:
+                return r.read()
         except urllib.error.HTTPError as e:
             raise ServerError(f"{path}: HTTP {e.code} {e.read().decode('utf-8', 'replace')[:300]}") from None
         except (urllib.error.URLError, OSError) as e:
@@ -384,21 +385,24 @@ class TritonServer:
         return f"{SHM_PREFIX}{os.getpid()}_{self._token[:8]}_"
 
     def drain(self) -> None:
-        """Unload every model (readiness turns false at once and new requests are refused, also on kept-alive
-        connections; in-flight requests finish first, within ``exit_timeout_s``)."""
+        """Unload every model: readiness turns false at once and new requests are refused (on kept-alive
+        connections too); returns when the in-flight requests have finished and the models are unloaded, or after
+        ``exit_timeout_s``."""
         names = sorted(d.name for d in self.repository.iterdir() if (d / "config.pbtxt").is_file())
-        done = threading.Event()
-
-        def unload():
-            for name in names:
-                try:
-                    self._admin(f"/v2/repository/models/{name}/unload")
-                except ServerError:
-                    pass
-            done.set()
-
-        threading.Thread(target=unload, name="tritonserver-drain", daemon=True).start()
-        done.wait(self.exit_timeout_s + 5)
+        for name in names:
+            try:
+                self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous: returns at once
+            except ServerError:
+                pass
+        deadline = time.monotonic() + self.exit_timeout_s
+        while time.monotonic() < deadline and self.is_alive():
+            try:
+                index = json.loads(self._admin("/v2/repository/index") or b"[]")
+            except (ServerError, ValueError):
+                return
+            if all(m.get("state") not in ("READY", "UNLOADING") for m in index):
+                return
+            time.sleep(0.1)
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
         """Drain (:meth:`drain`), then SIGTERM (Triton finishes what is left within ``exit_timeout_s``), then SIGKILL
