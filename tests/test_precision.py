@@ -27,7 +27,8 @@ def calib():
 @pytest.fixture(scope="module")
 def int8_dir(nano_run, tmp_path_factory, calib):
     out = tmp_path_factory.mktemp("int8") / "model"
-    export(nano_run, out, image_policy=POLICY, precision=["int8"], calibration=calib, check=False)
+    with pytest.warns(UserWarning, match=r"int8 accuracy gate is measured on only 4 images; .* --calibration DIR"):
+        export(nano_run, out, image_policy=POLICY, precision=["int8"], calibration=calib, check=False)
     return out
 
 
@@ -50,7 +51,8 @@ def _add(out, m, precisions, calib, min_agreement):
     from ifseg_rt.runtime.model_dir import write_manifest
 
     try:  # as export() does: the manifest is written whether the gate passes or not
-        add_precisions(out, m, precisions, calibration=calib, min_agreement=min_agreement)
+        with pytest.warns(UserWarning, match="accuracy gate is measured on only 4 images"):
+            add_precisions(out, m, precisions, calibration=calib, min_agreement=min_agreement)
         m["precision"] = precisions[0]
     finally:
         write_manifest(out, m)
@@ -161,3 +163,66 @@ def test_bench_formats_table(int8_dir, tmp_path, capsys):
     for r in rows.values():
         assert set(r["ms"]) == {"preprocess", "engine", "knn", "resize_argmax", "total"} and r["img_s"] > 0
         assert 0 <= r["miou"] <= 100 and 0.9 <= r["agreement"] <= 1.0
+
+
+# --- accuracy-aware int8 --------------------------------------------------------------------------------------------
+def _one_matmul(tmp_path, x_shape, w):
+    """An ONNX graph Y = X @ W (W an initializer), and its onnxruntime dynamic-int8 version."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ifseg_rt.export.precision import quantize_int8
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [x_shape[0], w.shape[1]])],
+        [numpy_helper.from_array(w.astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "fp32.onnx")
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    return tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+
+
+def test_int8_error_model_matches_onnxruntime(tmp_path):
+    """int8_matmul_error predicts the error onnxruntime's DynamicQuantizeMatMul really makes (float64 numpy vs the
+    quantised graph run), for plain and outlier-heavy activations."""
+    from ifseg_rt.export.precision import int8_matmul_error
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 48))
+    _, q = _one_matmul(tmp_path, (200, 64), w)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"])
+    for outliers in (0.0, 40.0):
+        x = rng.standard_normal((200, 64)).astype(np.float32)
+        x[:2, 3] += outliers  # two large activations: coarse quantisation steps for all the others
+        y = x.astype(np.float64) @ w
+        real = np.linalg.norm(sess.run(None, {"X": x})[0] - y) / np.linalg.norm(y)
+        assert int8_matmul_error(x, w) == pytest.approx(real, rel=0.05)
+    assert int8_matmul_error(x, w) > 3 * int8_matmul_error(rng.standard_normal((200, 64)), w)
+
+
+def test_int8_search_keeps_the_most_sensitive_matmuls_fp32(int8_dir, tmp_path, calib, monkeypatch):
+    """The search order is the sensitivity ranking; the kept variant's graph really leaves those MatMuls in fp32."""
+    import onnx
+
+    import ifseg_rt.export.precision as prec
+
+    out, m = _fp32_copy(int8_dir, tmp_path)
+    ranked = prec.matmul_sensitivity(out / "body.onnx", prec.body_feeds(out, m, calib))
+    m.setdefault("precisions", {})["int8"] = {"backend": "onnxruntime", "body": INT8_BODY}
+    assert len(ranked) > 8 and ranked[0][1] >= ranked[-1][1] > 0
+
+    def agreement(spec, precision, images, reference=None, threads=None):  # better with every fp32 MatMul
+        kept = [n.name for n in onnx.load(str(out / INT8_BODY)).graph.node if n.op_type == "MatMul"]
+        return {"pixels": 0.9 + 0.02 * len([n for n, _ in ranked if n in kept]), "images": len(images)}
+
+    monkeypatch.setattr(prec, "label_agreement", agreement)
+    res = prec.int8_search(out, m, calib, reference=None, min_agreement=0.95)
+    assert [t["fp32_matmuls"] for t in res["search"]] == [0, 1, 2, 4]  # 0.90, 0.92, 0.94, 0.98
+    assert res["fp32_matmuls"] == [n for n, _ in ranked[:4]] and res["agreement"]["pixels"] == pytest.approx(0.98)
+    g = onnx.load(str(out / INT8_BODY)).graph
+    assert {n.name for n in g.node if n.op_type == "MatMul"} >= set(res["fp32_matmuls"])
+    assert res["int8_matmuls"] == len(ranked) - 4 and res["sensitive"][0][0] == ranked[0][0]

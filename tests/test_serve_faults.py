@@ -28,9 +28,9 @@ from ifseg_rt.serve.tritonserver import (SHM_DIR, ServerError, WorkerWatch, chec
 START_TIMEOUT_S = 240
 
 
-def _ready(url: str):
+def _ready(url: str, path: str = "/v2/health/ready"):
     try:
-        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=3) as r:
+        with urllib.request.urlopen(f"http://{url}{path}", timeout=3) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -63,13 +63,13 @@ def test_a_dead_worker_is_restarted(quick_nano_model, tmp_path):
         assert any("model 'ifseg' restarted" in ln for ln in lines)
         assert not (SHM_DIR / victim.shm).exists()
         after = workers(server.pid)
-        assert len(after) == 2 and victim.pid not in after
+        assert len(after) == 2 and victim.pid not in after and not set(before) & set(after)  # all fresh
         assert _ready(server.http_url) == 200
         for _ in range(8):  # every request succeeds again: no instance is left dead
             assert client.seg(image).labels.shape == (48, 64)
         watch.stop()
         server.drain()  # what a SIGTERM starts with: not ready, new requests refused (kept-alive connection too)
-        assert _ready(server.http_url) in (400, 503)  # Triton answers "not ready" with 400
+        assert _ready(server.http_url, "/v2/models/ifseg/ready") in (400, 503)  # Triton's "not ready" is 400
         with pytest.raises(Exception, match="ifseg"):
             client.seg(image)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -253,9 +254,15 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     if err:
         print(f"onnxruntime vs PyTorch: max |logits| error {err['logits']:.2e}, |features| {err['features']:.2e} "
               f"at {ver['shapes']} (BxHxW)")
+    records = json.loads((spec.root / MANIFEST).read_text(encoding="utf-8")).get("precisions", {})
     for name, rec in spec.precisions.items():
         if rec.agreement:
             a = rec.agreement
+            kept = records.get(name, {}).get("fp32_matmuls")
+            if kept:
+                print(f"{name}: the {len(kept)} most sensitive MatMuls stay fp32 "
+                      f"({records[name].get('int8_matmuls')} run in int8): {', '.join(kept[:4])}"
+                      + (", ..." if len(kept) > 4 else ""))
             print(f"{name} ({rec.backend}): labels equal fp32's on {100 * a['pixels']:.2f} % of the pixels of "
                   f"{a.get('images')} calibration image(s) ({a.get('calibration', '')}; worst image "
                   f"{100 * a.get('worst_image', a['pixels']):.2f} %), gate {100 * args.min_agreement:.2f} %"

@@ -15,18 +15,27 @@ precision  engine                 what runs in low precision
 The gate: the exporter segments calibration images with the fp32 graph and with the new variant through
 :class:`~ifseg_rt.runtime.Segmenter` (the whole pipeline, kNN included) and records the fraction of pixels whose
 label agrees; a variant below ``min_agreement`` is removed again and the export fails with the measured number.
+
+Accuracy-aware int8: when quantising every MatMul misses the gate, the MatMuls are ranked by their sensitivity —
+the relative output error of that one MatMul under dynamic int8 (per-tensor uint8 activations, per-channel int8
+weights, as onnxruntime computes it), measured on the calibration images' own activations in the fp32 graph — and
+the most sensitive stay fp32 (1, 2, 4, ... of them) until the gate passes or too few are left in int8 to be worth
+it. ``ifseg.json`` records which MatMuls run in fp32 and the agreement of every step tried.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..runtime.model_dir import BODY_FILE, WEIGHTS_FILE, ModelSpec, parse_manifest
-from ..runtime.preprocess import IMAGE_EXTENSIONS, load_image
+from ..geometry import token_grid
+from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, TABLE_NAMES, WEIGHTS_FILE, ModelSpec,
+                                 parse_manifest)
+from ..runtime.preprocess import IMAGE_EXTENSIONS, load_image, network_input
 
 MIN_AGREEMENT = 0.99  # default gate: fraction of pixels whose label equals fp32's
 CALIBRATION_IMAGES = 8  # synthetic scenes when no calibration folder is given
@@ -43,17 +52,69 @@ class PrecisionGateError(ValueError):
     """A low-precision variant whose labels agree with fp32's on fewer pixels than the gate allows."""
 
 
-def quantize_int8(body: Union[str, Path], out: Union[str, Path]) -> None:
-    """Dynamic int8 quantisation of the split graph's body (see the module table)."""
+def quantize_int8(body: Union[str, Path], out: Union[str, Path], exclude: Sequence[str] = ()) -> None:
+    """Dynamic int8 quantisation of the split graph's body (see the module table); the MatMul nodes named in
+    ``exclude`` stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
     try:
         quantize_dynamic(str(body), str(out), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
+                         weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
     finally:
         logging.getLogger().setLevel(level)
+
+
+def _weight_matmuls(model) -> Dict[str, Any]:
+    """``{node name: (activation input name, weight array)}`` of the MatMuls with a constant 2-D weight."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if w.ndim == 2:
+                out[node.name] = (node.input[0], w)
+    return out
+
+
+def int8_matmul_error(x: np.ndarray, w: np.ndarray) -> float:
+    """Relative error ``||XW - Q(X)Q(W)|| / ||XW||`` of one MatMul under onnxruntime's dynamic int8 scheme:
+    activations uint8 asymmetric per tensor, weights int8 symmetric per output channel (float64 arithmetic)."""
+    x = np.asarray(x, np.float64).reshape(-1, w.shape[0])
+    w = np.asarray(w, np.float64)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    sx = (hi - lo) / 255.0 or 1.0
+    zp = np.round(-lo / sx)
+    xq = (np.clip(np.round(x / sx) + zp, 0, 255) - zp) * sx
+    sw = np.abs(w).max(axis=0) / 127.0
+    sw[sw == 0] = 1.0
+    wq = np.clip(np.round(w / sw), -127, 127) * sw
+    y = x @ w
+    return float(np.linalg.norm(y - xq @ wq) / max(np.linalg.norm(y), 1e-30))
+
+
+def matmul_sensitivity(body: Union[str, Path], inputs: Sequence[Dict[str, np.ndarray]]) -> List[Tuple[str, float]]:
+    """The body graph's weight MatMuls ranked by :func:`int8_matmul_error` on the activations of ``inputs`` (feeds
+    of the fp32 body, one per calibration image; errors averaged), most sensitive first."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(body))
+    mats = _weight_matmuls(model)
+    acts = sorted({a for a, _ in mats.values()})
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=a) for a in acts if a not in known)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    totals = {n: 0.0 for n in mats}
+    for feed in inputs:
+        values = dict(zip(names, sess.run(None, feed)))
+        for n, (a, w) in mats.items():
+            totals[n] += int8_matmul_error(values[a], w) / len(inputs)
+    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def calibration_images(source: Union[None, str, Path, Sequence[np.ndarray]] = None,
@@ -75,24 +136,85 @@ def calibration_images(source: Union[None, str, Path, Sequence[np.ndarray]] = No
     return [np.asarray(im) for im in list(source)[:n]]
 
 
+def reference_labels(model_dir: Union[str, Path, ModelSpec], images: Sequence[np.ndarray], *,
+                     threads: Optional[int] = None) -> List[np.ndarray]:
+    """The fp32 pipeline's label maps of ``images`` (what every variant is compared with)."""
+    from ..runtime import Segmenter
+
+    ref = Segmenter.load(model_dir, precision="fp32", **({"threads": threads} if threads else {}))
+    return [ref.seg(im).labels for im in images]
+
+
 def label_agreement(model_dir: Union[str, Path, ModelSpec], precision: str, images: Sequence[np.ndarray], *,
-                    threads: Optional[int] = None) -> Dict[str, Any]:
+                    threads: Optional[int] = None, reference: Optional[Sequence[np.ndarray]] = None
+                    ) -> Dict[str, Any]:
     """Fraction of pixels whose label under ``precision`` equals fp32's, over ``images`` (full pipeline; the model
-    directory or its parsed spec)."""
+    directory or its parsed spec; ``reference``: the fp32 labels when already computed)."""
     from ..runtime import Segmenter
 
     opts = {"threads": threads} if threads else {}
-    ref = Segmenter.load(model_dir, precision="fp32", **opts)
+    if reference is None:
+        reference = reference_labels(model_dir, images, threads=threads)
     low = Segmenter.load(model_dir, precision=precision, **opts)
     same = total = 0
     worst = 1.0
-    for im in images:
-        a, b = ref.seg(im).labels, low.seg(im).labels
+    for im, a in zip(images, reference):
+        b = low.seg(im).labels
         eq = int((a == b).sum())
         same, total = same + eq, total + a.size
         worst = min(worst, eq / a.size)
     return {"pixels": same / total, "worst_image": worst, "images": len(images), "reference": "fp32",
             "backend": low.backend.name}
+
+
+MAX_FP32_FRACTION = 0.5  # the int8 search keeps at most this fraction of the MatMuls in fp32 (else: no speed left)
+
+
+def body_feeds(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray]) -> List[Dict[str, np.ndarray]]:
+    """The fp32 body graph's inputs for ``images``: the network input under the model's policy and the position
+    tables of its grid (from the directory's ``tables.onnx``)."""
+    import onnxruntime as ort
+
+    spec = parse_manifest(manifest, out)
+    tables = ort.InferenceSession(str(out / spec.tables_file), providers=["CPUExecutionProvider"])
+    feeds = []
+    for im in images:
+        x = network_input(im, spec.policy)
+        grid = np.zeros(token_grid(x.shape[1], x.shape[2]), np.float32)
+        feeds.append({INPUT_NAME: x[None], **dict(zip(TABLE_NAMES, tables.run(list(TABLE_NAMES), {GRID_NAME: grid})))})
+    return feeds
+
+
+def int8_search(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+                min_agreement: float) -> Dict[str, Any]:
+    """Write ``body.int8.onnx``: every MatMul in int8 if that passes the gate; else the most sensitive ones
+    (:func:`matmul_sensitivity`) kept fp32, 1, 2, 4, ... of them, until it passes (or :data:`MAX_FP32_FRACTION` is
+    reached). Returns the record fields: ``agreement`` (of the kept variant), ``fp32_matmuls`` (node names),
+    ``int8_matmuls`` (how many), ``search`` (every step tried) and the ten most ``sensitive`` MatMuls."""
+    import onnx
+
+    from ..files import file_record
+
+    trials: List[Dict[str, Any]] = []
+
+    def trial(exclude: List[str]) -> Dict[str, Any]:
+        quantize_int8(out / BODY_FILE, out / INT8_BODY, exclude)
+        manifest["files"][INT8_BODY] = file_record(out / INT8_BODY)
+        a = label_agreement(parse_manifest(manifest, out), "int8", images, reference=reference)
+        trials.append({"fp32_matmuls": len(exclude), "pixels": a["pixels"]})
+        return a
+
+    agreement, exclude, ranked = trial([]), [], []
+    if agreement["pixels"] < min_agreement:
+        ranked = matmul_sensitivity(out / BODY_FILE, body_feeds(out, manifest, images))
+        k = 1
+        while agreement["pixels"] < min_agreement and k <= MAX_FP32_FRACTION * len(ranked):
+            exclude = [name for name, _ in ranked[:k]]
+            agreement = trial(exclude)
+            k *= 2
+    total = len(_weight_matmuls(onnx.load(str(out / BODY_FILE))))
+    return {"agreement": agreement, "fp32_matmuls": exclude, "int8_matmuls": total - len(exclude), "search": trials,
+            "sensitive": [[name, round(err, 6)] for name, err in ranked[:10]]}
 
 
 def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str], *, calibration=None,
@@ -102,7 +224,6 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
     ``manifest`` and enforce the gate: a variant below it is removed again (files and record) and
     :class:`PrecisionGateError` raised, ``manifest`` still describing a valid directory. Returns the recorded
     ``precisions``; the caller writes ``ifseg.json``."""
-    from ..files import file_record
 
     images = None
     recs: Dict[str, Any] = {}
@@ -112,8 +233,6 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
         if p == "int8":
             if manifest.get("onnx", {}).get("body") is None:
                 raise ValueError("--precision int8 needs the split graph (not available with --static-shape)")
-            quantize_int8(out / BODY_FILE, out / INT8_BODY)
-            manifest["files"][INT8_BODY] = file_record(out / INT8_BODY)
             rec = {"backend": "onnxruntime", "body": INT8_BODY, "method": METHODS["int8"]}
         elif p == "bf16":
             if WEIGHTS_FILE not in manifest["files"]:
@@ -122,10 +241,19 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
             rec = {"backend": "torch", "method": METHODS["bf16"]}
         else:
             raise ValueError(f"unknown CPU precision {p!r}; choose from fp32, int8, bf16")
-        manifest.setdefault("precisions", {})[p] = rec
-        if images is None:
+        if images is None:  # the fp32 labels once, before the manifest names a variant file not yet written
             images = calibration_images(calibration)
-        rec["agreement"] = label_agreement(parse_manifest(manifest, out), p, images)
+            reference = reference_labels(parse_manifest(manifest, out), images)
+            if calibration is None or len(images) < CALIBRATION_IMAGES:
+                what = "synthetic scenes of the nano world" if calibration is None else f"only {len(images)} images"
+                warnings.warn(f"the {'/'.join(q for q in precisions if q != 'fp32')} accuracy gate is measured on "
+                              f"{what}; it says little about your photos: pass --calibration DIR with at least "
+                              f"{CALIBRATION_IMAGES} images of your domain", UserWarning, stacklevel=2)
+        manifest.setdefault("precisions", {})[p] = rec
+        if p == "int8":
+            rec.update(int8_search(out, manifest, images, reference, min_agreement))
+        else:
+            rec["agreement"] = label_agreement(parse_manifest(manifest, out), p, images, reference=reference)
         rec["agreement"]["calibration"] = str(calibration) if isinstance(calibration, (str, Path)) else \
             ("synthetic scenes" if calibration is None else "given images")
         if rec["agreement"]["pixels"] < min_agreement:
@@ -133,9 +261,11 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
             if rec.get("body"):
                 manifest["files"].pop(rec["body"], None)
                 (out / rec["body"]).unlink(missing_ok=True)
+            tried = "" if not rec.get("search") or len(rec["search"]) < 2 else " (tried: " + ", ".join(
+                f"{t['fp32_matmuls']} MatMuls in fp32: {100 * t['pixels']:.2f} %" for t in rec["search"]) + ")"
             raise PrecisionGateError(
                 f"{p}: labels agree with fp32 on {100 * rec['agreement']['pixels']:.2f} % of the pixels of "
-                f"{len(images)} calibration images, below the gate of {100 * min_agreement:.2f} %; the {p} variant "
-                f"was not kept (lower --min-agreement to accept it, or calibrate with --calibration DIR)")
+                f"{len(images)} calibration images, below the gate of {100 * min_agreement:.2f} %{tried}; the {p} "
+                f"variant was not kept (lower --min-agreement to accept it, or calibrate with --calibration DIR)")
         recs[p] = rec
     return recs

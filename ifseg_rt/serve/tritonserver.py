@@ -360,9 +360,28 @@ class TritonServer:
             raise ServerError(f"{path}: {e}") from None
 
     def restart_model(self, name: str) -> None:
-        """Unload model ``name`` (its readiness turns false), then load it again with fresh workers."""
-        self._admin(f"/v2/repository/models/{name}/unload")
+        """Unload model ``name`` (its readiness turns false), wait until its workers are gone, then load it again
+        with fresh ones."""
+        before = set(workers(self.pid))
+        self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous
+        self.wait_unloaded(self.exit_timeout_s + 5)
+        deadline = time.monotonic() + 10
+        while before & set(workers(self.pid)) and time.monotonic() < deadline:  # the old stubs exiting
+            time.sleep(0.05)
         self._admin(f"/v2/repository/models/{name}/load")
+
+    def wait_unloaded(self, timeout_s: float) -> bool:
+        """Wait until no model is loaded or unloading (in-flight requests done); False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.is_alive():
+            try:
+                index = json.loads(self._admin("/v2/repository/index") or b"[]")
+            except (ServerError, ValueError):
+                return False
+            if all(m.get("state") not in ("READY", "UNLOADING") for m in index):
+                return True
+            time.sleep(0.05)
+        return False
 
     def errors(self) -> str:
         """The server's error lines (Triton's ``E...`` log lines and Python tracebacks), else its last lines."""
@@ -394,15 +413,7 @@ class TritonServer:
                 self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous: returns at once
             except ServerError:
                 pass
-        deadline = time.monotonic() + self.exit_timeout_s
-        while time.monotonic() < deadline and self.is_alive():
-            try:
-                index = json.loads(self._admin("/v2/repository/index") or b"[]")
-            except (ServerError, ValueError):
-                return
-            if all(m.get("state") not in ("READY", "UNLOADING") for m in index):
-                return
-            time.sleep(0.1)
+        self.wait_unloaded(self.exit_timeout_s)
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
         """Drain (:meth:`drain`), then SIGTERM (Triton finishes what is left within ``exit_timeout_s``), then SIGKILL
