@@ -337,3 +337,4 @@ def test_sigterm_stops_everything(server):
     assert "stopping: finishing in-flight requests" in server.output()
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ifseg{info['pid']}_")]  # no region left
     assert "CudaDriverHelper" not in server.output()  # no CUDA "error" line on a CPU machine
+    assert "ifseg: refused a request: " in server.output()  # the earlier bad requests, one line each

@@ -24,6 +24,7 @@ post-processing call the runtime's functions (``load_image``, ``ImagePolicy.targ
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -32,6 +33,8 @@ import numpy as np
 
 from . import protocol as P
 from .protocol import RequestError
+
+REFUSAL_LOG_PER_S = 5  # log lines for refused requests per second, per model instance
 
 PIXELS = "pixels"  # pre -> ONNX: the normalised network input, FP32 [batch, 3, H, W] (the ONNX graph's input)
 
@@ -63,7 +66,22 @@ class _Model:
     def _error(self, message: str, internal: bool = False):
         pb = self.pb
         code = pb.TritonError.INTERNAL if internal else pb.TritonError.INVALID_ARG
+        if not internal:
+            self._log_refusal(message)
         return pb.InferenceResponse(error=pb.TritonError(message, code))
+
+    def _log_refusal(self, message: str) -> None:
+        """One log line per refused request, at most :data:`REFUSAL_LOG_PER_S` a second (the rest counted)."""
+        now = time.monotonic()
+        window = getattr(self, "_refusals", None)
+        if window is None or now - window[0] >= 1.0:
+            if window is not None and window[1] > REFUSAL_LOG_PER_S:
+                self.pb.Logger.log_warn(f"{self.name}: {window[1] - REFUSAL_LOG_PER_S} more request(s) refused in "
+                                        f"that second")
+            window = self._refusals = [now, 0]
+        window[1] += 1
+        if window[1] <= REFUSAL_LOG_PER_S:
+            self.pb.Logger.log_warn(f"{self.name}: refused a request: {message[:300]}")
 
     def _response(self, tensors: Dict[str, np.ndarray]):
         pb = self.pb
