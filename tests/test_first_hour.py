@@ -139,6 +139,12 @@ def test_export_uses_the_image_policy_the_run_records(tmp_path, capsys):
     assert cli(["export", str(run_dir), "--out", str(tmp_path / "m"), "--no-check", "--no-split", "--overwrite",
                 "--short-side", "64"]) == 0
     assert Segmenter.load(tmp_path / "m").spec.policy.short_side == 64
+    # the directory is replaced as a whole, so a user's own file in it stops the overwrite
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    assert cli(["export", str(run_dir), "--out", str(tmp_path / "m"), "--no-check", "--no-split",
+                "--overwrite"]) == EXIT_USAGE
+    assert "holds files that are not part of its model (notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
 
 
 def test_adapt_records_its_validation_policy(tmp_path):

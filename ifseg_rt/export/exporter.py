@@ -55,7 +55,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..files import RUN_FILE, file_record, file_sha256
 from ..knn.settings import KnnSettings
 from ..model import SegOFA
-from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, SCHEMA_VERSION,
+from ..runtime.model_dir import (BODY_FILE, ENGINES_DIR, GRID_NAME, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, SCHEMA_VERSION,
                                  TABLE_NAMES, TABLES_FILE, WEIGHTS_FILE, CPU_PRECISIONS, ModelSpec, build_manifest, load_model_dir,
                                  write_manifest)
 from ..geometry import PATCH, token_grid
@@ -537,6 +537,16 @@ def _check_out(out: Path, force: bool) -> Path:
             raise FileExistsError(f"output directory {out} is not empty; pass force=True (--force) to overwrite")
         if not (out / MANIFEST).is_file():
             raise FileExistsError(f"refusing to overwrite {out}: it is not empty and holds no {MANIFEST}")
+        try:
+            listed = set(json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files", {}))
+        except (ValueError, OSError, AttributeError):
+            listed = set()
+        ours = {MANIFEST, ENGINES_DIR} | {f.split("/")[0] for f in listed}
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if foreign:  # the directory is replaced as a whole: never take a user's files with it
+            raise FileExistsError(f"refusing to overwrite {out}: it holds files that are not part of its model "
+                                  f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them or "
+                                  f"choose another --out")
     return out
 
 
