@@ -161,7 +161,7 @@ def ray_address(text: str) -> str:
 
 
 def add_ray_arguments(p: argparse.ArgumentParser, *, command: str) -> None:
-    """``--ray [ADDRESS]`` and the pool flags (``command``: "segment" adds ``--table`` and ``--overwrite``)."""
+    """``--ray [ADDRESS]`` and the pool flags (``command``: "segment" adds ``--table``)."""
     g = p.add_argument_group("Ray Data (pip install 'ifseg_rt[ray]')")
     g.add_argument("--ray", nargs="?", const="local", default=None, type=ray_address, metavar="ADDRESS",
                    help="run on Ray Data: alone, a private local Ray; auto, ray://HOST:PORT or HOST:PORT, an existing "

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_ray_arguments(p, args)
+    if args.ray is not None and args.batch_size != 1:
+        p.error("--batch-size applies to single-process eval; with --ray each actor scores one image at a time")
     try:
         check_output_file(args.json_out, "--json")
     except argparse.ArgumentTypeError as e:

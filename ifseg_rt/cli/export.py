@@ -242,6 +242,12 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the work ran and failed (parity check, TensorRT build)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if triton_work is not None and not Path(args.out).is_dir():
+            triton_work.cleanup()  # a failed export leaves no temporary folder behind
     if triton_work is not None:
         args.out = args.repository
         with triton_work:

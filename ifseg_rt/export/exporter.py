@@ -464,6 +464,8 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     work = out.parent / f".{out.name}.partial-{os.getpid()}"  # everything is written here, then renamed to out
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if (out / ENGINES_DIR).is_dir():  # engines for other GPUs and the TensorRT timing cache survive a re-export
+        shutil.copytree(out / ENGINES_DIR, work / ENGINES_DIR)
     try:
         split = split and static_shape is None  # a static graph has its tables folded in already
         steps = 2 + split + check + (cpu_precisions != ["fp32"]) + (fmt["arg"] == "engine")
@@ -515,6 +517,8 @@ def _numbered(log: Callable[[str], None], total: int) -> Callable[[str], None]:
 def _precisions(fmt: Dict[str, Any], precision) -> Tuple[List[str], Optional[str]]:
     """(CPU precisions, TensorRT precision) of an export request."""
     if fmt["arg"] == "engine":
+        if precision is not None and precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"--format engine takes one precision of fp32, fp16, bf16, got {precision!r}")
         return ["fp32"], precision or "fp16"
     cpu = [precision] if isinstance(precision, str) else list(precision or ["fp32"])
     bad = [p for p in cpu if p not in CPU_PRECISIONS]
@@ -638,6 +642,11 @@ def _replace_dir(work: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-    os.replace(work, out)
+    try:
+        os.replace(work, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)  # the previous model stays where it was
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

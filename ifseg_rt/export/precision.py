@@ -207,11 +207,13 @@ def int8_search(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray
     agreement, exclude, ranked = trial([]), [], []
     if agreement["pixels"] < min_agreement:
         ranked = matmul_sensitivity(out / BODY_FILE, body_feeds(out, manifest, images))
-        k = 1
-        while agreement["pixels"] < min_agreement and k <= MAX_FP32_FRACTION * len(ranked):
+        cap = int(MAX_FP32_FRACTION * len(ranked))
+        steps = sorted({min(2 ** i, cap) for i in range(cap.bit_length() + 1)} - {0})
+        for k in steps:  # 1, 2, 4, ..., then the cap itself
             exclude = [name for name, _ in ranked[:k]]
             agreement = trial(exclude)
-            k *= 2
+            if agreement["pixels"] >= min_agreement:
+                break
     total = len(_weight_matmuls(onnx.load(str(out / BODY_FILE))))
     return {"agreement": agreement, "fp32_matmuls": exclude, "int8_matmuls": total - len(exclude), "search": trials,
             "sensitive": [[name, round(err, 6)] for name, err in ranked[:10]]}

@@ -256,4 +256,4 @@ def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, pr
     return {"file": rel, "gpu": gpu, "precision": precision, "tensorrt_version": trt.__version__,
             "profiles": [{"min": list(mn), "opt": list(op), "max": list(mx)} for mn, op, mx in profiles],
             "fp32_layers": pinned,
-            "timing_cache": str(cache_path)}
+            "timing_cache": str(cache_path) if timing_cache else f"{ENGINES_DIR}/timing.cache"}

@@ -437,7 +437,7 @@ def _what_it_is(root: Path) -> str:
     if (root / RUN_FILE).is_file():
         return (f"it is an adaptation run: export it first with `python -m ifseg_rt export {root} --out "
                 f"{root.name}-model` (eval also scores a run directly: eval --model {root})")
-    return f"export one with `python -m ifseg_rt export RUN_DIR --out {root}`"
+    return "export one with `python -m ifseg_rt export RUN_DIR --out MODEL_DIR` and pass --model MODEL_DIR"
 
 
 def write_manifest(root: Union[str, Path], manifest: Dict[str, Any]) -> Path:

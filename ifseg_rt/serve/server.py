@@ -141,7 +141,8 @@ def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOption
                 announce("stopping: finishing in-flight requests")
                 return 0
             finally:
-                for s in previous:  # a second signal must not cut the shutdown short (it takes <= exit timeout + 20 s)
+                for s in previous:  # a second signal must not cut the shutdown short (drain <= exit timeout, then
+                    # Triton's own exit timeout + 20 s)
                     signal.signal(s, signal.SIG_IGN)
                 if watch is not None:
                     watch.stop()

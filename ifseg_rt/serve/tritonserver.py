@@ -43,7 +43,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Union
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
 READY_TIMEOUT_S = 300.0  # model loading can take minutes (engine builds, big checkpoints)
 EXIT_TIMEOUT_S = 10  # tritonserver's own grace period for in-flight requests on shutdown
@@ -57,6 +57,7 @@ SHM_PREFIX = "ifseg"  # the python backend's regions: ifseg<serve pid>_<token>_<
 _SHM_NAME = re.compile(rf"^{SHM_PREFIX}(\d+)_[0-9a-f]{{8}}_")
 STUB = "triton_python_backend_stub"
 WATCH_INTERVAL_S = 0.5  # how often WorkerWatch looks at the workers
+ADMIN_TIMEOUT_S = 10.0  # per model-control call (unload, index); a load may take up to READY_TIMEOUT_S
 
 
 class ServerError(RuntimeError):
@@ -116,7 +117,9 @@ def check_ports(address: str, ports: Dict[str, int]) -> None:
     for kind, port in ports.items():
         if not port:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
             try:
                 s.bind((address, port))
             except OSError as e:
@@ -146,7 +149,11 @@ def clean_stale_shm(shm_dir: Path = SHM_DIR) -> List[str]:
         return removed
     for name in names:
         m = _SHM_NAME.match(name)
-        if m and not _alive(int(m.group(1))):
+        try:
+            mine = (shm_dir / name).stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if m and mine and not _alive(int(m.group(1))):  # only this user's: another container's pids are not ours
             try:
                 os.unlink(shm_dir / name)
                 removed.append(name)
@@ -348,11 +355,11 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.errors()}")
 
-    def _admin(self, path: str) -> bytes:
+    def _admin(self, path: str, timeout_s: float = ADMIN_TIMEOUT_S) -> bytes:
         req = urllib.request.Request(f"http://{self.host}:{self.ports['http']}{path}", data=b"{}", method="POST",
                                      headers={ADMIN_HEADER: self._token, "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=READY_TIMEOUT_S) as r:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 return r.read()
         except urllib.error.HTTPError as e:
             raise ServerError(f"{path}: HTTP {e.code} {e.read().decode('utf-8', 'replace')[:300]}") from None
@@ -362,23 +369,25 @@ class TritonServer:
     def restart_model(self, name: str) -> None:
         """Unload model ``name`` (its readiness turns false), wait until its workers are gone, then load it again
         with fresh ones."""
-        before = set(workers(self.pid))
+        before = {pid for pid, w in workers(self.pid).items() if w.model == name}
         self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous
-        self.wait_unloaded(self.exit_timeout_s + 5)
+        self.wait_unloaded(self.exit_timeout_s + 5, names=[name])
         deadline = time.monotonic() + 10
         while before & set(workers(self.pid)) and time.monotonic() < deadline:  # the old stubs exiting
             time.sleep(0.05)
-        self._admin(f"/v2/repository/models/{name}/load")
+        self._admin(f"/v2/repository/models/{name}/load", timeout_s=READY_TIMEOUT_S)
 
-    def wait_unloaded(self, timeout_s: float) -> bool:
-        """Wait until no model is loaded or unloading (in-flight requests done); False after ``timeout_s``."""
+    def wait_unloaded(self, timeout_s: float, names: Optional[Sequence[str]] = None) -> bool:
+        """Wait until no model (of ``names``; default all) is loaded or unloading (their in-flight requests done);
+        False after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.is_alive():
             try:
                 index = json.loads(self._admin("/v2/repository/index") or b"[]")
             except (ServerError, ValueError):
                 return False
-            if all(m.get("state") not in ("READY", "UNLOADING") for m in index):
+            if all(m.get("state") not in ("READY", "UNLOADING") for m in index
+                   if names is None or m.get("name") in names):
                 return True
             time.sleep(0.05)
         return False
@@ -472,8 +481,10 @@ class WorkerWatch(threading.Thread):
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
+        """Stop watching; waits for a restart in progress (bounded by its load time)."""
         self._stop_event.set()
-        self.join(timeout=10)
+        if self.is_alive():
+            self.join(timeout=READY_TIMEOUT_S)
 
     def counts(self) -> Dict[str, int]:
         return {"worker_deaths": self.deaths, "model_restarts": self.restarts, "restart_failures": self.failures}
@@ -494,6 +505,8 @@ class WorkerWatch(threading.Thread):
                 if w.shm:
                     (SHM_DIR / w.shm).unlink(missing_ok=True)
             for model in sorted({w.model for w in dead}):
+                if self._stop_event.is_set():  # shutting down: the drain unloads everything anyway
+                    return
                 t0 = time.monotonic()
                 try:
                     self.server.restart_model(model)
