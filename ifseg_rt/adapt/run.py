@@ -149,6 +149,7 @@ class RunWriter:
     keep_checkpoints: bool = True
     validation_log: List[Dict[str, Any]] = field(default_factory=list)
     image_policy: Optional[ImagePolicy] = None  # recorded in run.json: what the run was validated for; export uses it
+    self_training: List[Dict[str, Any]] = field(default_factory=list)  # rounds of self-training on images, if any
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -187,6 +188,7 @@ class RunWriter:
             "step": step, "steps": trainer.options.steps, "finished": finished, "final_loss": final_loss,
             "validation": self.validation_log,
             "image_policy": self.image_policy.to_dict() if self.image_policy is not None else None,
+            "self_training": self.self_training,
             "files": {"model": MODEL_FILE, "train_state": TRAIN_STATE_FILE, "log": LOG_FILE},
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -21,7 +21,9 @@ from ..adapt import run as R
 from ..adapt.options import PRECISIONS, AdaptOptions
 from ..adapt.trainer import WordGridTrainer
 from ..evaluate import find_pairs
-from ..runtime.preprocess import ImagePolicy
+from ..adapt.selftrain import SelfTrainOptions, self_train
+from ..runtime.inputs import list_images
+from ..runtime.preprocess import ImagePolicy, load_image
 from ..tokenizer import IFSEG_PROMPT_PREFIX, parse_categories
 from . import UsageError
 from .args import (HelpFormatter, add_knn_backend_argument, add_label_offset_argument, examples, non_negative_int,
@@ -102,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--val-short-side", type=positive_int, default=512,
                      help="resize the short side of validation images to this (long side capped at 2048)")
     add_knn_backend_argument(val, help="ifseg_rt.knn backend for validation")
+
+    st = p.add_argument_group("self-training on unlabelled images (continues the finished run in --out)")
+    st.add_argument("--self-train", metavar="IMAGES_DIR",
+                    help="pseudo-label these images with the run's model (kNN on), keep the confident cells and "
+                         "train on them, mixed with word grids; the run in --out is updated")
+    st.add_argument("--self-train-rounds", type=positive_int, default=SelfTrainOptions.rounds,
+                    help="rounds of pseudo-labelling + training")
+    st.add_argument("--self-train-steps", type=positive_int, default=SelfTrainOptions.steps, help="updates per round")
+    st.add_argument("--self-train-lr", type=float, default=SelfTrainOptions.lr, help="AdamW learning rate")
+    st.add_argument("--self-train-threshold", type=float, default=SelfTrainOptions.threshold,
+                    help="keep a cell's pseudo-label when its kNN-averaged probability is at least this")
+    st.add_argument("--self-train-limit", type=positive_int, default=None, help="use only the first N images")
     return p
 
 
@@ -130,16 +144,58 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--val-images and --val-labels go together")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    if not args.resume:
+    if args.self_train and args.resume:
+        parser.error("--self-train continues a finished run; it excludes --resume")
+    if not args.resume and not args.self_train:
         missing = [f for f, v in (("--checkpoint", args.checkpoint), ("--bpe-dir", args.bpe_dir)) if v is None]
         if args.categories is None and args.categories_file is None:
             missing.append("--categories or --categories-file")
         if missing:
             parser.error("the following arguments are required (unless --resume): " + ", ".join(missing))
     try:
+        if args.self_train:
+            return _self_train(args)
         return _run(args, argv, parser)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise UsageError(str(e)) from None
+
+
+def _self_train(args: argparse.Namespace) -> int:
+    """``adapt --out RUN --self-train IMAGES_DIR``: self-train the finished run's model and save the run again."""
+    out = Path(args.out)
+    saved = R.read_run(out)
+    if not saved.get("finished"):
+        raise ValueError(f"{out} is not a finished adaptation run; finish it first (--resume)")
+    paths = list_images([args.self_train])[:args.self_train_limit]
+    images = [load_image(p) for p in paths]  # a bad file fails here, named, before any training
+    options = SelfTrainOptions(rounds=args.self_train_rounds, steps=args.self_train_steps, lr=args.self_train_lr,
+                               threshold=args.self_train_threshold)
+    setup, adapt_options = R.setup_from_run(saved)
+    trainer = WordGridTrainer(setup.model, adapt_options, device=args.device)
+    trainer.load_state_dict(R.load_train_state(out))
+    policy = ImagePolicy.from_dict(saved["image_policy"]) if saved.get("image_policy") else \
+        ImagePolicy(short_side=args.val_short_side, max_long_side=max(2048, args.val_short_side))
+    on_round = None
+    if args.val_images:
+        validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
+                                  every=0, label_offset=args.label_offset, knn=args.val_knn,
+                                  knn_backend=args.knn_backend, short_side=args.val_short_side)
+
+        def on_round(k):
+            rec = R.validate(trainer, validation, setup.categories)
+            print(f"validation after round {k}: " + "  ".join(
+                f"{n} mIoU {rec[n]['mIoU']}" for n in ("raw", "knn") if n in rec))
+            return {"validation": rec}
+    print(f"self-training {out} on {len(images)} images ({options.rounds} round(s) x {options.steps} steps)")
+    history = self_train(trainer, setup.categories, images, options, policy=policy, on_round=on_round)
+    writer = R.RunWriter(out, setup, args=dict(saved.get("args", {})), save_dtype=args.save_dtype,
+                         keep_checkpoints=False, validation_log=list(saved.get("validation", [])),
+                         image_policy=policy, self_training=list(saved.get("self_training") or []) + [
+                             {"images": str(args.self_train), "count": len(images), "options": options.to_dict(),
+                              "rounds": history}])
+    writer.save(trainer, final_loss=saved.get("final_loss"), finished=True)
+    print(f"wrote {out / R.MODEL_FILE} and {out / R.RUN_FILE}; next: python -m ifseg_rt export {out} --out MODEL_DIR")
+    return 0
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:

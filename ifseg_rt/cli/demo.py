@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for every engine (default: the idle cores available to this process)")
+    p.add_argument("--self-train", type=positive_int, default=None, metavar="N",
+                   help="after the adaptation, self-train on N unlabelled scenes (pseudo-labels from the model itself, "
+                        "kNN on) and add its rows to the table (a few minutes; README: 200)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -61,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     base = QUICK if args.quick else DemoSettings()
-    changes = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "images", "size", "overlays")
+    changes = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "images", "size", "overlays", "self_train")
                if getattr(args, k) is not None}
     if changes.get("overlays", 0) < 0:
         parser.error("--overlays must be >= 0")

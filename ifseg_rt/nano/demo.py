@@ -33,6 +33,7 @@ NANO_DIR = _CHECKOUT_NANO if (_CHECKOUT_NANO / WEIGHTS_FILE).is_file() or not _I
     else _INSTALLED_NANO
 TILE = 192  # px; overlay tiles are scaled up (nearest) to at least this height
 DEMO_SEED = 2 ** 40  # evaluation scenes: seeds DEMO_SEED + i, disjoint from pretraining (< 10**12) and its eval
+SELF_TRAIN_SEED = 2 ** 41  # unlabelled self-training scenes: disjoint from the evaluation scenes
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,11 @@ class DemoSettings:
     size: int = 256  # px, square scenes: 16 x 16 cells, twice the 8 x 8 reference grid the word grids are trained on
     overlays: int = 8  # overlay PNGs written
     check_export: bool = True  # compare onnxruntime with PyTorch after export
+    self_train: int = 0  # unlabelled scenes to self-train on after the adaptation (0: no self-training)
+    self_train_steps: int = 300  # self-training updates (one round)
 
 
-QUICK = DemoSettings(steps=4, batch_size=2, images=3, size=64, overlays=2, check_export=False)
+QUICK = DemoSettings(steps=4, batch_size=2, images=3, size=64, overlays=2, check_export=False, self_train_steps=4)
 
 
 def parse_demo_categories(text: Optional[str]) -> List[str]:
@@ -218,12 +221,31 @@ def run_demo(out: Path, names: Sequence[str], settings: DemoSettings, *, model_d
 
     rows = {"un-adapted": base.metrics["raw"], "un-adapted + kNN": base.metrics["knn"],
             "IFSeg": adapted.metrics["raw"], "IFSeg + kNN": adapted.metrics["knn"]}
+    self_training = None
+    if settings.self_train:
+        from ..adapt.selftrain import SelfTrainOptions, self_train
+        from ..world import render_scene
+
+        t0 = time.perf_counter()
+        log(f"[+] self-training on {settings.self_train} unlabelled scenes ({settings.self_train_steps} steps), "
+            f"then the same evaluation (torch, in process)")
+        unlabelled = [render_scene(SELF_TRAIN_SEED + i, settings.size, categories=names).image
+                      for i in range(settings.self_train)]
+        st = SelfTrainOptions(steps=settings.self_train_steps, seed=seed,
+                              batch_size=min(SelfTrainOptions().batch_size, settings.self_train))
+        self_training = self_train(trainer, names, unlabelled, st, policy=policy, log=lambda msg: log(f"      {msg}"))
+        st_seg = Segmenter.from_model(trainer.model, names, policy=policy, threads=threads)
+        selftrained = evaluate(st_seg, pairs, knn=True, progress=progress)
+        rows.update({"+ self-training": selftrained.metrics["raw"],
+                     "+ self-training + kNN": selftrained.metrics["knn"]})
+        timings["self_train_s"] = time.perf_counter() - t0
     results = {
         "format": "ifseg_rt.demo", "categories": list(names), "settings": settings.__dict__, "seed": seed,
         "model": str(nano.resolve()), "scene_seeds": [DEMO_SEED, DEMO_SEED + settings.images - 1],
         "miou": {k: _pct(v.miou) for k, v in rows.items()},
         "metrics": {k: v.to_dict(names) for k, v in rows.items()},
         "adaptation": {k: summary[k] for k in ("steps", "final_loss", "steps_per_s", "seconds")},
+        "self_training": self_training,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "overlays": written, "model_dir": str(out / "model"),
     }
