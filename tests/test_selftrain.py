@@ -68,6 +68,17 @@ def test_self_train_updates_the_model_and_reports_rounds():
     assert not model.training
 
 
+def test_no_confident_cell_is_no_loss_not_nan():
+    model = tiny_segofa(len(CATEGORIES), seed=5)
+    trainer = WordGridTrainer(model, AdaptOptions(steps=1, batch_size=1), device="cpu")
+    images = [np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8) for i in range(2)]
+    hist = self_train(trainer, CATEGORIES, images, SelfTrainOptions(steps=2, batch_size=2, word_grids=1,
+                                                                    threshold=1.0),
+                      policy=POLICY, log=lambda m: None)
+    assert hist[0]["kept_cells"] == 0.0 and hist[0]["image_loss"] == 0.0
+    assert all(torch.isfinite(v).all() for v in trainer.params.values())
+
+
 @pytest.mark.parametrize("kw, message", [({"steps": 0}, "steps must be an integer >= 1"),
                                          ({"threshold": 1.5}, "threshold must be in"),
                                          ({"lr": 0.0}, "lr must be > 0")])

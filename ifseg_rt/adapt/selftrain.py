@@ -134,8 +134,11 @@ def self_train(trainer: WordGridTrainer, categories: Sequence[str], images: Sequ
             x, y = _augment(torch.from_numpy(np.stack([x_all[i] for i in idx])),
                             torch.from_numpy(np.stack([y_all[i] for i in idx])), rng)
             logits, _ = model(x.to(trainer.device))
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1).to(trainer.device),
-                                   ignore_index=IGNORE)
+            y = y.reshape(-1).to(trainer.device)
+            if (y != IGNORE).any():
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, ignore_index=IGNORE)
+            else:  # no confident cell in this batch: no image loss (cross-entropy over nothing is NaN)
+                loss = logits.float().sum() * 0.0
             total = loss
             if options.word_grids:
                 batch = trainer.sampler.sample(options.word_grids)
