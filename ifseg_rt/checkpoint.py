@@ -9,13 +9,13 @@ are regenerated in code.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import pickle
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -130,7 +130,12 @@ def _numpy_globals() -> list:
     return out
 
 
-SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+class PickledNamespace(types.SimpleNamespace):
+    """What a pickled ``argparse.Namespace`` (fairseq's ``cfg.task`` / ``args``) is loaded as: attribute access and
+    ``vars()`` as on the original, without the library layer importing the command-line module."""
+
+
+SAFE_GLOBALS = [(PickledNamespace, "argparse.Namespace"), *_numpy_globals()]
 
 
 def safe_torch_load(path: Union[str, Path]) -> Any:
