@@ -50,6 +50,14 @@ def positive_float(text: str) -> float:
     return v
 
 
+def patch_multiple(text: str) -> int:
+    """A size in px that is a whole number of 16 px cells."""
+    v = positive_int(text)
+    if v % PATCH:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {PATCH} (the cell size), got {v}")
+    return v
+
+
 def image_size(text: str):
     """``HxW`` (or ``H,W``) in pixels, both sides at least one 16 px patch -> (H, W)."""
     parts = [p for p in re.split(r"[x,\s]+", text.strip().lower()) if p]

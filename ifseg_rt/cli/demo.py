@@ -11,14 +11,8 @@ from typing import Optional, Sequence
 from ..nano.demo import (NANO_DIR, QUICK, DemoSettings, format_results, parse_demo_categories, prepare_out,
                          run_demo)
 from ..world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES
-from .args import HelpFormatter, examples, positive_int
+from .args import HelpFormatter, examples, patch_multiple, positive_int
 
-
-def _size(text: str) -> int:
-    v = positive_int(text)
-    if v % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the cell size), got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None, help=f"word grids per update (default: {d.batch_size}; {q.batch_size} with --quick)")
     p.add_argument("--lr", type=float, default=None, help=f"peak adaptation learning rate (default: {d.lr}; {q.lr} with --quick)")
     p.add_argument("--images", type=positive_int, default=None, help=f"evaluation scenes (default: {d.images}; {q.images} with --quick)")
-    p.add_argument("--size", type=_size, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
+    p.add_argument("--size", type=patch_multiple, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
     p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
     p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
     p.add_argument("--threads", type=positive_int, default=None,

@@ -7,9 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..geometry import PATCH
 from ..nano import pretrain as P
-from .args import positive_int
+from .args import non_negative_int, patch_multiple, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser updates")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per update")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    p.add_argument("--size", type=positive_int, default=d.size, help="scene size in px (multiple of 16)")
+    p.add_argument("--warmup", type=non_negative_int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--size", type=patch_multiple, default=d.size, help="scene size in px (multiple of 16)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data stream and the initialisation")
     p.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
     p.add_argument("--eval-samples", type=int, default=96, help="held-out samples per task/input (0: skip)")
@@ -34,10 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.size % PATCH:
-        parser.error(f"--size must be a multiple of {PATCH}, got {args.size}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     options = P.PretrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                               size=args.size, seed=args.seed, threads=args.threads)
     report = P.pretrain(args.out, options, progress=not args.no_progress, log_every=args.log_every,

@@ -16,16 +16,8 @@ from ..knn.settings import KnnSettings
 from ..metrics import ConfusionMatrix, SegMetrics
 from ..runtime.inputs import is_uri
 from ..runtime.outputs import error_message
-from .cluster import (
-    PoolPlan,
-    RayRun,
-    arrow_blocks,
-    cluster_plan,
-    init_ray,
-    pool_options,
-    require_ray,
-    shutdown_ray,
-)
+from .cluster import (PoolPlan, RayRun, arrow_blocks, cluster_plan, init_ray, pool_options, require_ray,
+                      shutdown_ray)
 from .storage import absolute_path
 
 
