@@ -8,12 +8,12 @@ import argparse
 import re
 from pathlib import Path
 
-from ..distributed import TABLE_NAME
 from ..geometry import PATCH
 from ..knn import BACKENDS as KNN_BACKENDS
 from ..metrics import LABEL_OFFSETS
 from ..runtime.backends import BACKENDS
 from ..runtime.model_dir import PRECISIONS
+from ..runtime.outputs import TABLE_NAME
 
 
 def _integer(text: str) -> int:

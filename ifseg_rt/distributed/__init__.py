@@ -38,7 +38,8 @@ from .cluster import (LOCAL_ENV, RAY_HINT, PoolPlan, RayUnavailable, cluster_pla
                       require_ray, shutdown_ray)
 from .evaluate import RayEvalResult, evaluate_dataset
 from .segment import SegmentSummary, segment_dataset
-from .storage import TABLE_NAME, ArrowOutputDir, output_dir, records_table, table_schema
+from ..runtime.outputs import TABLE_NAME
+from .storage import ArrowOutputDir, output_dir, records_table, table_schema
 
 __all__ = ["LOCAL_ENV", "RAY_HINT", "TABLE_NAME", "ArrowOutputDir", "PoolPlan", "RayEvalResult", "RayUnavailable",
            "SegmentSummary", "cluster_plan", "evaluate_dataset", "init_ray", "is_loopback", "output_dir", "plan_pool",

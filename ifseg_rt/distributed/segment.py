@@ -11,20 +11,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ..runtime import Segmenter
 from ..runtime.inputs import check_outputs_apart, is_uri, list_images
 from ..runtime.model_dir import load_model_dir
-from ..runtime.outputs import ImageRecord, error_message, output_names, segment_files
+from ..runtime.outputs import TABLE_NAME, ImageRecord, error_message, output_names, segment_files
 from .cluster import (PoolPlan, RayRun, arrow_blocks, cluster_plan, init_ray, pool_options, require_ray,
                       shutdown_ray)
-from .storage import (
-    TABLE_NAME,
-    ArrowOutputDir,
-    TableWriter,
-    absolute_path,
-    fetch,
-    join_path,
-    output_dir,
-    records_table,
-    table_schema,
-)
+from .storage import (ArrowOutputDir, TableWriter, absolute_path, fetch, join_path, output_dir, records_table,
+                      table_schema)
 
 
 class _SegmentActor:

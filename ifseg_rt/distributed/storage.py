@@ -13,7 +13,6 @@ from ..runtime.inputs import is_uri, split_uri
 from ..runtime.outputs import ImageRecord, OutputDir
 from ..runtime.segmenter import STAGES
 
-TABLE_NAME = "segments.parquet"  # the per-image table written into the output folder
 
 
 class ArrowOutputDir:

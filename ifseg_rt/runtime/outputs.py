@@ -31,6 +31,7 @@ from .segmenter import SegmentationResult
 LABEL_SUFFIX = ".png"  # <name>.png: the label map
 OVERLAY_SUFFIX = ".overlay.jpg"  # <name>.overlay.jpg: labels over the image (--overlay)
 OVERLAY_QUALITY = 90  # JPEG quality of overlays
+TABLE_NAME = "segments.parquet"  # the per-image table segment --ray writes into the output folder
 
 
 def output_names(sources: Sequence[Union[str, Path]]) -> List[str]:
