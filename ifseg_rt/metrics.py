@@ -32,9 +32,13 @@ def label_offset_of(path: Union[str, Path], default: int = 1) -> int:
 
     try:
         with Image.open(path) as im:
-            text = getattr(im, "text", {}) or {}
+            return _offset_of(im, default)
     except OSError:
         return default
+
+
+def _offset_of(im, default: int = 1) -> int:
+    text = getattr(im, "text", {}) or {}
     return 0 if text.get(LABEL_PNG_KEY) == CLASS_IDS else default
 
 
@@ -80,10 +84,10 @@ def load_label(path: Union[str, Path], num_classes: int, *, label_offset: Option
     from PIL import Image
 
     path = Path(path)
-    if label_offset is None:
-        label_offset = label_offset_of(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # opened once: the offset mark and the pixels
+            if label_offset is None:
+                label_offset = _offset_of(im)
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise ValueError(f"{path}: label maps must be single-channel (mode L, P or I), got mode {im.mode}")
             arr = np.asarray(im)
