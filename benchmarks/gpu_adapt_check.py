@@ -55,6 +55,28 @@ def main(args) -> Report:
                                                "precision": precision, "s/step": s_per_step,
                                                "2000 steps (min)": recipe_min, **({"peak GiB": rep.facts[
                                                    "peak_mem_gib"]} if gpu else {})}])
+        # self-training (issue 25) on the same trainer: pseudo-labels through the Segmenter on the model's device,
+        # then image + word-grid updates; the model must stay on the GPU
+        import numpy as np
+
+        from ifseg_rt.adapt.selftrain import SelfTrainOptions, self_train
+        from ifseg_rt.runtime import ImagePolicy
+
+        side, n_img = (512, 8) if gpu else (64, 2)
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 255, (side, side, 3), dtype=np.uint8) for _ in range(n_img)]
+        sync()
+        t0 = time.perf_counter()
+        hist = self_train(trainer, [f"c{i}" for i in range(M)], images,
+                          SelfTrainOptions(steps=2, batch_size=n_img, word_grids=2, threshold=0.0),
+                          policy=ImagePolicy(short_side=side, max_long_side=side), log=lambda m: None)
+        sync()
+        st_s = time.perf_counter() - t0
+        on_device = all(p.device.type == trainer.device.type for p in trainer.model.parameters())
+        rep.check("self-training keeps the model on its device and a finite loss",
+                  on_device and math.isfinite(hist[0]["image_loss"]),
+                  f"device {trainer.device}, image loss {hist[0]['image_loss']:.4f}, {st_s:.2f} s for "
+                  f"{n_img} pseudo-labels + 2 steps")
         if gpu:
             rep.target(f"{RECIPE_STEPS} steps <= {RECIPE_BUDGET_S / 60:g} min",
                        s_per_step * RECIPE_STEPS <= RECIPE_BUDGET_S,

@@ -15,7 +15,7 @@
 #   e2e     blocked attention (no S x S tables) = materialised biases on CUDA, peak memory at 512^2 and 512x2048;
 #           torch backend fp32/bf16/fp16 +- CUDA graphs, labels vs fp32, throughput vs the bf16 matmul rate,
 #           Segmenter's CUDA post-processing vs the CPU one, kNN share of the engine time  gpu_e2e_check.py
-#   adapt   one word-grid adaptation step, OFA-base, batch 16, bf16                        gpu_adapt_check.py
+#   adapt   one word-grid adaptation step, OFA-base, batch 16, bf16; 2 self-training steps gpu_adapt_check.py
 #   tests   the test suite's requires_cuda tests
 #
 # Output, written to $OUT as it goes (default benchmarks/results/gpu_check): gpu_check.log (everything printed),

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--val-images", help="folder of validation images")
     val.add_argument("--val-labels", help="folder of PNG label maps matched to --val-images by file stem")
     val.add_argument("--val-every", type=non_negative_int, default=500,
-                     help="validate every N updates (0: only at the end)")
+                     help="validate every N updates (0: only at the end; training on images: also after each "
+                          "round)")
     val.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N validation images")
     add_label_offset_argument(val)
     val.add_argument("--val-knn", action=argparse.BooleanOptionalAction, default=True,
@@ -105,17 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resize the short side of validation images to this (long side capped at 2048)")
     add_knn_backend_argument(val, help="ifseg_rt.knn backend for validation")
 
-    st = p.add_argument_group("self-training on unlabelled images (continues the finished run in --out)")
-    st.add_argument("--self-train", metavar="IMAGES_DIR",
-                    help="pseudo-label these images with the run's model (kNN on), keep the confident cells and "
-                         "train on them, mixed with word grids; the run in --out is updated")
+    st = p.add_argument_group("training on images (continues the finished run in --out; --resume finishes an "
+                              "interrupted one)")
+    src_img = st.add_mutually_exclusive_group()
+    src_img.add_argument("--self-train", metavar="IMAGES_DIR",
+                         help="pseudo-label these images with the run's model (kNN on), keep the confident cells and "
+                              "train on them, mixed with word grids; the run in --out is updated")
+    src_img.add_argument("--train-images", metavar="IMAGES_DIR",
+                         help="supervised fine-tuning on these images and the label maps of --train-labels (every "
+                              "category labelled)")
+    st.add_argument("--train-labels", metavar="LABELS_DIR", help="PNG label maps of --train-images, matched by stem")
+    st.add_argument("--seen-labels", metavar="LABELS_DIR",
+                    help="with --self-train: PNG label maps of the images (matched by stem) whose --seen categories "
+                         "are used as they are; the other pixels get pseudo-labels among the unseen categories")
+    st.add_argument("--seen", help='with --seen-labels: the categories the label maps annotate, e.g. "sky, road"')
     st.add_argument("--self-train-rounds", type=positive_int, default=SelfTrainOptions.rounds,
-                    help="rounds of pseudo-labelling + training")
-    st.add_argument("--self-train-steps", type=positive_int, default=SelfTrainOptions.steps, help="updates per round")
-    st.add_argument("--self-train-lr", type=float, default=SelfTrainOptions.lr, help="AdamW learning rate")
+                    help="rounds of pseudo-labelling + training (supervised: 1)")
+    st.add_argument("--self-train-steps", "--train-steps", dest="self_train_steps", type=positive_int,
+                    default=SelfTrainOptions.steps, help="updates per round")
+    st.add_argument("--self-train-lr", "--train-lr", dest="self_train_lr", type=float, default=SelfTrainOptions.lr,
+                    help="AdamW learning rate")
+    st.add_argument("--self-train-batch-size", type=positive_int, default=SelfTrainOptions.batch_size,
+                    help="images per update")
     st.add_argument("--self-train-threshold", type=float, default=SelfTrainOptions.threshold,
                     help="keep a cell's pseudo-label when its kNN-averaged probability is at least this")
-    st.add_argument("--self-train-limit", type=positive_int, default=None, help="use only the first N images")
+    st.add_argument("--word-grids", type=non_negative_int, default=SelfTrainOptions.word_grids,
+                    help="word grids per update mixed into the image loss (0: images only)")
+    st.add_argument("--augment-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    default=list(SelfTrainOptions.scale), help="random resize range before the crop (1 1: none)")
+    st.add_argument("--cat-max-ratio", type=float, default=SelfTrainOptions.cat_max_ratio,
+                    help="a crop is drawn again while one category fills more than this of it (1: any crop)")
+    st.add_argument("--self-train-limit", "--train-limit", dest="self_train_limit", type=positive_int, default=None,
+                    help="use only the first N images")
     return p
 
 
@@ -144,56 +166,124 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--val-images and --val-labels go together")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    if args.self_train and args.resume:
-        parser.error("--self-train continues a finished run; it excludes --resume")
-    if not args.resume and not args.self_train:
+    images_mode = bool(args.self_train or args.train_images)
+    if (args.train_images is None) != (args.train_labels is None):
+        parser.error("--train-images and --train-labels go together")
+    if (args.seen_labels is None) != (args.seen is None):
+        parser.error("--seen-labels and --seen go together")
+    if args.seen_labels and not args.self_train:
+        parser.error("--seen-labels needs --self-train IMAGES_DIR (the images the label maps belong to)")
+    if args.train_images and args.self_train_rounds != 1:
+        parser.error("supervised training (--train-images) has no re-labelling rounds: drop --self-train-rounds")
+    if not args.resume and not images_mode:
         missing = [f for f, v in (("--checkpoint", args.checkpoint), ("--bpe-dir", args.bpe_dir)) if v is None]
         if args.categories is None and args.categories_file is None:
             missing.append("--categories or --categories-file")
         if missing:
             parser.error("the following arguments are required (unless --resume): " + ", ".join(missing))
     try:
-        if args.self_train:
-            return _self_train(args)
+        if images_mode:
+            return _train_on_images(args)
         return _run(args, argv, parser)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise UsageError(str(e)) from None
 
 
-def _self_train(args: argparse.Namespace) -> int:
-    """``adapt --out RUN --self-train IMAGES_DIR``: self-train the finished run's model and save the run again."""
+def _image_entry(args: argparse.Namespace, options: SelfTrainOptions, count: int) -> dict:
+    """What run.json records about one training on images (and what --resume compares)."""
+    mode = "supervised" if args.train_images else "seen-labels" if args.seen_labels else "self-train"
+    return {"mode": mode, "images": str(Path(args.train_images or args.self_train).resolve()),
+            "labels": str(Path(args.train_labels or args.seen_labels).resolve()) if mode != "self-train" else None,
+            "seen": parse_categories(args.seen) if args.seen else None, "count": count,
+            "options": options.to_dict(), "rounds": [], "finished": False}
+
+
+def _train_on_images(args: argparse.Namespace) -> int:
+    """``adapt --out RUN --self-train DIR [--seen-labels DIR --seen ...]`` or ``--train-images DIR --train-labels
+    DIR``: train the finished run's model on images and save the run after every round (``--resume`` finishes an
+    interrupted training from its last saved round)."""
+    from ..adapt.selftrain import check_labels
+    from ..metrics import load_label
+
     out = Path(args.out)
     saved = R.read_run(out)
     if not saved.get("finished"):
         raise ValueError(f"{out} is not a finished adaptation run; finish it first (--resume)")
-    paths = list_images([args.self_train])[:args.self_train_limit]
-    images = [load_image(p) for p in paths]  # a bad file fails here, named, before any training
-    options = SelfTrainOptions(rounds=args.self_train_rounds, steps=args.self_train_steps, lr=args.self_train_lr,
-                               threshold=args.self_train_threshold)
     setup, adapt_options = R.setup_from_run(saved)
+    categories = setup.categories
+    images_dir = args.train_images or args.self_train
+    labels_dir = args.train_labels or args.seen_labels
+    if labels_dir:
+        pairs = find_pairs(images_dir, labels_dir, limit=args.self_train_limit)
+        paths, label_paths = [p for p, _ in pairs], [q for _, q in pairs]
+    else:
+        paths, label_paths = list_images([images_dir])[:args.self_train_limit], []
+    seen = parse_categories(args.seen) if args.seen else None
+    if seen:
+        unknown = [n for n in seen if n not in categories]
+        if unknown:
+            raise ValueError(f"--seen: {', '.join(map(repr, unknown))} not among the run's categories "
+                             f"({', '.join(categories)})")
+    options = SelfTrainOptions(rounds=args.self_train_rounds, steps=args.self_train_steps, lr=args.self_train_lr,
+                               batch_size=args.self_train_batch_size, threshold=args.self_train_threshold,
+                               word_grids=args.word_grids, scale=tuple(args.augment_scale),
+                               cat_max_ratio=args.cat_max_ratio)
+    images = [load_image(p) for p in paths]  # a bad file fails here, named, before any training
+    labels = [load_label(q, len(categories), label_offset=args.label_offset) for q in label_paths] or None
+    if labels is not None:
+        check_labels(images, labels, [str(q) for q in label_paths])
+    history_all = list(saved.get("self_training") or [])
+    entry = _image_entry(args, options, len(images))
+    start_round = 1
+    if args.resume:
+        last = history_all[-1] if history_all else None
+        same = last is not None and {k: last.get(k) for k in ("mode", "images", "labels", "seen", "count",
+                                                              "options")} == \
+            {k: entry[k] for k in ("mode", "images", "labels", "seen", "count", "options")}
+        if last is None or last.get("finished", True) or not same:
+            raise ValueError(f"nothing to resume: {out} has no unfinished training on these images with these "
+                             f"options (run it without --resume to start one)")
+        entry = history_all.pop()
+        start_round = len(entry["rounds"]) + 1
     trainer = WordGridTrainer(setup.model, adapt_options, device=args.device)
     trainer.load_state_dict(R.load_train_state(out))
     policy = ImagePolicy.from_dict(saved["image_policy"]) if saved.get("image_policy") else \
         ImagePolicy(short_side=args.val_short_side, max_long_side=max(2048, args.val_short_side))
-    on_round = None
+    writer = R.RunWriter(out, setup, args=dict(saved.get("args", {})), save_dtype=args.save_dtype,
+                         keep_checkpoints=False, validation_log=list(saved.get("validation", [])),
+                         image_policy=policy, self_training=history_all + [entry])
+    validation = None
     if args.val_images:
         validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
                                   every=0, label_offset=args.label_offset, knn=args.val_knn,
                                   knn_backend=args.knn_backend, short_side=args.val_short_side)
 
-        def on_round(k):
-            rec = R.validate(trainer, validation, setup.categories)
-            print(f"validation after round {k}: " + "  ".join(
-                f"{n} mIoU {rec[n]['mIoU']}" for n in ("raw", "knn") if n in rec))
-            return {"validation": rec}
-    print(f"self-training {out} on {len(images)} images ({options.rounds} round(s) x {options.steps} steps)")
-    history = self_train(trainer, setup.categories, images, options, policy=policy, on_round=on_round)
-    writer = R.RunWriter(out, setup, args=dict(saved.get("args", {})), save_dtype=args.save_dtype,
-                         keep_checkpoints=False, validation_log=list(saved.get("validation", [])),
-                         image_policy=policy, self_training=list(saved.get("self_training") or []) + [
-                             {"images": str(args.self_train), "count": len(images), "options": options.to_dict(),
-                              "rounds": history}])
-    writer.save(trainer, final_loss=saved.get("final_loss"), finished=True)
+    def validate(where: str) -> dict:
+        rec = R.validate(trainer, validation, categories)
+        print(f"validation {where}: " + "  ".join(
+            f"{n} mIoU {rec[n]['mIoU']}" for n in ("raw", "knn") if n in rec), flush=True)
+        return rec
+
+    def on_step(k: int, step: int) -> dict:
+        return {"validation": validate(f"in round {k} at step {step}")} if validation is not None else {}
+
+    def on_round(k: int, record: dict) -> dict:
+        extra = {}
+        if validation is not None:
+            extra["validation"] = validate(f"after round {k}")
+        entry["rounds"].append({**record, **extra})
+        entry["finished"] = k == options.rounds
+        writer.save(trainer, final_loss=saved.get("final_loss"), finished=True)  # resumable from here
+        return extra
+
+    what = {"self-train": "self-training", "seen-labels": f"self-training with labels of {', '.join(seen or [])}",
+            "supervised": "supervised training"}[entry["mode"]]
+    print(f"{what}: {out} on {len(images)} images, rounds {start_round}..{options.rounds} x {options.steps} steps",
+          flush=True)
+    self_train(trainer, categories, images, options, policy=policy, labels=labels, seen=seen,
+               supervised=entry["mode"] == "supervised", start_round=start_round, on_round=on_round,
+               on_step=on_step, every=args.val_every if validation is not None else 0,
+               progress=not args.no_progress, log=lambda msg: print(msg, flush=True))
     print(f"wrote {out / R.MODEL_FILE} and {out / R.RUN_FILE}; next: python -m ifseg_rt export {out} --out MODEL_DIR")
     return 0
 
