@@ -15,8 +15,9 @@ loading and at its peak under load. The clients run on the same machine and shar
 
 ``--faults`` runs the fault cases instead (2 instances, 8 clients sending throughout): kill -9 of one python-backend
 worker (failed requests, time to the model's restart, failures after it), a second server on the same ports
-(refused before it reports anything), and a SIGTERM-style drain under load (requests accepted after it began,
-duration, shared-memory regions left).
+(refused before it reports anything), a 6300 x 6300 PNG (the int32 labels refused above ``--max-output-pixels``,
+the Client's PNG labels: response bytes, time, the server's /dev/shm bytes), the ifseg_* metrics after all that, and
+a SIGTERM-style drain under load (requests accepted after it began, duration, shared-memory regions left).
 
     python benchmarks/serve.py --faults --json benchmarks/results/serve_faults.json
 
@@ -203,6 +204,40 @@ class Load(threading.Thread):
         return [sum(1 for ok in sel if not ok), len(sel)]
 
 
+def large_image(server) -> Dict[str, object]:
+    """A 6300 x 6300 PNG (about 100 KB, 39.7 MP): the int32 labels request, then the Client's (PNG labels)."""
+    from PIL import Image
+
+    from ifseg_rt.runtime.outputs import encode_label_png
+    from ifseg_rt.runtime.segmenter import ImageError
+    from ifseg_rt.serve import Client
+    from ifseg_rt.serve.tritonserver import SHM_DIR
+    from ifseg_rt.world import render_scene
+
+    def shm_bytes() -> int:
+        return sum((SHM_DIR / n).stat().st_size for n in os.listdir(SHM_DIR) if n.startswith(server.shm_prefix))
+
+    buf = io.BytesIO()
+    Image.fromarray(render_scene(5, (252, 252)).image).resize((6300, 6300), Image.NEAREST).save(buf, format="PNG")
+    data = buf.getvalue()
+    out: Dict[str, object] = {"png_bytes": len(data), "shm_bytes_before": shm_bytes()}
+    t0 = time.monotonic()
+    try:
+        Client(server.http_url, png_labels=False, timeout_s=120).seg(data)
+        out["int32_labels"] = "served"
+    except ImageError as e:
+        out["int32_labels"] = f"refused in {time.monotonic() - t0:.2f} s: {e.reason[:160]}"
+    client = Client(server.http_url, timeout_s=120)
+    t0 = time.monotonic()
+    res = client.seg(data)
+    out["png_labels_s"] = round(time.monotonic() - t0, 2)
+    out["labels_shape"] = list(res.labels.shape)
+    out["labels_png_bytes"] = len(encode_label_png(res.labels, len(res.categories)))  # what the server sent
+    out["int32_labels_bytes"] = 4 * res.labels.size
+    out["shm_bytes_after"] = shm_bytes()
+    return out
+
+
 def fault_run(model: Path, work: Path, scenes) -> Dict[str, object]:
     """The fault cases of ``--faults`` (see the module docstring)."""
     import signal
@@ -242,6 +277,11 @@ def fault_run(model: Path, work: Path, scenes) -> Dict[str, object]:
             second.stop()
         except ServerError as e:
             out["busy_ports"] = {"refused": True, "seconds": round(time.monotonic() - t0, 3), "error": str(e)}
+        out["large_image"] = large_image(server)
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+            out["metrics"] = [ln for ln in r.read().decode().splitlines()
+                              if ln.startswith(("ifseg_requests", "ifseg_images", "ifseg_worker", "ifseg_execute_seconds_"
+                                                "count", "nv_inference_pending"))]
         # drain under load
         load = Load(server.http_url, scenes)
         load.start()

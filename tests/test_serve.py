@@ -38,6 +38,7 @@ from ifseg_rt.serve.tritonserver import free_port  # noqa: E402
 PHOTO = Path(__file__).parent / "data" / "photo_stm32f3discovery.jpg"
 MAX_PIXELS = 1_000_000  # the fixture's limit: a 3000 x 3000 PNG is a decompression bomb to this server
 MAX_BYTES = 2_000_000
+MAX_OUTPUT_PIXELS = 60_000  # the photo (360 x 238) is above it: its labels come as PNG
 START_TIMEOUT_S = 240
 
 
@@ -66,7 +67,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "ifseg_rt", "serve", "--model", str(model_dir), "--threads", "1",
                "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
                "--metrics-port", str(self.ports["metrics"]), "--max-pixels", str(MAX_PIXELS),
-               "--max-request-bytes", str(MAX_BYTES), "--ready-file", str(self.ready_file), "--exit-timeout", "5"]
+               "--max-request-bytes", str(MAX_BYTES), "--max-output-pixels", str(MAX_OUTPUT_PIXELS), "--ready-file", str(self.ready_file), "--exit-timeout", "5"]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.info = None
@@ -320,10 +321,63 @@ def test_client_errors(server, images, tmp_path):
     assert client.is_ready()
 
 
-def test_metrics_endpoint(server):
+def test_large_label_maps_come_as_png(server, segmenter):
+    """A request whose int32 labels would exceed --max-output-pixels is refused before any work, naming the limit
+    and the way out; the same labels as a PNG are equal to the in-process ones."""
+    photo = PHOTO.read_bytes()
+    want = segmenter.seg(photo).labels
+    assert want.size > MAX_OUTPUT_PIXELS
+    with pytest.raises(InferenceServerException) as e:
+        _infer("http", server, np.array([[photo]], dtype=np.object_))
+    assert e.value.status() == "400" and f"limit of {MAX_OUTPUT_PIXELS}" in e.value.message()
+    assert "'labels_png'" in e.value.message()
+    inp = httpclient.InferInput(P.INPUT, [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[photo]], dtype=np.object_), binary_data=True)
+    with httpclient.InferenceServerClient(_urls(server)["http"]) as c:
+        r = c.infer("ifseg", [inp], outputs=[httpclient.InferRequestedOutput(P.LABELS_PNG, binary_data=True)])
+    png = r.as_numpy(P.LABELS_PNG)
+    assert png.shape == (1, 1) and len(png[0, 0]) < want.size  # smaller than even one byte per pixel
+    with Image.open(io.BytesIO(png[0, 0])) as im:
+        np.testing.assert_array_equal(np.asarray(im), want)
+    with pytest.raises(ImageError, match="--max-output-pixels"):
+        Client(_urls(server)["grpc"], png_labels=False).seg(photo)
+    small = render_scene(4, (40, 56)).image
+    got = Client(_urls(server)["grpc"], png_labels=True).seg(small)
+    np.testing.assert_array_equal(got.labels, segmenter.seg(small).labels)
+
+
+def _metrics(server) -> dict:
     status, body = _get(f"http://127.0.0.1:{server.ports['metrics']}/metrics")
-    text = body.decode()
-    assert status == 200 and 'nv_inference_request_success{model="ifseg",version="1"}' in text
+    assert status == 200
+    out = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_count_requests_by_outcome(server, images):
+    before = _metrics(server)
+    assert 'nv_inference_request_success{model="ifseg",version="1"}' in before
+    assert 'nv_inference_pending_request_count{model="ifseg",version="1"}' in before  # the queue depth
+    assert 'nv_inference_request_summary_us{model="ifseg",version="1",quantile="0.99"}' in before  # latency
+    client = Client(_urls(server)["http"])
+    client.seg(images["scene1.png"])
+    client.seg(images["scene3.png"])
+    assert isinstance(client.seg([b"junk"], return_exceptions=True)[0], ImageError)
+    after = _metrics(server)
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta('ifseg_requests{model="ifseg",outcome="ok"}') == 2
+    assert delta('ifseg_requests{model="ifseg",outcome="refused"}') == 1
+    assert delta('ifseg_requests{model="ifseg",outcome="failed"}') == 0
+    assert delta('ifseg_images{model="ifseg"}') == 2
+    assert delta('ifseg_execute_seconds_count{model="ifseg"}') == 3
+    assert delta('ifseg_execute_seconds_bucket{model="ifseg",le="+Inf"}') == 3
+    assert after['ifseg_worker_restarts{model="ifseg"}'] == 0 and after['ifseg_worker_deaths{model="ifseg"}'] == 0
 
 
 def test_sigterm_stops_everything(server):

@@ -67,6 +67,9 @@ def test_a_dead_worker_is_restarted(quick_nano_model, tmp_path):
         assert _ready(server.http_url) == 200
         for _ in range(8):  # every request succeeds again: no instance is left dead
             assert client.seg(image).labels.shape == (48, 64)
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:  # the restart is in the metrics
+            metrics = r.read().decode()
+        assert 'ifseg_worker_deaths{model="ifseg"} 1' in metrics and 'ifseg_worker_restarts{model="ifseg"} 1' in metrics
         watch.stop()
         server.drain()  # what a SIGTERM starts with: not ready, new requests refused (kept-alive connection too)
         assert _ready(server.http_url, "/v2/models/ifseg/ready") in (400, 503)  # Triton's "not ready" is 400

@@ -94,6 +94,42 @@ def test_pack_and_unpack_round_trip_with_padding():
     assert set(only) == {P.LABELS, P.GRID}
 
 
+def test_png_labels_round_trip_and_the_output_size():
+    results = [_result(20, 30, (2, 2)), _result(33, 17, (3, 1), seed=1)]
+    out = P.pack_results(results, [P.LABELS_PNG, *P.SIZE_OUTPUTS])
+    assert P.LABELS not in out and out[P.LABELS_PNG].shape == (2, 1)
+    back = P.unpack_results(out, ("a", "b", "c"))
+    for r, b in zip(results, back):  # no padding: each item is its own PNG
+        np.testing.assert_array_equal(b.labels, r.labels)
+        assert b.labels.dtype == np.int32
+    big = [_result(300, 1, (1, 1), m=300, seed=2)]  # > 256 categories: a 16-bit PNG
+    big[0].labels[:] = np.arange(300, dtype=np.int32)[:, None]
+    cats = tuple(f"c{i}" for i in range(300))
+    big[0] = SegmentationResult(labels=big[0].labels, categories=cats, grid=(1, 1), original_size=(300, 1),
+                                input_size=(16, 16))
+    got = P.unpack_results(P.pack_results(big, [P.LABELS_PNG, *P.SIZE_OUTPUTS]), cats)[0]
+    np.testing.assert_array_equal(got.labels, big[0].labels)
+    broken = dict(out)
+    broken[P.LABELS_PNG] = np.array([[b"not a png"], [b""]], dtype=object)
+    with pytest.raises(ValueError, match="'labels_png' output is not a readable PNG"):
+        P.unpack_results(broken, ("a", "b", "c"))
+    # the padded int32 output of a request: items x max height x max width
+    assert P.output_pixels([np.zeros((20, 30, 3)), np.zeros((33, 17, 3))]) == 2 * 33 * 30
+    assert P.output_pixels([]) == 0
+
+
+def test_worker_health_file(tmp_path, monkeypatch):
+    from ifseg_rt.serve.telemetry import read_health, write_health
+
+    f = tmp_path / "health.json"
+    assert read_health(str(f), "m") == {"deaths": 0, "restarts": 0}  # none yet
+    write_health(f, {"m": 2}, {"m": 1, "other": 5})
+    assert read_health(str(f), "m") == {"deaths": 2, "restarts": 1}
+    assert read_health(str(f), "x") == {"deaths": 0, "restarts": 0} and read_health(None, "m")["deaths"] == 0
+    f.write_text("{broken")
+    assert read_health(str(f), "m") == {"deaths": 0, "restarts": 0}
+
+
 def test_unpack_rejects_labels_outside_the_category_list():
     out = P.pack_results([_result(20, 20, (2, 2))])
     out[P.LABELS][0, 0, 0] = 7

@@ -11,7 +11,8 @@ module            what
 ``tritonserver``  :class:`TritonServer`: the tritonserver bundled with nvidia-pytriton as a child process
 ``repository``    config.pbtxt built and validated with Triton's schema; serving and exported repositories
 ``triton_models`` the python-backend models that run inside Triton (imported by the repositories' model.py)
-``cli``           ``python -m ifseg_rt serve``
+``telemetry``     the ifseg_* Prometheus metrics of those models, the worker-health file
+``adaptation``    adapt on request: :class:`AdaptService` (jobs, worker processes, hot loading), its control socket
 ================  ================================================================================
 
 Needs the ``[serve]`` extra (nvidia-pytriton, tritonclient); never torch, unless the torch backend is chosen.
@@ -33,6 +34,7 @@ _LAZY = {
     "validate_repository": "ifseg_rt.serve.repository",
     "check_repository": "ifseg_rt.serve.repository",
     "RepositoryError": "ifseg_rt.serve.repository",
+    "AdaptServiceOptions": "ifseg_rt.serve.adaptation",
 }
 
 __all__ = list(_LAZY)

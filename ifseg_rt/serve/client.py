@@ -14,15 +14,21 @@ Files and bytes are sent as they are (the server decodes them, EXIF orientation 
 ``Segmenter.seg(path)``); arrays and PIL images go as lossless PNG of what ``load_image`` makes of them, so every
 kind of input gives the labels ``Segmenter.seg`` gives for it. One ``Client`` may be used from many threads (each
 thread gets its own HTTP connection; gRPC shares one channel).
+
+Labels come as the int32 ``labels`` output (no encoding cost) or, for an image above :data:`PNG_LABELS_ABOVE`
+pixels (or the server's ``max_output_pixels``) when the server offers it, as ``labels_png`` (a 40 MP map: a few
+hundred KB instead of 160 MB); ``png_labels=True/False`` forces one way.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -31,6 +37,7 @@ from ..runtime.segmenter import ImageError, SegmentationResult, describe
 from . import protocol as P
 
 PROTOCOLS = ("http", "grpc")
+PNG_LABELS_ABOVE = 4_194_304  # image pixels above which the client asks for labels_png (when the server has it)
 
 
 class ServeError(RuntimeError):
@@ -57,6 +64,17 @@ def encode_image(image: ImageLike) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def _pixels(data: bytes) -> Optional[int]:
+    """Width x height from an encoded image's header (None when Pillow cannot tell: the server will say why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # not an image: the server refuses it with the reason
+        return None
 
 
 def _describe(image: ImageLike) -> str:
@@ -86,26 +104,38 @@ def parse_url(url: str, protocol: Optional[str] = None) -> Tuple[str, str, bool]
     return rest, proto, ssl
 
 
+@dataclass(frozen=True)
+class _ModelInfo:
+    name: str
+    categories: Tuple[str, ...]
+    max_batch_size: int
+    has_png: bool
+    png_above: int  # image pixels above which labels come as PNG (png_labels=None)
+
+
 class Client:
-    """A client of one ifseg_rt model on a Triton server.
+    """A client of one ifseg_rt model on a Triton server (and of its adaptation endpoint, when it has one).
 
     Arguments:
       url (str): ``host:port`` (HTTP, e.g. ``localhost:8000``), or with a scheme: ``http://``, ``https://``,
         ``grpc://`` (e.g. ``grpc://localhost:8001``), ``grpcs://``
-      model (str): the model's name on the server
+      model (str or None): the model's name on the server (None: only adapted vocabularies, see :meth:`adapt`)
       protocol (str or None): "http" or "grpc" for a URL without scheme
       timeout_s (float): per request (and for connecting)
+      png_labels (bool or None): receive labels as PNG (True), as int32 (False), or PNG for large images only
+        (None, see the module docstring)
 
     Raises ``ServeError`` at construction when the server cannot be reached or the model is not an ifseg_rt model.
     """
 
-    def __init__(self, url: str = "localhost:8000", *, model: str = P.MODEL_NAME, protocol: Optional[str] = None,
-                 timeout_s: float = 60.0):
+    def __init__(self, url: str = "localhost:8000", *, model: Optional[str] = P.MODEL_NAME,
+                 protocol: Optional[str] = None, timeout_s: float = 60.0, png_labels: Optional[bool] = None):
         self.address, self.protocol, self.ssl = parse_url(url, protocol)
         self.url = f"{'https' if self.ssl else 'http'}://{self.address}" if self.protocol == "http" else \
             f"{'grpcs' if self.ssl else 'grpc'}://{self.address}"
         self.model = model
         self.timeout_s = float(timeout_s)
+        self.png_labels = png_labels
         try:
             if self.protocol == "http":
                 import tritonclient.http as tc
@@ -120,13 +150,21 @@ class Client:
         self._lock = threading.Lock()
         self._clients: List[Any] = []
         self._grpc = None
+        self._models: Dict[str, _ModelInfo] = {}
+        self._vocabularies: Dict[str, str] = {}  # vocabulary id -> model name
+        self.categories: Tuple[str, ...] = ()
         try:
-            self._check_model(model)
+            if model is not None:
+                info = self._check_model(model)
+                self.categories, self.max_batch_size = info.categories, info.max_batch_size
         except BaseException:
             self.close()  # no connection outlives a failed constructor
             raise
 
-    def _check_model(self, model: str) -> None:
+    def _check_model(self, model: str) -> "_ModelInfo":
+        """The ifseg_rt contract of ``model`` from its config (cached)."""
+        if model in self._models:
+            return self._models[model]
         config = self._call(lambda c: c.get_model_config(model) if self.protocol == "http"
                             else c.get_model_config(model, as_json=True)["config"], what="reading the model config")
         where = f"model '{model}' at {self.url}"
@@ -135,10 +173,20 @@ class Client:
             raise ServeError(f"{where} is not an ifseg_rt model: it has no BYTES input '{P.INPUT}' (inputs: "
                              f"{inputs})")
         try:
-            self.categories: Tuple[str, ...] = P.categories_from_config(config, where)
+            categories = P.categories_from_config(config, where)
         except ValueError as e:
             raise ServeError(str(e)) from None
-        self.max_batch_size = int(config.get("max_batch_size") or 1)
+        has_png = P.LABELS_PNG in {t.get("name") for t in config.get("output", [])}
+        if self.png_labels and not has_png:
+            raise ServeError(f"{where} has no '{P.LABELS_PNG}' output (an exported ensemble): use png_labels=None")
+        try:
+            limit = int(P.config_parameters(config).get(P.PARAM_MAX_OUTPUT_PIXELS) or P.MAX_OUTPUT_PIXELS)
+        except ValueError:
+            limit = P.MAX_OUTPUT_PIXELS
+        info = _ModelInfo(model, categories, int(config.get("max_batch_size") or 1), has_png,
+                          min(PNG_LABELS_ABOVE, limit))
+        self._models[model] = info
+        return info
 
     # --- connections ------------------------------------------------------------------------------------------
     def _client(self):
@@ -193,9 +241,11 @@ class Client:
 
     # --- segmentation ---------------------------------------------------------------------------------------
     def seg(self, image: Union[ImageLike, Sequence[ImageLike]], *, return_probabilities: bool = False,
-            return_exceptions: bool = False) -> Union[SegmentationResult, List[Union[SegmentationResult, ImageError]]]:
+            return_exceptions: bool = False, vocabulary: Optional[str] = None
+            ) -> Union[SegmentationResult, List[Union[SegmentationResult, ImageError]]]:
         """Segment one image (-> result) or a list/tuple of images (-> list of results, input order; one request
-        each), as :meth:`Segmenter.seg <ifseg_rt.runtime.Segmenter.seg>`.
+        each), as :meth:`Segmenter.seg <ifseg_rt.runtime.Segmenter.seg>`; ``vocabulary``: an id from
+        :meth:`adapt` (its model is loaded again if the server unloaded it), else this client's model.
 
         An image the server refuses (or that cannot be read here) raises :class:`ImageError` (a ``ValueError``)
         naming the problem, or with ``return_exceptions=True`` takes its place in the list. ``timings`` of a result
@@ -206,23 +256,112 @@ class Client:
         ImageError (ValueError), FileNotFoundError, TypeError for unusable inputs; ServeError when the server
         cannot answer (unreachable, queue full: status 503 / UNAVAILABLE, internal error)
         """
+        info = self._target(vocabulary)
         if not isinstance(image, (list, tuple)):
-            return self._one(image, 0, return_probabilities)
+            return self._seg_one(image, 0, return_probabilities, info, vocabulary)
         out: List[Union[SegmentationResult, ImageError]] = []
         for i, img in enumerate(image):
             try:
-                out.append(self._one(img, i, return_probabilities))
+                out.append(self._seg_one(img, i, return_probabilities, info, vocabulary))
             except (ImageError, FileNotFoundError, TypeError, ValueError) as e:
                 if not return_exceptions:
                     raise
                 out.append(e if isinstance(e, ImageError) else ImageError(i, _describe(img), str(e)))
         return out
 
-    def _one(self, image: ImageLike, index: int, probabilities: bool) -> SegmentationResult:
+    def _target(self, vocabulary: Optional[str]) -> _ModelInfo:
+        if vocabulary is None:
+            if self.model is None:
+                raise ServeError("this Client has no model (model=None): pass vocabulary=ID from Client.adapt")
+            return self._check_model(self.model)
+        name = self._vocabularies.get(vocabulary)
+        if name is None:
+            status = self.adapt_status(vocabulary, load=True)
+            if status["status"] != "ready":
+                raise ServeError(f"vocabulary {vocabulary} is not ready: {status['status']}"
+                                 + (f" ({status['reason']})" if status.get("reason") else ""))
+            name = self._vocabularies[vocabulary] = status["model"]
+        return self._check_model(name)
+
+    def _seg_one(self, image: ImageLike, index: int, probabilities: bool, info: _ModelInfo,
+                 vocabulary: Optional[str]) -> SegmentationResult:
+        try:
+            return self._one(image, index, probabilities, info)
+        except ServeError as e:
+            if vocabulary is None or "unknown model" not in str(e).lower():
+                raise
+            self.adapt_status(vocabulary, load=True)  # unloaded (least recently used): load it again, once
+            return self._one(image, index, probabilities, info)
+
+    # --- adaptation on request ----------------------------------------------------------------------------------
+    def _adapt_call(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        from .adaptation import ENDPOINT, REQUEST, RESPONSE
+
+        tc = self._tc
+        inp = tc.InferInput(REQUEST, [1], "BYTES")
+        arr = np.array([json.dumps(msg).encode("utf-8")], dtype=np.object_)
+        if self.protocol == "http":
+            inp.set_data_from_numpy(arr, binary_data=True)
+            outs = [tc.InferRequestedOutput(RESPONSE, binary_data=True)]
+        else:
+            inp.set_data_from_numpy(arr)
+            outs = [tc.InferRequestedOutput(RESPONSE)]
+        r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs), what="the adaptation request")
+        return json.loads(bytes(r.as_numpy(RESPONSE).reshape(-1)[0]))
+
+    def adapt(self, categories: Union[str, Sequence[str]], *, steps: Optional[int] = None, seed: Optional[int] = None,
+              wait: bool = True, timeout_s: float = 3600.0, poll_s: float = 1.0,
+              progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Ask the server (``serve --base ...``) for a model of ``categories``: an image-free adaptation, export
+        and load, run by the server (once per category list and recipe). Returns the status
+        (``{"vocabulary", "status", "progress": [k, N], "model", "categories", "reason", ...}``); with ``wait``
+        polls until it is ready (``progress`` gets every status) and raises :class:`ServeError` if it failed or
+        took longer than ``timeout_s``. Then ``seg(image, vocabulary=status["vocabulary"])``.
+
+        Raises
+        ------
+        ServeError: a refused request (its reason: empty or over-long list, duplicates, names the tokenizer cannot
+        encode, a full queue [status 503 / UNAVAILABLE]), a failed adaptation, no adaptation endpoint
+        """
+        msg: Dict[str, Any] = {"op": "adapt",  # a string is split at commas by the server
+                               "categories": categories if isinstance(categories, str) else list(categories)}
+        if steps is not None:
+            msg["steps"] = steps
+        if seed is not None:
+            msg["seed"] = seed
+        status = self._adapt_call(msg)
+        deadline = time.monotonic() + timeout_s
+        while wait:
+            if progress is not None:
+                progress(status)
+            if status["status"] == "ready":
+                if not status.get("loaded"):
+                    status = self.adapt_status(status["vocabulary"], load=True)
+                break
+            if status["status"] == "failed":
+                raise ServeError(f"adapting vocabulary {status['vocabulary']} failed: {status.get('reason')}")
+            if time.monotonic() > deadline:
+                raise ServeError(f"vocabulary {status['vocabulary']} is still {status['status']} after "
+                                 f"{timeout_s:.0f} s")
+            time.sleep(poll_s)
+            status = self.adapt_status(status["vocabulary"])
+        if status["status"] == "ready":
+            self._vocabularies[status["vocabulary"]] = status["model"]
+        return status
+
+    def adapt_status(self, vocabulary: str, *, load: bool = False) -> Dict[str, Any]:
+        """The status of ``vocabulary`` (``load``: load its model if it is ready but was unloaded)."""
+        return self._adapt_call({"op": "status", "vocabulary": vocabulary, "load": load})
+
+    def _one(self, image: ImageLike, index: int, probabilities: bool, info: _ModelInfo) -> SegmentationResult:
         t0 = time.perf_counter()
         data = encode_image(image)
         t1 = time.perf_counter()
-        names = [P.LABELS, *P.SIZE_OUTPUTS] + ([P.PROBABILITIES] if probabilities else [])
+        png = self.png_labels
+        if png is None:
+            n = _pixels(data) if info.has_png else None
+            png = n is not None and n > info.png_above
+        names = [P.LABELS_PNG if png else P.LABELS, *P.SIZE_OUTPUTS] + ([P.PROBABILITIES] if probabilities else [])
         tc = self._tc
         arr = np.array([[data]], dtype=np.object_)
         inp = tc.InferInput(P.INPUT, [1, 1], "BYTES")
@@ -235,19 +374,19 @@ class Client:
         try:
             c = self._client()
             if self.protocol == "http":
-                r = c.infer(self.model, inputs=[inp], outputs=outs)
+                r = c.infer(info.name, inputs=[inp], outputs=outs)
             else:
-                r = c.infer(self.model, inputs=[inp], outputs=outs, client_timeout=self.timeout_s)
+                r = c.infer(info.name, inputs=[inp], outputs=outs, client_timeout=self.timeout_s)
         except self._exc as e:
             status = str(e.status() or "")
-            if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+            if status in ("400", "StatusCode.INVALID_ARGUMENT") and "unknown model" not in str(e.message()).lower():
                 raise ImageError(index, _describe(image), e.message() or str(e)) from None
-            raise ServeError(f"request to {self.url} (model '{self.model}') failed: {e.message() or e} "
+            raise ServeError(f"request to {self.url} (model '{info.name}') failed: {e.message() or e} "
                              f"[status {status or 'none'}]", status or None) from None
         except (OSError, ConnectionError) as e:
             raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
         t2 = time.perf_counter()
-        result = P.unpack_results({n: r.as_numpy(n) for n in names}, self.categories)[0]
+        result = P.unpack_results({n: r.as_numpy(n) for n in names}, info.categories)[0]
         result.timings = {"encode": (t1 - t0) * 1e3, "request": (t2 - t1) * 1e3,
                           "total": (time.perf_counter() - t0) * 1e3}
         return result

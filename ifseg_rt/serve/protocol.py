@@ -8,6 +8,8 @@ ensemble (pre -> ONNX -> post)::
     input   image          BYTES  [batch, 1]      one encoded image file (JPEG, PNG, ...) per item
     output  labels         INT32  [batch, H0, W0] label map at the original, EXIF-upright size (-1 pads an item
                                                   smaller than the largest of its request)
+            labels_png     BYTES  [batch, 1]      the same label map per item as a PNG (``serve`` only; the
+                                                  client asks for it for large images, see MAX_OUTPUT_PIXELS)
             probabilities  FP32   [batch, h, w, M] cell probabilities (computed only when requested)
             original_size  INT32  [batch, 2]      (H0, W0) of each item
             input_size     INT32  [batch, 2]      (H, W) network input after the image policy
@@ -15,6 +17,12 @@ ensemble (pre -> ONNX -> post)::
 
 The category names are the config parameter ``categories`` (a JSON list), readable through the model-config
 endpoint (KServe v2 model metadata has no free-form fields). numpy + Pillow only: no tritonclient, no torch.
+
+Response size: ``labels`` costs 4 bytes per pixel of the original image (a 40 MP photo: 160 MB through the server's
+shared memory and the wire); ``serve`` refuses a request whose ``labels`` would exceed ``max_output_pixels``
+(config parameter, ``--max-output-pixels``) and offers ``labels_png`` (the palette PNG with the class-ids mark that
+``segment`` writes: a few hundred KB for such a map). An exported ensemble keeps ``labels`` only: an ensemble step
+computes every output it maps, so the PNG would be encoded for every request.
 """
 
 from __future__ import annotations
@@ -24,22 +32,25 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..runtime.outputs import decode_label_png, encode_label_png
 from ..runtime.preprocess import load_image
 
 MODEL_NAME = "ifseg"  # default Triton model name
 INPUT = "image"  # BYTES [batch, 1]
 LABELS = "labels"  # INT32 [batch, H0, W0]
+LABELS_PNG = "labels_png"  # BYTES [batch, 1]
 PROBABILITIES = "probabilities"  # FP32 [batch, h, w, M]
 ORIGINAL_SIZE = "original_size"  # INT32 [batch, 2]
 INPUT_SIZE = "input_size"  # INT32 [batch, 2]
 GRID = "grid"  # INT32 [batch, 2]
-OUTPUTS = (LABELS, PROBABILITIES, ORIGINAL_SIZE, INPUT_SIZE, GRID)
+OUTPUTS = (LABELS, LABELS_PNG, PROBABILITIES, ORIGINAL_SIZE, INPUT_SIZE, GRID)
 SIZE_OUTPUTS = (ORIGINAL_SIZE, INPUT_SIZE, GRID)
 CATEGORIES_PARAMETER = "categories"  # config parameter: JSON list of names, index = label
 PAD_LABEL = -1  # labels outside an item's own H0 x W0 when the items of one request differ in size
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # bytes per encoded item, checked before decoding
 MAX_PIXELS = 40_000_000  # px per decoded item (e.g. 8000 x 5000), read from the header before decoding
+MAX_OUTPUT_PIXELS = 16_777_216  # label pixels of one request's int32 'labels' output (64 MB), checked before work
 
 # config parameters the python-backend models read (ifseg_rt.serve.repository writes them), all strings
 PARAM_MODEL_DIR = "model_dir"  # serve: the exported model directory each instance loads
@@ -49,6 +60,7 @@ PARAM_THREADS = "threads"  # serve / ONNX stand-in: engine CPU threads per insta
 PARAM_KNN_BACKEND = "knn_backend"  # serve / post: ifseg_rt.knn backend
 PARAM_MAX_BYTES = "max_request_bytes"  # serve / pre
 PARAM_MAX_PIXELS = "max_pixels"  # serve / pre
+PARAM_MAX_OUTPUT_PIXELS = "max_output_pixels"  # serve
 PARAM_MANIFEST = "manifest"  # pre / post: the model's ifseg.json, relative to the version directory
 
 
@@ -122,6 +134,8 @@ def pack_results(results: Sequence[Any], requested: Optional[Sequence[str]] = No
     out: Dict[str, np.ndarray] = {}
     if LABELS in want:
         out[LABELS] = pack_labels([r.labels for r in results])
+    if LABELS_PNG in want:
+        out[LABELS_PNG] = np.array([[encode_label_png(r.labels, len(r.categories))] for r in results], dtype=object)
     if PROBABILITIES in want:
         out[PROBABILITIES] = pack_probabilities([r.probabilities for r in results])
     for name, attr in ((ORIGINAL_SIZE, "original_size"), (INPUT_SIZE, "input_size"), (GRID, "grid")):
@@ -130,28 +144,48 @@ def pack_results(results: Sequence[Any], requested: Optional[Sequence[str]] = No
     return out
 
 
+def output_pixels(images: Sequence[np.ndarray]) -> int:
+    """Pixels of the ``labels`` output of one request holding ``images`` (``batch x maxH x maxW``)."""
+    return len(images) * max(im.shape[0] for im in images) * max(im.shape[1] for im in images) if images else 0
+
+
+def _png_labels(data: Any) -> List[np.ndarray]:
+    arr = np.asarray(data, dtype=object)
+    if arr.ndim != 2 or arr.shape[1] != 1:
+        raise ValueError(f"the server's '{LABELS_PNG}' output must have shape [batch, 1], got {list(arr.shape)}")
+    out = []
+    for raw in arr[:, 0]:
+        try:
+            out.append(decode_label_png(bytes(raw)).astype(np.int32))
+        except Exception as e:  # Pillow raises several types for a broken PNG
+            raise ValueError(f"the server's '{LABELS_PNG}' output is not a readable PNG: {e}") from None
+    return out
+
+
 def unpack_results(outputs: Mapping[str, Optional[np.ndarray]], categories: Sequence[str],
                    timings: Optional[Dict[str, float]] = None) -> List[Any]:
     """The output tensors of one response -> a :class:`~ifseg_rt.runtime.SegmentationResult` per item (labels
-    cropped to each item's original size)."""
+    cropped to each item's original size), from ``labels`` or else ``labels_png``."""
     from ..runtime.segmenter import SegmentationResult
 
     labels = outputs.get(LABELS)
-    if labels is None or labels.ndim != 3:
+    if labels is None and outputs.get(LABELS_PNG) is not None:
+        labels = _png_labels(outputs[LABELS_PNG])
+    elif labels is None or labels.ndim != 3:
         raise ValueError(f"the server's response has no [batch, H, W] '{LABELS}' output "
                          f"(got {None if labels is None else list(labels.shape)})")
     sizes = {name: outputs.get(name) for name in SIZE_OUTPUTS}
     for name, v in sizes.items():
-        if v is None or v.shape != (labels.shape[0], 2):
+        if v is None or v.shape != (len(labels), 2):
             raise ValueError(f"the server's response has no [batch, 2] '{name}' output "
                              f"(got {None if v is None else list(v.shape)})")
     probs = outputs.get(PROBABILITIES)
     m = len(categories)
     results = []
-    for i in range(labels.shape[0]):
+    for i in range(len(labels)):
         h0, w0 = (int(v) for v in sizes[ORIGINAL_SIZE][i])
         gh, gw = (int(v) for v in sizes[GRID][i])
-        lab = np.ascontiguousarray(labels[i, :h0, :w0], dtype=np.int32)
+        lab = np.ascontiguousarray(labels[i][:h0, :w0], dtype=np.int32)
         if lab.shape != (h0, w0) or lab.size and (lab.min() < 0 or lab.max() >= m):
             raise ValueError(f"the server returned labels of shape {lab.shape} with values outside 0..{m - 1} for an "
                              f"image of {h0}x{w0} px: the server's model does not match its category list")

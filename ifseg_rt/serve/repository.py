@@ -102,12 +102,15 @@ def _batching(max_queue_size: int, max_queue_delay_us: int, queue_timeout_us: in
     return {"max_queue_delay_microseconds": int(max_queue_delay_us), "default_queue_policy": policy}
 
 
-def _contract_outputs(label_file: Optional[str] = None) -> List[Dict[str, Any]]:
+def _contract_outputs(label_file: Optional[str] = None, png: bool = False) -> List[Dict[str, Any]]:
+    """The contract's outputs (:mod:`~ifseg_rt.serve.protocol`): labels, probabilities, the sizes; ``png``: with
+    ``labels_png`` (``serve``'s model, not an ensemble)."""
     labels = {"name": P.LABELS, "data_type": "TYPE_INT32", "dims": [-1, -1]}
     if label_file:
         labels["label_filename"] = label_file
     return [labels, {"name": P.PROBABILITIES, "data_type": "TYPE_FP32", "dims": [-1, -1, -1]},
-            *({"name": n, "data_type": "TYPE_INT32", "dims": [2]} for n in P.SIZE_OUTPUTS)]
+            *({"name": n, "data_type": "TYPE_INT32", "dims": [2]} for n in P.SIZE_OUTPUTS),
+            *([{"name": P.LABELS_PNG, "data_type": "TYPE_STRING", "dims": [1]}] if png else [])]
 
 
 def _image_input() -> Dict[str, Any]:
@@ -143,31 +146,33 @@ def _shim(cls: str, what: str, python_path: Optional[str] = None) -> str:
 def serving_config(spec: ModelSpec, *, name: str = P.MODEL_NAME, backend: str = "auto", device: str = "cpu",
                    threads: int = 0, max_batch_size: int = 8, instances: int = 1, max_queue_size: int = MAX_QUEUE_SIZE,
                    max_queue_delay_us: int = 0, max_request_bytes: int = P.MAX_REQUEST_BYTES,
-                   max_pixels: int = P.MAX_PIXELS, knn_backend: str = "auto", queue_timeout_ms: int = QUEUE_TIMEOUT_MS):
+                   max_pixels: int = P.MAX_PIXELS, knn_backend: str = "auto", queue_timeout_ms: int = QUEUE_TIMEOUT_MS,
+                   max_output_pixels: int = P.MAX_OUTPUT_PIXELS):
     """The ``ModelConfig`` of the one python-backend model that ``serve`` runs around a ``Segmenter``.
 
     Memory is bounded by ``instances`` (each holds one ``Segmenter`` and runs one batch of at most
     ``max_batch_size`` images at a time), ``max_queue_size`` waiting requests (more are rejected with HTTP 503 /
-    gRPC UNAVAILABLE) and ``max_request_bytes`` / ``max_pixels`` per image, checked before decoding.
+    gRPC UNAVAILABLE), ``max_request_bytes`` / ``max_pixels`` per image, checked before decoding, and
+    ``max_output_pixels`` per request's int32 ``labels`` output (larger ones ask for ``labels_png``).
     """
     if spec.root is None:
         raise ValueError("serving needs an exported model directory, not an in-memory model")
     for key, v, lo in (("max_batch_size", max_batch_size, 1), ("instances", instances, 1),
                        ("max_queue_size", max_queue_size, 1), ("max_request_bytes", max_request_bytes, 1),
                        ("max_pixels", max_pixels, PATCH * PATCH), ("max_queue_delay_us", max_queue_delay_us, 0),
-                       ("queue_timeout_ms", queue_timeout_ms, 0),
+                       ("queue_timeout_ms", queue_timeout_ms, 0), ("max_output_pixels", max_output_pixels, 1),
                        ("threads", threads, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{key} must be an integer >= {lo}, got {v!r}")
     return build_config({
         "name": name, "backend": "python", "max_batch_size": max_batch_size,
-        "input": [_image_input()], "output": _contract_outputs(),
+        "input": [_image_input()], "output": _contract_outputs(png=True),
         "instance_group": [{"count": instances, "kind": "KIND_CPU"}],
         "dynamic_batching": _batching(max_queue_size, max_queue_delay_us, 1000 * queue_timeout_ms),
         "parameters": {**_categories_param(spec), **_params({
             P.PARAM_MODEL_DIR: str(Path(spec.root).resolve()), P.PARAM_BACKEND: backend, P.PARAM_DEVICE: device,
             P.PARAM_THREADS: threads, P.PARAM_KNN_BACKEND: knn_backend, P.PARAM_MAX_BYTES: max_request_bytes,
-            P.PARAM_MAX_PIXELS: max_pixels})}})
+            P.PARAM_MAX_PIXELS: max_pixels, P.PARAM_MAX_OUTPUT_PIXELS: max_output_pixels})}})
 
 
 def write_serving_repository(repo: Union[str, Path], spec: ModelSpec, **options: Any) -> Path:
@@ -180,6 +185,26 @@ def write_serving_repository(repo: Union[str, Path], spec: ModelSpec, **options:
            {f"{VERSION}/model.py": _shim("SegmenterModel", "python -m ifseg_rt serve",
                                          python_path=str(Path(ifseg_rt.__file__).resolve().parents[1]))})
     check_repository(root)
+    return root
+
+
+def write_adapt_endpoint(repo: Union[str, Path], control_socket: Union[str, Path]) -> Path:
+    """Add the adaptation endpoint (:data:`~ifseg_rt.serve.adaptation.ENDPOINT`, a python-backend proxy to the
+    serve process' :class:`~ifseg_rt.serve.adaptation.ControlServer` at ``control_socket``) to ``repo``."""
+    import ifseg_rt
+
+    from .adaptation import ENDPOINT, PARAM_CONTROL_SOCKET, REQUEST, RESPONSE
+
+    cfg = build_config({
+        "name": ENDPOINT, "backend": "python", "max_batch_size": 0,
+        "input": [{"name": REQUEST, "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": RESPONSE, "data_type": "TYPE_STRING", "dims": [1]}],
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": _params({PARAM_CONTROL_SOCKET: str(control_socket)})})
+    root = Path(repo)
+    _write(root / ENDPOINT, cfg, ["ifseg_rt serve: the adaptation endpoint (JSON in, JSON out)"],
+           {f"{VERSION}/model.py": _shim("AdaptEndpointModel", "python -m ifseg_rt serve --base",
+                                         python_path=str(Path(ifseg_rt.__file__).resolve().parents[1]))})
     return root
 
 
@@ -318,7 +343,7 @@ def export_repository(model_dir: Union[str, Path], out: Union[str, Path], *, nam
                   {"name": OUTPUT_NAMES[1], "data_type": "TYPE_FP32", "dims": [-1, c]},
                   {"name": P.ORIGINAL_SIZE, "data_type": "TYPE_INT32", "dims": [2]},
                   {"name": P.GRID, "data_type": "TYPE_INT32", "dims": [2]}],
-        "output": _contract_outputs()[:2],
+        "output": _contract_outputs()[:2],  # labels, probabilities
         "instance_group": [{"count": instances, "kind": "KIND_CPU"}],
         "dynamic_batching": _batching(max_queue_size, 0),
         "parameters": _params({P.PARAM_MANIFEST: MANIFEST, P.PARAM_KNN_BACKEND: "auto"})})

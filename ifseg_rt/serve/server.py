@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -22,7 +22,9 @@ from ..runtime.backends import resolve_backend, resolve_device
 from ..runtime.model_dir import load_model_dir
 from ..system import available_cores
 from . import protocol as P
-from .repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS, check_repository, write_serving_repository
+from .adaptation import ENDPOINT, AdaptService, AdaptServiceOptions, ControlServer
+from .repository import (MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS, check_repository, write_adapt_endpoint,
+                         write_serving_repository)
 from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer, WorkerWatch
 
 
@@ -41,6 +43,7 @@ class ServeOptions:
     queue_timeout_ms: int = QUEUE_TIMEOUT_MS
     max_request_bytes: int = P.MAX_REQUEST_BYTES
     max_pixels: int = P.MAX_PIXELS
+    max_output_pixels: int = P.MAX_OUTPUT_PIXELS
     address: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -54,30 +57,58 @@ def _threads(options: ServeOptions) -> int:
     return max(1, available_cores() // options.instances)
 
 
-def start_server(model_dir: Union[str, Path], workdir: Union[str, Path], options: ServeOptions = ServeOptions(),
-                 *, log: Optional[Callable[[str], None]] = None, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
+def start_server(model_dir: Union[None, str, Path], workdir: Union[str, Path], options: ServeOptions = ServeOptions(),
+                 *, adapt: Optional[AdaptServiceOptions] = None, log: Optional[Callable[[str], None]] = None,
+                 announce: Callable[[str], None] = print, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
     """Validate ``model_dir``, write the serving repository under ``workdir`` and start the server; returns the
-    running :class:`TritonServer` (stop it with ``.stop()``) once the model is ready.
+    running :class:`TritonServer` (stop it with ``.stop()``) once the model is ready. With ``adapt``, the server
+    also answers adaptation requests (:mod:`~ifseg_rt.serve.adaptation`; ``model_dir`` may then be None); its
+    service is ``server.adaptation`` and stops with the server.
 
     Raises
     ------
     ModelDirError / BackendUnavailable / ValueError for a model or option that cannot serve; ServerError when
     tritonserver does not come up (its error lines are in the message)
     """
-    spec = load_model_dir(model_dir)
-    device = resolve_device(options.device)
-    backend = resolve_backend(options.backend, device, spec)  # BackendUnavailable here, not inside Triton
+    if model_dir is None and adapt is None:
+        raise ValueError("nothing to serve: give a model directory, or the base checkpoint to adapt on request")
     repo = Path(workdir) / "models"
-    write_serving_repository(repo, spec, name=options.name, backend=backend, device=device,
-                             threads=_threads(options) if backend != "tensorrt" else 0,
-                             max_batch_size=options.max_batch_size, instances=options.instances,
-                             max_queue_size=options.max_queue_size, max_queue_delay_us=options.max_queue_delay_us,
-                             queue_timeout_ms=options.queue_timeout_ms,
-                             max_request_bytes=options.max_request_bytes, max_pixels=options.max_pixels)
+    repo.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(options.device)
+    spec = None
+    if model_dir is not None:
+        spec = load_model_dir(model_dir)
+        backend = resolve_backend(options.backend, device, spec)  # BackendUnavailable here, not inside Triton
+        write_serving_repository(repo, spec, name=options.name, backend=backend, device=device,
+                                 threads=_threads(options) if backend != "tensorrt" else 0,
+                                 max_batch_size=options.max_batch_size, instances=options.instances,
+                                 max_queue_size=options.max_queue_size, max_queue_delay_us=options.max_queue_delay_us,
+                                 queue_timeout_ms=options.queue_timeout_ms,
+                                 max_request_bytes=options.max_request_bytes, max_pixels=options.max_pixels,
+                                 max_output_pixels=options.max_output_pixels)
     server = TritonServer(repo, http_port=options.http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, address=options.address, log=log,
                           exit_timeout_s=options.exit_timeout_s, gpu_metrics=device.startswith("cuda"))
-    return server.start(timeout_s)
+    service = None
+    try:
+        if adapt is not None:
+            policy = spec.policy if spec is not None and spec.policy.mode == "short_side" else None
+            adapt = replace(adapt, short_side=adapt.short_side or (policy.short_side if policy else None),
+                            max_long_side=adapt.max_long_side or (policy.max_long_side if policy else None))
+            service = server.adaptation = AdaptService(adapt, repo, log=announce)
+            server.before_stop.append(service.stop)
+            control = ControlServer(Path(workdir) / "adapt.sock", service)
+            server.before_stop.append(control.close)  # stop() runs these last-in first
+            write_adapt_endpoint(repo, control.path)
+            check_repository(repo)
+        server.start(timeout_s)
+    except BaseException:
+        server.stop()  # runs before_stop: the control socket goes too
+        raise
+    if service is not None:
+        service.attach(server)
+        service.start()
+    return server
 
 
 def start_repository(repository: Union[str, Path], options: ServeOptions = ServeOptions(), *,
@@ -105,7 +136,8 @@ def _interrupt(signum, frame):
 
 
 def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOptions(), *,
-          repository: Union[None, str, Path] = None, ready_file: Union[None, str, Path] = None,
+          repository: Union[None, str, Path] = None, adapt: Optional[AdaptServiceOptions] = None,
+          ready_file: Union[None, str, Path] = None,
           log: Optional[Callable[[str], None]] = print, announce: Callable[[str], None] = print) -> int:
     """Serve ``model_dir`` (or the model ``repository`` as it is) until SIGINT / SIGTERM (then in-flight requests
     finish and everything is removed).
@@ -121,8 +153,11 @@ def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOption
         with tempfile.TemporaryDirectory(prefix="ifseg_serve_") as work:
             try:
                 if repository is None:
-                    server = start_server(model_dir, work, options, log=log)
-                    what = f"{model_dir} as model '{options.name}'"
+                    server = start_server(model_dir, work, options, adapt=adapt, log=log, announce=announce)
+                    what = " and ".join(
+                        ([f"{model_dir} as model '{options.name}'"] if model_dir is not None else []) +
+                        ([f"adaptation of {adapt.base} on request (model '{ENDPOINT}', {adapt.adapt_dir})"]
+                         if adapt is not None else []))
                 else:
                     server = start_repository(repository, options, log=log)
                     what = f"the models of {repository}"

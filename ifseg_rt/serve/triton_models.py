@@ -12,6 +12,8 @@ class                  model                                          does
 :class:`PostprocessModel` ``<name>_post``                               kNN + fused resize/arg-max
 :class:`OnnxStandInModel` ``<name>_onnx`` with ``--onnx-stand-in``      onnxruntime in the python backend, for a
                                                                         Triton without the onnxruntime backend
+:class:`AdaptEndpointModel` ``ifseg_adapt`` of ``serve --base ...``     JSON requests -> the adaptation service
+                                                                        of the serve process (a proxy)
 =====================  =============================================  ==========================================
 
 Every request of a dynamic batch gets its own response: a bad item fails its own request with INVALID_ARG (HTTP
@@ -33,6 +35,7 @@ import numpy as np
 
 from . import protocol as P
 from .protocol import RequestError
+from .telemetry import ModelTelemetry
 
 REFUSAL_LOG_PER_S = 5  # log lines for refused requests per second, per model instance
 
@@ -50,7 +53,12 @@ def _requested(request) -> Sequence[str]:
 
 
 class _Model:
-    """Shared plumbing: ``pb_utils``, parameters, error responses."""
+    """Shared plumbing: ``pb_utils``, parameters, responses, metrics (:mod:`~ifseg_rt.serve.telemetry`): every
+    response goes through :meth:`_response` or :meth:`_error`, which note its outcome; :meth:`execute` records the
+    batch after the subclass' ``_execute``."""
+
+    _outcomes: List[str]
+    _images = 0
 
     def _setup(self, args: Dict[str, Any]) -> Dict[str, str]:
         import triton_python_backend_utils as pb_utils  # only importable inside Triton's python-backend stub
@@ -61,11 +69,24 @@ class _Model:
         self.version_dir = Path(args["model_repository"]) / str(args["model_version"])
         self.params = P.config_parameters(self.config)
         self.max_batch_size = max(1, int(self.config.get("max_batch_size") or 1))
+        self.telemetry = ModelTelemetry(pb_utils, self.name)
+        self._outcomes = []
         return self.params
+
+    def execute(self, requests) -> List[Any]:
+        started = time.monotonic()
+        self._outcomes, self._images = [], 0
+        responses = self._execute(requests)
+        self.telemetry.record(self._outcomes, self._images, started)
+        return responses
+
+    def _execute(self, requests) -> List[Any]:
+        raise NotImplementedError
 
     def _error(self, message: str, internal: bool = False):
         pb = self.pb
         code = pb.TritonError.INTERNAL if internal else pb.TritonError.INVALID_ARG
+        self._outcomes.append("failed" if internal else "refused")
         if not internal:
             self._log_refusal(message)
         return pb.InferenceResponse(error=pb.TritonError(message, code))
@@ -85,6 +106,7 @@ class _Model:
 
     def _response(self, tensors: Dict[str, np.ndarray]):
         pb = self.pb
+        self._outcomes.append("ok")
         return pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in tensors.items()])
 
     def _internal(self, requests, what: str):
@@ -123,6 +145,7 @@ class SegmenterModel(_Model):
             opts["threads"] = threads
         self.max_bytes = _int_param(params, P.PARAM_MAX_BYTES, P.MAX_REQUEST_BYTES)
         self.max_pixels = _int_param(params, P.PARAM_MAX_PIXELS, P.MAX_PIXELS)
+        self.max_output_pixels = _int_param(params, P.PARAM_MAX_OUTPUT_PIXELS, P.MAX_OUTPUT_PIXELS)
         self.segmenter = Segmenter.load(params[P.PARAM_MODEL_DIR], backend=params.get(P.PARAM_BACKEND, "auto"),
                                         device=params.get(P.PARAM_DEVICE, "cpu"),
                                         knn_backend=params.get(P.PARAM_KNN_BACKEND) or "auto", **opts)
@@ -137,7 +160,7 @@ class SegmenterModel(_Model):
                                 f"{params[P.PARAM_MODEL_DIR]} ({self.segmenter.backend.name}, "
                                 f"{len(self.segmenter.categories)} categories)")
 
-    def execute(self, requests) -> List[Any]:
+    def _execute(self, requests) -> List[Any]:
         from ..runtime.segmenter import ImageError
 
         images: List[np.ndarray] = []
@@ -149,6 +172,13 @@ class SegmenterModel(_Model):
                                        max_pixels=self.max_pixels)
             except RequestError as e:
                 errors[r] = str(e)
+                continue
+            n = P.output_pixels(items)
+            if n > self.max_output_pixels and P.LABELS in _requested(request):
+                errors[r] = (f"the '{P.LABELS}' output of this request would hold {n} int32 label pixels, above this "
+                             f"server's limit of {self.max_output_pixels} (--max-output-pixels): ask for "
+                             f"'{P.LABELS_PNG}' instead (the ifseg_rt Client does so for large images) or send a "
+                             f"smaller image")
                 continue
             images += items
             owners += [(r, k, len(items)) for k in range(len(items))]
@@ -165,6 +195,7 @@ class SegmenterModel(_Model):
                 errors.setdefault(r, f"{where}: {res.reason}")
             else:
                 per_request[r].append(res)
+                self._images += 1
         return [self._error(errors[r]) if r in errors else
                 self._response(P.pack_results(per_request[r], _requested(q))) for r, q in enumerate(requests)]
 
@@ -186,7 +217,7 @@ class PreprocessModel(_Model):
         x = network_input(img, self.spec.policy, self.spec.check_grid)
         return x, (x.shape[1], x.shape[2])
 
-    def execute(self, requests) -> List[Any]:
+    def _execute(self, requests) -> List[Any]:
         from ..geometry import token_grid
 
         out = []
@@ -207,6 +238,7 @@ class PreprocessModel(_Model):
                                        f"image policy, got {sorted(set(sizes))}: send one image per request")
                 h, w = sizes[0]
                 n = len(images)
+                self._images += n
                 out.append(self._response({
                     PIXELS: np.stack(xs),
                     P.ORIGINAL_SIZE: np.asarray([img.shape[:2] for img in images], np.int32).reshape(n, 2),
@@ -229,7 +261,7 @@ class PostprocessModel(_Model):
         self.knn_backend = params.get(P.PARAM_KNN_BACKEND) or "auto"
         self.logits_name, self.features_name = OUTPUT_NAMES
 
-    def execute(self, requests) -> List[Any]:
+    def _execute(self, requests) -> List[Any]:
         from ..runtime.postprocess import cell_probabilities, cell_scores, labels_from_scores
 
         out = []
@@ -254,6 +286,7 @@ class PostprocessModel(_Model):
             except Exception:
                 out.append(self._internal([request], "post-processing")[0])
                 continue
+            self._images += len(labels)
             tensors = {P.LABELS: P.pack_labels(labels)}
             if probs:
                 tensors[P.PROBABILITIES] = P.pack_probabilities(probs)
@@ -280,7 +313,7 @@ class OnnxStandInModel(_Model):
         self.session = ort.InferenceSession(str(self.version_dir / ONNX_FILE), so, providers=["CPUExecutionProvider"])
         self.input_name, self.output_names = INPUT_NAME, list(OUTPUT_NAMES)
 
-    def execute(self, requests) -> List[Any]:
+    def _execute(self, requests) -> List[Any]:
         out: List[Optional[Any]] = [None] * len(requests)
         groups: Dict[Tuple[int, ...], List[Tuple[int, np.ndarray]]] = {}
         for r, request in enumerate(requests):
@@ -303,4 +336,54 @@ class OnnxStandInModel(_Model):
                 n = x.shape[0]
                 out[r] = self._response({self.output_names[0]: logits[s:s + n], self.output_names[1]: feats[s:s + n]})
                 s += n
+        return out
+
+
+class AdaptEndpointModel(_Model):
+    """``ifseg_adapt``: one JSON request (BYTES ``[1]``) -> the answer of :class:`~ifseg_rt.serve.adaptation.
+    AdaptService` in the ``serve`` process, through its control socket (config parameter ``control_socket``).
+    A refused request is INVALID_ARG (400), a full queue UNAVAILABLE (503), an unknown vocabulary NOT_FOUND."""
+
+    def initialize(self, args: Dict[str, Any]) -> None:
+        from .adaptation import PARAM_CONTROL_SOCKET
+
+        params = self._setup(args)
+        self.socket = params[PARAM_CONTROL_SOCKET]
+
+    def _refusal(self, message: str, code: str):
+        pb = self.pb
+        kind = {"unavailable": "UNAVAILABLE", "not_found": "NOT_FOUND"}.get(code)
+        err = getattr(pb.TritonError, kind, None) if kind else None
+        if err is None:
+            return self._error(message)
+        self._outcomes.append("refused")
+        self._log_refusal(message)
+        return pb.InferenceResponse(error=pb.TritonError(message, err))
+
+    def _execute(self, requests) -> List[Any]:
+        from .adaptation import REQUEST, RESPONSE, control_request
+
+        out = []
+        for request in requests:
+            try:
+                raw = self._input(request, REQUEST).reshape(-1)
+                if raw.size != 1 or not isinstance(raw[0], (bytes, np.bytes_)):
+                    raise RequestError(f"input '{REQUEST}' must be one JSON object as BYTES, shape [1]")
+                try:
+                    msg = json.loads(bytes(raw[0]).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as e:
+                    raise RequestError(f"input '{REQUEST}' is not JSON: {e}") from None
+            except RequestError as e:
+                out.append(self._error(str(e)))
+                continue
+            try:
+                answer = control_request(self.socket, msg)
+            except (OSError, ValueError) as e:
+                out.append(self._error(f"the adaptation service does not answer: {e}", internal=True))
+                continue
+            if "error" in answer:
+                out.append(self._refusal(str(answer["error"]), str(answer.get("code", "invalid"))))
+            else:
+                out.append(self._response({RESPONSE: np.array([json.dumps(answer).encode("utf-8")],
+                                                              dtype=object)}))
         return out

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
+from .telemetry import HEALTH_ENV, write_health
+
 READY_TIMEOUT_S = 300.0  # model loading can take minutes (engine builds, big checkpoints)
 EXIT_TIMEOUT_S = 10  # tritonserver's own grace period for in-flight requests on shutdown
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"  # need ADMIN_HEADER on HTTP and gRPC
@@ -57,6 +59,7 @@ SHM_PREFIX = "ifseg"  # the python backend's regions: ifseg<serve pid>_<token>_<
 _SHM_NAME = re.compile(rf"^{SHM_PREFIX}(\d+)_[0-9a-f]{{8}}_")
 STUB = "triton_python_backend_stub"
 WATCH_INTERVAL_S = 0.5  # how often WorkerWatch looks at the workers
+RESTART_GRACE_S = 3.0  # a restarting model's old workers get this long to finish before they are killed
 ADMIN_TIMEOUT_S = 10.0  # per model-control call (unload, index); a load may take up to READY_TIMEOUT_S
 
 
@@ -241,6 +244,9 @@ class TritonServer:
         self._work: Optional[tempfile.TemporaryDirectory] = None
         self._reader: Optional[threading.Thread] = None
         self._token = secrets.token_hex(16)
+        self.health_file: Optional[Path] = None  # worker deaths / restarts for the models' metrics (telemetry)
+        self.before_stop: List[Callable[[], None]] = []  # run first by stop() (e.g. the adaptation service)
+        self.adaptation = None  # the AdaptService of a server started with one (serve.server.start_server)
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -278,6 +284,7 @@ class TritonServer:
                 f"--grpc-address={self.address}", f"--grpc-port={p['grpc']}",
                 f"--metrics-address={self.address}", f"--metrics-port={p['metrics']}",
                 f"--allow-gpu-metrics={str(self.gpu_metrics).lower()}",
+                "--metrics-config=summary_latencies=true",  # nv_inference_request_summary_us: latency quantiles
                 f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
                 f"--exit-timeout-secs={int(self.exit_timeout_s)}", f"--log-verbose={int(self.log_verbose)}",
                 # one shared-memory namespace per server: two servers on one machine must not share regions
@@ -311,10 +318,13 @@ class TritonServer:
                 self.ports[k] = free_port(self.host)
         clean_stale_shm()
         backends = self._backends(bundle)
+        self.health_file = backends.parent / "health.json"
+        write_health(self.health_file, {}, {})
+        env = {**server_environment(bundle), HEALTH_ENV: str(self.health_file)}
         self.lines.clear()
         try:
             self.process = subprocess.Popen(
-                self.command(bundle, backends), env=server_environment(bundle), stdin=subprocess.DEVNULL,
+                self.command(bundle, backends), env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                 start_new_session=True)  # a terminal's Ctrl-C reaches us only; we stop the server in order
         except OSError as e:
@@ -368,14 +378,37 @@ class TritonServer:
 
     def restart_model(self, name: str) -> None:
         """Unload model ``name`` (its readiness turns false), wait until its workers are gone, then load it again
-        with fresh ones."""
-        before = {pid for pid, w in workers(self.pid).items() if w.model == name}
+        with fresh ones.
+
+        Under load the unload of a model whose worker died never finishes (Triton 2.51's python backend never
+        releases the request that was in flight on the dead worker: the version stays UNLOADING, its surviving
+        workers stay alive, and Triton later exits with code 1 after its exit timeout). A new load works regardless,
+        so after :data:`RESTART_GRACE_S` the old version's remaining workers (which serve nothing any more) are
+        killed and the model is loaded anyway."""
+        old = {pid: w for pid, w in workers(self.pid).items() if w.model == name}
+        before = set(old)
         self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous
-        self.wait_unloaded(self.exit_timeout_s + 5, names=[name])
+        if not self.wait_unloaded(RESTART_GRACE_S, names=[name]):
+            for pid in before & set(workers(self.pid)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    continue
+                if old[pid].shm:
+                    (SHM_DIR / old[pid].shm).unlink(missing_ok=True)
         deadline = time.monotonic() + 10
         while before & set(workers(self.pid)) and time.monotonic() < deadline:  # the old stubs exiting
             time.sleep(0.05)
         self._admin(f"/v2/repository/models/{name}/load", timeout_s=READY_TIMEOUT_S)
+
+    def load_model(self, name: str) -> None:
+        """Load (or reload) model ``name`` from the repository; returns once it is ready (Triton's load is
+        synchronous), :class:`ServerError` with Triton's reason otherwise."""
+        self._admin(f"/v2/repository/models/{name}/load", timeout_s=READY_TIMEOUT_S)
+
+    def unload_model(self, name: str) -> None:
+        """Unload model ``name``: it refuses new requests at once and goes when its in-flight requests are done."""
+        self._admin(f"/v2/repository/models/{name}/unload")
 
     def wait_unloaded(self, timeout_s: float, names: Optional[Sequence[str]] = None) -> bool:
         """Wait until no model (of ``names``; default all) is loaded or unloading (their in-flight requests done);
@@ -428,6 +461,11 @@ class TritonServer:
         """Drain (:meth:`drain`), then SIGTERM (Triton finishes what is left within ``exit_timeout_s``), then SIGKILL
         if it is still there ``timeout_s`` later; its shared-memory regions are removed. Returns the exit code."""
         code = None
+        while self.before_stop:
+            try:
+                self.before_stop.pop()()
+            except Exception:  # noqa: BLE001 - stopping goes on
+                pass
         if self.process is not None:
             if self.process.poll() is None:
                 self.drain()
@@ -471,13 +509,16 @@ class WorkerWatch(threading.Thread):
     """Watches a running server's python-backend workers; when one dies (killed, crashed, out of memory) while the
     server runs, the model is restarted (:meth:`TritonServer.restart_model`: not ready until its workers are back),
     the dead worker's shared-memory region removed, and the event logged and counted (``deaths``, ``restarts``,
-    ``failures``)."""
+    ``failures``; per model in the server's health file, which the restarted model reports as the
+    ``ifseg_worker_deaths`` / ``ifseg_worker_restarts`` metrics)."""
 
     def __init__(self, server: TritonServer, *, log: Callable[[str], None] = print,
                  interval_s: float = WATCH_INTERVAL_S):
         super().__init__(name="ifseg-worker-watch", daemon=True)
         self.server, self.log, self.interval_s = server, log, interval_s
         self.deaths = self.restarts = self.failures = 0
+        self._deaths: Dict[str, int] = {}
+        self._restarts: Dict[str, int] = {}
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -504,10 +545,17 @@ class WorkerWatch(threading.Thread):
                 self.log(f"worker died: {w.instance} of model '{w.model}' (pid {w.pid}); restarting the model")
                 if w.shm:
                     (SHM_DIR / w.shm).unlink(missing_ok=True)
+                self._deaths[w.model] = self._deaths.get(w.model, 0) + 1
             for model in sorted({w.model for w in dead}):
                 if self._stop_event.is_set():  # shutting down: the drain unloads everything anyway
                     return
                 t0 = time.monotonic()
+                self._restarts[model] = self._restarts.get(model, 0) + 1
+                if self.server.health_file is not None:  # before the load: the fresh workers read it
+                    try:
+                        write_health(self.server.health_file, self._deaths, self._restarts)
+                    except OSError:
+                        pass
                 try:
                     self.server.restart_model(model)
                     self.restarts += 1
