@@ -224,13 +224,14 @@ def test_too_few_images():
 
 @pytest.mark.slow
 def test_self_training_improves_the_nano_model(tmp_path):
-    """The demo's adaptation, then self-training on 100 unlabelled scenes: >= +2 mIoU (kNN) on held-out scenes."""
+    """The demo's adaptation, then self-training on 100 unlabelled scenes: >= +2 mIoU (kNN) on 100 held-out scenes
+    (measured +5.7 with the paper's augmentation; 30 scenes proved too noisy a yardstick: -0.6 on one run)."""
     from ifseg_rt.nano.demo import NANO_DIR, DemoSettings, run_demo
     from ifseg_rt.world import DEFAULT_DEMO_CATEGORIES
 
     if not (NANO_DIR / "model.safetensors").is_file():
         pytest.skip(f"no shipped nano checkpoint in {NANO_DIR}")
-    settings = DemoSettings(images=30, overlays=0, check_export=False, self_train=100, self_train_steps=200)
+    settings = DemoSettings(images=100, overlays=0, check_export=False, self_train=100, self_train_steps=200)
     res = run_demo(tmp_path, list(DEFAULT_DEMO_CATEGORIES), settings, threads=2, progress=False,
                    log=lambda *a: None)
     miou = res["miou"]
