@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ifseg_rt serve", formatter_class=HelpFormatter,
         epilog=examples("python -m ifseg_rt serve --model models/street --http-port 8000 --grpc-port 8001",
                         "python -m ifseg_rt serve --model models/street --instances 2 --max-batch-size 8",
+                        "python -m ifseg_rt serve --model models/street --base ofa_base.pt --bpe-dir ofa-bpe "
+                        "--adapt-dir vocabularies/",
                         'python -c "from ifseg_rt.serve import Client; '
                         "print(Client('localhost:8000').seg('street.jpg').names())\""),
         description="Serve an exported model with NVIDIA Triton Inference Server (the tritonserver that "

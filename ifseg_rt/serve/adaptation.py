@@ -370,6 +370,8 @@ class AdaptService:
             self.log(f"adapt: {vid} ready as model '{model_name(vid)}' in {job.seconds:.0f} s")
         except Exception as e:  # noqa: BLE001 - the job fails with its reason; serving continues
             reason = str(e) or type(e).__name__
+            if self.halt.is_set():
+                reason = "interrupted: serve stopped while it ran (asked again, it re-runs)"
             self._clean(vid)
             with self.lock:
                 self.loaded.pop(vid, None)
