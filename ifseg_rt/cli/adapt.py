@@ -19,9 +19,10 @@ from typing import List, Optional, Sequence
 
 from ..adapt import run as R
 from ..adapt.options import PRECISIONS, AdaptOptions
+from ..adapt.selftrain import SelfTrainOptions, check_labels, self_train
 from ..adapt.trainer import WordGridTrainer
 from ..evaluate import find_pairs
-from ..adapt.selftrain import SelfTrainOptions, self_train
+from ..metrics import load_label
 from ..runtime.inputs import list_images
 from ..runtime.preprocess import ImagePolicy, load_image
 from ..tokenizer import IFSEG_PROMPT_PREFIX, parse_categories
@@ -202,9 +203,6 @@ def _train_on_images(args: argparse.Namespace) -> int:
     """``adapt --out RUN --self-train DIR [--seen-labels DIR --seen ...]`` or ``--train-images DIR --train-labels
     DIR``: train the finished run's model on images and save the run after every round (``--resume`` finishes an
     interrupted training from its last saved round)."""
-    from ..adapt.selftrain import check_labels
-    from ..metrics import load_label
-
     out = Path(args.out)
     saved = R.read_run(out)
     if not saved.get("finished"):
@@ -284,7 +282,10 @@ def _train_on_images(args: argparse.Namespace) -> int:
                supervised=entry["mode"] == "supervised", start_round=start_round, on_round=on_round,
                on_step=on_step, every=args.val_every if validation is not None else 0,
                progress=not args.no_progress, log=lambda msg: print(msg, flush=True))
-    print(f"wrote {out / R.MODEL_FILE} and {out / R.RUN_FILE}; next: python -m ifseg_rt export {out} --out MODEL_DIR")
+    hint = " --no-knn   # supervised models lose to kNN smoothing (nano world: 86.6 vs 83.2 mIoU)" \
+        if entry["mode"] == "supervised" else ""
+    print(f"wrote {out / R.MODEL_FILE} and {out / R.RUN_FILE}; next: python -m ifseg_rt export {out} --out "
+          f"MODEL_DIR{hint}")
     return 0
 
 

@@ -58,7 +58,7 @@ MAX_CATEGORIES = 256
 MAX_NAME_CHARS = 64
 JOB_FILE = "job.json"
 LOG_FILE = "worker.log"
-CONTROL_TIMEOUT_S = 30.0
+CONTROL_TIMEOUT_S = 300.0  # a status request may load a model (Triton load: up to minutes for big ones)
 _STEP = re.compile(r"^step (\d+)/(\d+)\b")
 
 

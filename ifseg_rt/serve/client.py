@@ -26,8 +26,8 @@ import io
 import json
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -153,6 +153,7 @@ class Client:
         self._models: Dict[str, _ModelInfo] = {}
         self._vocabularies: Dict[str, str] = {}  # vocabulary id -> model name
         self.categories: Tuple[str, ...] = ()
+        self.max_batch_size = 1
         try:
             if model is not None:
                 info = self._check_model(model)
