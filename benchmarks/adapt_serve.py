@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import cpu_info, quick_model  # noqa: E402  (benchmarks/serve.py)
+from report import emit  # noqa: E402  (benchmarks/report.py)
 
 VOCABULARY = ["sky", "grass", "water", "sand", "ball", "star", "heart"]
 SWAP_VOCABULARY = ["sky", "brick", "ring"]
@@ -186,11 +186,7 @@ def main(argv=None) -> int:
 
         a, b = Segmenter.load(served_model, threads=1), Segmenter.load(work / "offline_model", threads=1)
         out["labels_identical"] = all(np.array_equal(a.seg(img).labels, b.seg(img).labels) for img, _ in pairs)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    emit(out, args.json)
     return 0
 
 

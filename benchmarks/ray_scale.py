@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
+
 
 def quick_model(work: Path, size: int) -> Path:
     """The quick demo's exported nano model, its policy set to ``size`` px on the short side."""
@@ -101,11 +103,7 @@ def main(argv=None) -> int:
         base = report["runs"][0]["steady_img_s"]
         for run in report["runs"]:
             run["speedup_vs_first"] = run["steady_img_s"] / base
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        emit(report, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -17,7 +17,6 @@ Training scenes (seeds from ``SELF_TRAIN_SEED``) are disjoint from the held-out 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
+
+from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
 
 SEEN = ("sky", "grass", "water", "sand")
 UNSEEN = ("brick", "ball", "star")
@@ -124,11 +125,7 @@ def main(argv=None) -> int:
             r["seen_knn"] = {k: subset_miou(r[k], "knn", SEEN) for k in ("IFSeg", "self-train", "seen-labels")}
             print(f"  unseen kNN mIoU: {r['unseen_knn']}", flush=True)
             result["seen"] = r
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    emit(result, args.json)
     return 0
 
 

@@ -46,6 +46,8 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
+from report import emit  # benchmarks/report.py (the script's folder is on sys.path)
+
 
 def cpu_info() -> Dict[str, object]:
     from ifseg_rt.system import available_cores, cpu_model
@@ -341,11 +343,7 @@ def main(argv=None) -> int:
             scenes.append(buf.getvalue())
         if args.faults:
             result = {"machine": info, "model": str(model), "faults": fault_run(model, work, scenes)}
-            text = json.dumps(result, indent=2)
-            print(text)
-            if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(text + "\n")
+            emit(result, args.json)
             return 0
         threads = args.threads or cores
         result = {"machine": info, "model": str(model), "size": args.size, "requests_per_client": args.requests,
