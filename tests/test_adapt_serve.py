@@ -24,6 +24,7 @@ from ifseg_rt.serve import Client, ServeError  # noqa: E402
 from ifseg_rt.serve.adaptation import (AdaptRequestError, AdaptServiceOptions, model_name,  # noqa: E402
                                        normalise_categories, vocabulary_id)
 from ifseg_rt.serve.server import ServeOptions, start_server  # noqa: E402
+from ifseg_rt.serve.tritonserver import WorkerWatch  # noqa: E402
 from ifseg_rt.world import render_scene  # noqa: E402
 
 START_TIMEOUT_S = 240
@@ -63,9 +64,13 @@ def served(quick_nano_model, tmp_path_factory):
     server = start_server(quick_nano_model, work, ServeOptions(instances=1, threads=1, http_port=0, grpc_port=0,
                                                                metrics_port=0),
                           adapt=adapt, announce=lines.append, timeout_s=START_TIMEOUT_S)
+    watch = WorkerWatch(server, log=lines.append, interval_s=0.2)  # as serve runs it
+    watch.start()
+    server.watch = watch
     try:
         yield server, work, lines
     finally:
+        watch.stop()
         server.stop()
 
 
@@ -140,6 +145,8 @@ def test_least_recently_used_model_is_unloaded_and_loaded_again(served):
     assert any(f"unloading {first}" in ln for ln in lines)
     np.testing.assert_array_equal(Client(server.http_url).seg(image, vocabulary=first).labels, before)  # reloaded
     assert _index(server)[model_name(first)] == "READY"
+    time.sleep(0.5)  # the worker watch has looked: an unload on purpose is no death
+    assert server.watch.counts() == {"worker_deaths": 0, "model_restarts": 0, "restart_failures": 0}, lines
 
 
 def test_a_full_queue_refuses_and_a_crashed_worker_fails_its_job_only(served):

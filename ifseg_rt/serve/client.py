@@ -167,7 +167,8 @@ class Client:
         if model in self._models:
             return self._models[model]
         config = self._call(lambda c: c.get_model_config(model) if self.protocol == "http"
-                            else c.get_model_config(model, as_json=True)["config"], what="reading the model config")
+                            else c.get_model_config(model, as_json=True)["config"],
+                            what=f"reading the config of model '{model}'")
         where = f"model '{model}' at {self.url}"
         inputs = {t.get("name"): t.get("data_type") for t in config.get("input", [])}
         if inputs.get(P.INPUT) != "TYPE_STRING":
@@ -211,7 +212,7 @@ class Client:
             return fn(self._client())
         except self._exc as e:
             status = e.status()
-            raise ServeError(f"{what} from {self.url} (model '{self.model}') failed: "
+            raise ServeError(f"{what} at {self.url} failed: "
                              f"{e.message() or e}" + (f" [status {status}]" if status else ""), status) from None
         except (OSError, ConnectionError) as e:
             raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
@@ -307,7 +308,7 @@ class Client:
         else:
             inp.set_data_from_numpy(arr)
             outs = [tc.InferRequestedOutput(RESPONSE)]
-        r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs), what="the adaptation request")
+        r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs), what=f"the adaptation request to model '{ENDPOINT}'")
         return json.loads(bytes(r.as_numpy(RESPONSE).reshape(-1)[0]))
 
     def adapt(self, categories: Union[str, Sequence[str]], *, steps: Optional[int] = None, seed: Optional[int] = None,

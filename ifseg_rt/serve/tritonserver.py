@@ -399,7 +399,7 @@ class TritonServer:
         deadline = time.monotonic() + 10
         while before & set(workers(self.pid)) and time.monotonic() < deadline:  # the old stubs exiting
             time.sleep(0.05)
-        self._admin(f"/v2/repository/models/{name}/load", timeout_s=READY_TIMEOUT_S)
+        self.load_model(name)
 
     def load_model(self, name: str) -> None:
         """Load (or reload) model ``name`` from the repository; returns once it is ready (Triton's load is
@@ -409,6 +409,14 @@ class TritonServer:
     def unload_model(self, name: str) -> None:
         """Unload model ``name``: it refuses new requests at once and goes when its in-flight requests are done."""
         self._admin(f"/v2/repository/models/{name}/unload")
+
+    def model_states(self) -> Dict[str, str]:
+        """``{model: state}`` from the repository index (READY, UNLOADING, UNAVAILABLE, ...); {} if it cannot tell."""
+        try:
+            index = json.loads(self._admin("/v2/repository/index") or b"[]")
+        except (ServerError, ValueError):
+            return {}
+        return {m.get("name", "?"): m.get("state", "") for m in index}
 
     def wait_unloaded(self, timeout_s: float, names: Optional[Sequence[str]] = None) -> bool:
         """Wait until no model (of ``names``; default all) is loaded or unloading (their in-flight requests done);
@@ -537,8 +545,11 @@ class WorkerWatch(threading.Thread):
                 return
             now = workers(self.server.pid)
             dead = [w for pid, w in known.items() if pid not in now]
+            if dead:  # workers of a model being unloaded on purpose (drain, adaptation LRU) are not deaths
+                states = self.server.model_states()
+                dead = [w for w in dead if states.get(w.model) == "READY"]
             if not dead:
-                known = now if len(now) >= len(known) else known
+                known = now
                 continue
             for w in dead:
                 self.deaths += 1
