@@ -176,7 +176,7 @@ class Worker:
 
 
 def workers(server_pid: int) -> Dict[int, Worker]:
-    """The python-backend stubs that are children of ``server_pid``, by pid (Linux /proc)."""
+    """The python-backend stubs that run model instances of ``server_pid`` (its children), by pid (Linux /proc)."""
     out: Dict[int, Worker] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -192,7 +192,10 @@ def workers(server_pid: int) -> Dict[int, Worker]:
         # stub argv: model.py path (models/<name>/<version>/model.py), shm region, sizes, parent pid, backend dir,
         # ipc size, instance name, ...
         model = Path(args[1]).parent.parent.name if len(args) > 1 else "?"
-        out[int(entry)] = Worker(int(entry), model, args[8] if len(args) > 8 else "?", args[2] if len(args) > 2 else "")
+        instance = args[8] if len(args) > 8 else "?"
+        if instance == model:  # the short-lived stub that completes the model's config while it loads
+            continue
+        out[int(entry)] = Worker(int(entry), model, instance, args[2] if len(args) > 2 else "")
     return out
 
 
