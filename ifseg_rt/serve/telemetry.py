@@ -22,8 +22,10 @@ quantiles, queue included). Requests that Triton rejects before a model sees the
 503) reach no model: the bundled Triton 2.51 does not count them either (its ``failure{reason="REJECTED"}`` stays 0),
 so a client-side count is the only one.
 
-Python-backend metric families live as long as the worker that made them: after a restart the counters start again
-from 0 (Prometheus' ``rate`` handles such resets), the worker gauges are read again from the health file.
+Instances of one model share each series (same family name and labels, kept by Triton's core): on the bundled
+Triton 2.51 the counters even survive a restart of the model (measured: 7 -> 8 ok after a kill -9 and a restart);
+should a Triton reset them, Prometheus' ``rate`` handles counter resets. The worker gauges are read again from the
+health file by every new worker.
 """
 
 from __future__ import annotations
