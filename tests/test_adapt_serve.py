@@ -40,6 +40,11 @@ def test_normalise_categories_and_vocabulary_ids():
                      (["unknown"], "ignore class"), ("", "category 0 is empty"), ([3], "must be a string")):
         with pytest.raises(AdaptRequestError, match=msg):
             normalise_categories(bad)
+    base = {"base": str(NANO_DIR / "model.safetensors"), "bpe_dir": str(NANO_DIR), "adapt_dir": "/nonexistent"}
+    for bad, msg in (({"lr": 0.0}, "lr must be > 0"), ({"steps": 10, "max_steps": 5}, "must be <= max_steps"),
+                     ({"nice": 20}, "nice must be in 0..19")):
+        with pytest.raises(ValueError, match=msg):
+            AdaptServiceOptions(**base, **bad)
     r = {"steps": 4, "seed": 1}
     assert vocabulary_id(["a", "b"], r) == vocabulary_id(("a", "b"), dict(r))
     assert vocabulary_id(["a", "b"], r) != vocabulary_id(["b", "a"], r) != vocabulary_id(["a", "b"], {**r, "seed": 2})

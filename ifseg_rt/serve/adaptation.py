@@ -100,6 +100,8 @@ class AdaptServiceOptions:
                 raise ValueError(f"adaptation {name} must be an integer >= {lo}, got {v!r}")
         if self.steps > self.max_steps:
             raise ValueError(f"adaptation steps ({self.steps}) must be <= max_steps ({self.max_steps})")
+        if not self.lr > 0:
+            raise ValueError(f"adaptation lr must be > 0, got {self.lr}")
         if not 0 <= self.nice <= 19:
             raise ValueError(f"adaptation nice must be in 0..19, got {self.nice}")
         for name in ("base", "bpe_dir"):
