@@ -16,10 +16,17 @@ loading and at its peak under load. The clients run on the same machine and shar
 ``--faults`` runs the fault cases instead (2 instances, 8 clients sending throughout): kill -9 of one python-backend
 worker (failed requests, time to the model's restart, failures after it), a second server on the same ports
 (refused before it reports anything), a 6300 x 6300 PNG (the int32 labels refused above ``--max-output-pixels``,
-the Client's PNG labels: response bytes, time, the server's /dev/shm bytes), the ifseg_* metrics after all that, and
-a SIGTERM-style drain under load (requests accepted after it began, duration, shared-memory regions left).
+the Client's PNG labels: response bytes, time, the server's /dev/shm bytes), the issue's malformed KServe requests
+through the HTTP front and to Triton directly, a 47 MB body (bytes sent before the 413), the ifseg_* metrics after
+all that, and a SIGTERM-style drain under load (requests accepted after it began, duration, shared-memory regions
+left).
 
     python benchmarks/serve.py --faults --json benchmarks/results/serve_faults.json
+
+The server is ``python -m ifseg_rt serve`` in its own process (as deployed: its HTTP front shares no interpreter
+with the clients). Protocol ``http`` goes through the HTTP front (the public port), ``http-direct`` to Triton's own
+HTTP server behind it (a loopback port), ``grpc`` to Triton's gRPC: the front's cost is ``http`` vs ``http-direct``
+in one run.
 
 ``--shapes N`` first sends N images of distinct shapes one after another (short side ``--size``, long side up to
 4x, both orientations) and reports the server's RSS after every 10: memory must not grow with new shapes.
@@ -36,10 +43,13 @@ import json
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -163,6 +173,42 @@ def shape_sweep(server, n: int, short: int) -> Dict[str, object]:
     return {"images": n, "rss_mb_after": after, "change_from_first_pct": 100 * (after[-1][1] / first - 1)}
 
 
+class ServeProcess:
+    """``python -m ifseg_rt serve`` on free loopback ports in a subprocess, until ``stop()``."""
+
+    def __init__(self, model: Path, work: Path, *, instances: int, threads: int, max_batch_size: int):
+        from ifseg_rt.serve.tritonserver import free_port
+
+        self.threads = threads
+        ready = work / "serve_ready.json"
+        ports = {k: free_port() for k in ("http", "grpc", "metrics")}
+        cmd = [sys.executable, "-m", "ifseg_rt", "serve", "--model", str(model), "--instances", str(instances),
+               "--threads", str(threads), "--max-batch-size", str(max_batch_size), "--ready-file", str(ready),
+               "--quiet"] + [a for k, v in ports.items() for a in (f"--{k}-port", str(v))]
+        self.log = open(work / "serve.log", "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not ready.is_file():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"serve did not come up:\n{(work / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        info = json.loads(ready.read_text())
+        self.pid = self.proc.pid  # serve (its HTTP front) + tritonserver + its workers
+        self.http_url, self.grpc_url = f"127.0.0.1:{info['http']}", f"127.0.0.1:{info['grpc']}"
+        self.triton_http_url = info["triton_http"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 class Load(threading.Thread):
     """``clients`` threads sending ``scenes`` until stopped; every request's (start, end, ok) is recorded."""
 
@@ -206,6 +252,55 @@ class Load(threading.Thread):
         return [sum(1 for ok in sel if not ok), len(sel)]
 
 
+def protocol_cases(server) -> Dict[str, object]:
+    """The issue's malformed KServe requests through the HTTP front and to Triton's own HTTP server behind it, and a
+    47 MB body announced by its Content-Length: bytes sent before the refusal came, and how long it took."""
+    import socket
+
+    def post(url: str, body: bytes) -> int:
+        req = urllib.request.Request(f"http://{url}/v2/models/ifseg/infer", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    image = {"name": "image", "datatype": "BYTES"}
+    cases = {"{": b"{", "{}": b"{}",
+             "shape [-1, 1]": json.dumps({"inputs": [{**image, "shape": [-1, 1], "data": ["x"]}]}).encode(),
+             "numbers as BYTES": json.dumps({"inputs": [{**image, "shape": [1, 1], "data": [3]}]}).encode()}
+    out: Dict[str, object] = {"malformed": {k: {"front": post(server.http_url, b),
+                                                "triton": post(server.triton_http_url, b)}
+                                            for k, b in cases.items()}}
+    host, port = server.http_url.split(":")
+    size, sent = 47 * 1024 * 1024, 0
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v2/models/ifseg/infer HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n"
+                     .encode())
+        sock.setblocking(False)
+        chunk, answer = b"\0" * 65536, b""
+        while sent < size and not answer:
+            try:
+                answer = sock.recv(4096)
+                break
+            except BlockingIOError:
+                pass
+            try:
+                sent += sock.send(chunk[:size - sent])
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                time.sleep(0.001)
+        sock.settimeout(30)
+        while b"\r\n" not in answer:
+            more = sock.recv(4096)
+            if not more:
+                break
+            answer += more
+    out["oversized_body"] = {"body_bytes": size, "status_line": answer.split(b"\r\n", 1)[0].decode(errors="replace"),
+                             "bytes_sent_before_answer": sent, "seconds": round(time.monotonic() - t0, 3)}
+    return out
+
+
 def large_image(server) -> Dict[str, object]:
     """A 6300 x 6300 PNG (about 100 KB, 39.7 MP): the int32 labels request, then the Client's (PNG labels)."""
     from PIL import Image
@@ -242,7 +337,6 @@ def large_image(server) -> Dict[str, object]:
 
 def fault_run(model: Path, work: Path, scenes) -> Dict[str, object]:
     """The fault cases of ``--faults`` (see the module docstring)."""
-    import signal
 
     from ifseg_rt.serve.server import ServeOptions, start_server
     from ifseg_rt.serve.tritonserver import SHM_DIR, ServerError, TritonServer, WorkerWatch, workers
@@ -280,10 +374,11 @@ def fault_run(model: Path, work: Path, scenes) -> Dict[str, object]:
         except ServerError as e:
             out["busy_ports"] = {"refused": True, "seconds": round(time.monotonic() - t0, 3), "error": str(e)}
         out["large_image"] = large_image(server)
+        out["protocol"] = protocol_cases(server)
         with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
             out["metrics"] = [ln for ln in r.read().decode().splitlines()
                               if ln.startswith(("ifseg_requests", "ifseg_images", "ifseg_worker", "ifseg_execute_seconds_"
-                                                "count", "nv_inference_pending"))]
+                                                "count", "nv_inference_pending", "ifseg_http"))]
         # drain under load
         load = Load(server.http_url, scenes)
         load.start()
@@ -312,7 +407,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=16, help="distinct scenes the clients cycle through")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
     p.add_argument("--requests", type=int, default=200, help="requests per client per level")
-    p.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=["grpc"], help="served protocols")
+    p.add_argument("--protocols", nargs="+", choices=("grpc", "http", "http-direct"), default=["grpc"],
+                   help="served protocols (http-direct: Triton's HTTP behind the front)")
     p.add_argument("--instances", type=int, default=1, help="server model instances")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: all cores; per instance: / instances)")
     p.add_argument("--max-batch-size", type=int, default=8, help="server max batch size")
@@ -329,7 +425,6 @@ def main(argv=None) -> int:
     from ifseg_rt import Segmenter
     from ifseg_rt.world import render_scene
     from ifseg_rt.serve import Client
-    from ifseg_rt.serve.server import ServeOptions, start_server
 
     info = cpu_info()
     cores = int(info["cores"])
@@ -356,9 +451,8 @@ def main(argv=None) -> int:
                   for c in args.clients}
         seg = None  # free the in-process model before the server loads its own
 
-        options = ServeOptions(http_port=0, grpc_port=0, metrics_port=0, instances=args.instances,
-                               threads=max(1, threads // args.instances), max_batch_size=args.max_batch_size)
-        server = start_server(model, work, options)
+        server = ServeProcess(model, work, instances=args.instances, threads=max(1, threads // args.instances),
+                              max_batch_size=args.max_batch_size)
         try:
             rss_loaded = tree_rss_mb(server.pid)
             if args.shapes:
@@ -367,7 +461,8 @@ def main(argv=None) -> int:
             sampler = RssSampler(server.pid)
             sampler.start()
             for proto in args.protocols:
-                client = Client(server.http_url if proto == "http" else "grpc://" + server.grpc_url)
+                client = Client({"http": server.http_url, "http-direct": server.triton_http_url,
+                                 "grpc": "grpc://" + server.grpc_url}[proto])
                 wrong = []
 
                 def call(ci, k, client=client, wrong=wrong):
@@ -380,7 +475,7 @@ def main(argv=None) -> int:
                 served[proto] = {c: run_clients(c, args.requests, call) for c in args.clients}
                 client.close()
             rss_peak = sampler.stop()
-            with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{options.name}/stats", timeout=10) as r:
+            with urllib.request.urlopen(f"http://{server.http_url}/v2/models/ifseg/stats", timeout=10) as r:
                 stats = json.loads(r.read())
         finally:
             server.stop()
@@ -400,7 +495,7 @@ def main(argv=None) -> int:
 
     print(f"CPU: {info['cpu']}, {cores} cores, load average {info['loadavg'][0]:.2f} at start, "
           f"{result['machine']['loadavg_end'][0]:.2f} at the end; model {result['model']}; {args.size} px JPEG scenes; "
-          f"{args.requests} requests per client; server: {args.instances} instance(s) x {options.threads} thread(s), "
+          f"{args.requests} requests per client; server: {args.instances} instance(s) x {server.threads} thread(s), "
           f"max batch {args.max_batch_size}")
     head = f"{'clients':>7} | {'in-process req/s':>16} {'p50':>7} {'p99':>7}"
     for proto in args.protocols:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +40,7 @@ PHOTO = Path(__file__).parent / "data" / "photo_stm32f3discovery.jpg"
 MAX_PIXELS = 1_000_000  # the fixture's limit: a 3000 x 3000 PNG is a decompression bomb to this server
 MAX_BYTES = 2_000_000
 MAX_OUTPUT_PIXELS = 60_000  # the photo (360 x 238) is above it: its labels come as PNG
+MAX_BODY = 3 * MAX_BYTES  # HTTP request bodies (the front refuses larger ones before reading them)
 START_TIMEOUT_S = 240
 
 
@@ -67,7 +69,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "ifseg_rt", "serve", "--model", str(model_dir), "--threads", "1",
                "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
                "--metrics-port", str(self.ports["metrics"]), "--max-pixels", str(MAX_PIXELS),
-               "--max-request-bytes", str(MAX_BYTES), "--max-output-pixels", str(MAX_OUTPUT_PIXELS), "--ready-file", str(self.ready_file), "--exit-timeout", "5"]
+               "--max-request-bytes", str(MAX_BYTES), "--max-output-pixels", str(MAX_OUTPUT_PIXELS),
+               "--max-body-bytes", str(MAX_BODY), "--ready-file", str(self.ready_file), "--exit-timeout", "5"]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.info = None
@@ -319,6 +322,12 @@ def test_client_errors(server, images, tmp_path):
     assert out[1].labels.shape == (64, 64)
     assert isinstance(out[2], ImageError) and out[2].index == 2
     assert client.is_ready()
+    # a body above --max-body-bytes: 413 from its Content-Length alone (the body is never sent)
+    with socket.create_connection(("127.0.0.1", server.ports["http"]), timeout=30) as s:
+        s.sendall(f"POST /v2/models/ifseg/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n"
+                  .encode())
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413") and f"limit of {MAX_BODY} bytes".encode() in answer, answer[:300]
 
 
 def test_large_label_maps_come_as_png(server, segmenter):

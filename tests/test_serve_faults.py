@@ -72,7 +72,8 @@ def test_a_dead_worker_is_restarted(quick_nano_model, tmp_path):
         assert 'ifseg_worker_deaths{model="ifseg"} 1' in metrics and 'ifseg_worker_restarts{model="ifseg"} 1' in metrics
         watch.stop()
         server.drain()  # what a SIGTERM starts with: not ready, new requests refused (kept-alive connection too)
-        assert _ready(server.http_url, "/v2/models/ifseg/ready") in (400, 503)  # Triton's "not ready" is 400
+        assert _ready(server.http_url) is None  # the HTTP front no longer listens
+        assert _ready(server.triton_http_url, "/v2/models/ifseg/ready") in (400, 503)  # Triton's "not ready" is 400
         with pytest.raises(Exception, match="ifseg"):
             client.seg(image)
     finally:

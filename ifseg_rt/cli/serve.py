@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-output-pixels", type=_min_pixels, default=P.MAX_OUTPUT_PIXELS,
                    help="largest int32 'labels' output of one request (4 bytes a pixel); larger requests must ask for "
                         "'labels_png' (ifseg_rt's Client does so for large images)")
+    g.add_argument("--max-body-bytes", type=non_negative_int, default=0,
+                   help="largest HTTP request body, refused (413) from its Content-Length before it is read "
+                        "(0: --max-request-bytes + 1 MiB, one image per request)")
+    g.add_argument("--no-http-front", dest="http_front", action="store_false",
+                   help="let Triton's own HTTP server take the HTTP and metrics ports (no 400 for malformed KServe "
+                        "JSON, which Triton answers with 500; no early 413; no ifseg_http_* metrics)")
     a = p.add_argument_group("adapt on request (new vocabularies while serving: model 'ifseg_adapt', "
                              "ifseg_rt.serve.Client.adapt)")
     a.add_argument("--base", metavar="CHECKPOINT", help="OFA / IFSeg checkpoint each requested vocabulary is adapted "
@@ -172,8 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            max_queue_size=args.max_queue_size, max_queue_delay_us=args.max_queue_delay_us,
                            queue_timeout_ms=args.queue_timeout_ms,
                            max_request_bytes=args.max_request_bytes, max_pixels=args.max_pixels,
-                           max_output_pixels=args.max_output_pixels, address=args.address, http_port=args.http_port, grpc_port=args.grpc_port,
-                           metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout)
+                           max_output_pixels=args.max_output_pixels, max_body_bytes=args.max_body_bytes,
+                           http_front=args.http_front, address=args.address, http_port=args.http_port,
+                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout)
     try:
         return serve(args.model, options, repository=args.repository, adapt=adapt, ready_file=args.ready_file,
                      log=None if args.quiet else (lambda line: print(line, flush=True)),

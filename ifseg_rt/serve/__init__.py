@@ -9,9 +9,10 @@ module            what
 ``client``        :class:`Client`, :class:`ServeError`
 ``server``        :func:`serve`, :func:`start_server` (validate the model, write the repository, run Triton)
 ``tritonserver``  :class:`TritonServer`: the tritonserver bundled with nvidia-pytriton as a child process
+``front``         the HTTP front on the public HTTP / metrics ports: KServe checks (400), body limit, drain
 ``repository``    config.pbtxt built and validated with Triton's schema; serving and exported repositories
 ``triton_models`` the python-backend models that run inside Triton (imported by the repositories' model.py)
-``telemetry``     the ifseg_* Prometheus metrics of those models, the worker-health file
+``telemetry``     the ifseg_* Prometheus metrics of those models, the worker-health file, the refusal log
 ``adaptation``    adapt on request: :class:`AdaptService` (jobs, worker processes, hot loading), its control socket
 ================  ================================================================================
 

@@ -459,7 +459,7 @@ class AdaptService:
 
     def _last_inference(self, vid: str) -> int:
         try:
-            with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{model_name(vid)}/stats",
+            with urllib.request.urlopen(f"http://{self.server.triton_http_url}/v2/models/{model_name(vid)}/stats",
                                         timeout=5) as r:
                 stats = json.loads(r.read())
             return int(stats["model_stats"][0].get("last_inference") or 0)

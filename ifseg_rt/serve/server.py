@@ -44,11 +44,17 @@ class ServeOptions:
     max_request_bytes: int = P.MAX_REQUEST_BYTES
     max_pixels: int = P.MAX_PIXELS
     max_output_pixels: int = P.MAX_OUTPUT_PIXELS
+    max_body_bytes: int = 0  # HTTP request body; 0: max_request_bytes + BODY_JSON_BYTES
+    http_front: bool = True  # the HTTP front on the HTTP and metrics ports (serve.front)
     address: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
     exit_timeout_s: int = EXIT_TIMEOUT_S
+
+
+def _body_bytes(options: ServeOptions) -> int:
+    return options.max_body_bytes or options.max_request_bytes + P.BODY_JSON_BYTES
 
 
 def _threads(options: ServeOptions) -> int:
@@ -88,7 +94,8 @@ def start_server(model_dir: Union[None, str, Path], workdir: Union[str, Path], o
                                  max_output_pixels=options.max_output_pixels)
     server = TritonServer(repo, http_port=options.http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, address=options.address, log=log,
-                          exit_timeout_s=options.exit_timeout_s, gpu_metrics=device.startswith("cuda"))
+                          exit_timeout_s=options.exit_timeout_s, gpu_metrics=device.startswith("cuda"),
+                          http_front=options.http_front, max_body_bytes=_body_bytes(options))
     service = None
     try:
         if adapt is not None:
@@ -118,13 +125,15 @@ def start_repository(repository: Union[str, Path], options: ServeOptions = Serve
     check_repository(repository)
     server = TritonServer(repository, http_port=options.http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, address=options.address, log=log,
-                          exit_timeout_s=options.exit_timeout_s)
+                          exit_timeout_s=options.exit_timeout_s, http_front=options.http_front,
+                          max_body_bytes=_body_bytes(options))
     return server.start(timeout_s)
 
 
 def _write_ready_file(path: Union[str, Path], server: TritonServer, options: ServeOptions) -> None:
     info: Dict[str, Any] = {"pid": os.getpid(), "server_pid": server.pid, "model": options.name,
-                            "address": server.host, **server.ports, "options": asdict(options)}
+                            "address": server.host, **server.ports, "triton_http": server.triton_http_url,
+                            "options": asdict(options)}
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

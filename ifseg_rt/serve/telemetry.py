@@ -19,8 +19,9 @@ Triton's own metrics cover the rest: ``nv_inference_pending_request_count`` (the
 running), ``nv_inference_queue_duration_us``, and with ``--metrics-config summary_latencies=true`` (set by
 :class:`~ifseg_rt.serve.tritonserver.TritonServer`) ``nv_inference_request_summary_us`` (end-to-end latency
 quantiles, queue included). Requests that Triton rejects before a model sees them (queue full, queue timeout: HTTP
-503) reach no model: the bundled Triton 2.51 does not count them either (its ``failure{reason="REJECTED"}`` stays 0),
-so a client-side count is the only one.
+503) reach no model: the bundled Triton 2.51 does not count them either (its ``failure{reason="REJECTED"}`` stays 0);
+the HTTP front (:mod:`~ifseg_rt.serve.front`) counts them as ``ifseg_http_responses{code="503"}`` beside its own
+refusals (``ifseg_http_refused{reason}``), on the same ``/metrics``. Over gRPC only clients can count them.
 
 Instances of one model share each series (same family name and labels, kept by Triton's core): on the bundled
 Triton 2.51 the counters even survive a restart of the model (measured: 7 -> 8 ok after a kill -9 and a restart);
@@ -34,7 +35,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 REQUESTS = "ifseg_requests"
 IMAGES = "ifseg_images"
@@ -44,6 +45,28 @@ WORKER_RESTARTS = "ifseg_worker_restarts"
 OUTCOMES = ("ok", "refused", "failed")
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HEALTH_ENV = "IFSEG_WORKER_HEALTH"  # environment variable (inherited by the workers): path of the health file
+REFUSAL_LOG_PER_S = 5  # log lines for refused requests per second (per model instance; the HTTP front has its own)
+
+
+class RefusalLog:
+    """One log line per refused request, at most ``per_s`` a second; the rest are counted and summed up in one line
+    at the start of the next second that refuses something."""
+
+    def __init__(self, sink: Callable[[str], None], who: str, per_s: int = REFUSAL_LOG_PER_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.sink, self.who, self.per_s, self.clock = sink, who, per_s, clock
+        self._window: Optional[List[float]] = None  # [start, refusals in the window]
+
+    def __call__(self, message: str) -> None:
+        now = self.clock()
+        window = self._window
+        if window is None or now - window[0] >= 1.0:
+            if window is not None and window[1] > self.per_s:
+                self.sink(f"{self.who}: {int(window[1]) - self.per_s} more request(s) refused in that second")
+            window = self._window = [now, 0]
+        window[1] += 1
+        if window[1] <= self.per_s:
+            self.sink(f"{self.who}: refused a request: {message[:300]}")
 
 
 def write_health(path: Path, deaths: Dict[str, int], restarts: Dict[str, int]) -> None:

@@ -35,9 +35,7 @@ import numpy as np
 
 from . import protocol as P
 from .protocol import RequestError
-from .telemetry import ModelTelemetry
-
-REFUSAL_LOG_PER_S = 5  # log lines for refused requests per second, per model instance
+from .telemetry import ModelTelemetry, RefusalLog
 
 PIXELS = "pixels"  # pre -> ONNX: the normalised network input, FP32 [batch, 3, H, W] (the ONNX graph's input)
 
@@ -92,17 +90,11 @@ class _Model:
         return pb.InferenceResponse(error=pb.TritonError(message, code))
 
     def _log_refusal(self, message: str) -> None:
-        """One log line per refused request, at most :data:`REFUSAL_LOG_PER_S` a second (the rest counted)."""
-        now = time.monotonic()
-        window = getattr(self, "_refusals", None)
-        if window is None or now - window[0] >= 1.0:
-            if window is not None and window[1] > REFUSAL_LOG_PER_S:
-                self.pb.Logger.log_warn(f"{self.name}: {window[1] - REFUSAL_LOG_PER_S} more request(s) refused in "
-                                        f"that second")
-            window = self._refusals = [now, 0]
-        window[1] += 1
-        if window[1] <= REFUSAL_LOG_PER_S:
-            self.pb.Logger.log_warn(f"{self.name}: refused a request: {message[:300]}")
+        """One log line per refused request, rate-limited (:class:`~ifseg_rt.serve.telemetry.RefusalLog`)."""
+        log = getattr(self, "_refusals", None)
+        if log is None:
+            log = self._refusals = RefusalLog(self.pb.Logger.log_warn, self.name)
+        log(message)
 
     def _response(self, tensors: Dict[str, np.ndarray]):
         pb = self.pb

@@ -19,6 +19,10 @@ Three facts the launch relies on (checked on this machine, see the README):
 
 Start-up checks that every port is free before anything is reported (a second ``serve`` on busy ports must not
 answer with the first one's readiness), and removes the shared-memory regions that killed earlier servers left.
+
+By default the public HTTP and metrics ports belong to the HTTP front (:mod:`~ifseg_rt.serve.front`: 400 for
+malformed KServe requests, early 413 for oversized bodies, counted refusals, an ordered drain); Triton's own HTTP and
+metrics servers then listen on loopback ports that only the front and this class use. gRPC is Triton's own.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
+from . import protocol as P
+from .front import HttpFront, bind
 from .telemetry import HEALTH_ENV, write_health
 
 READY_TIMEOUT_S = 300.0  # model loading can take minutes (engine builds, big checkpoints)
@@ -230,11 +236,15 @@ class TritonServer:
       log: called with every line of the server's output (default: dropped; the last lines are kept for errors)
       log_verbose: tritonserver's verbosity (0: info, warnings, errors)
       exit_timeout_s: grace period for in-flight requests at shutdown
+      http_front: put the HTTP front (:mod:`~ifseg_rt.serve.front`) on the HTTP and metrics ports (False: Triton's
+        own servers listen there)
+      max_body_bytes: largest HTTP request body the front reads (larger ones: 413 before the body is read)
     """
 
     def __init__(self, repository: Union[str, Path], *, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, address: str = "127.0.0.1", log: Optional[Callable[[str], None]] = None,
-                 log_verbose: int = 0, exit_timeout_s: int = EXIT_TIMEOUT_S, gpu_metrics: bool = False):
+                 log_verbose: int = 0, exit_timeout_s: int = EXIT_TIMEOUT_S, gpu_metrics: bool = False,
+                 http_front: bool = True, max_body_bytes: int = P.MAX_BODY_BYTES):
         self.repository = Path(repository)
         self.address = address
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
@@ -242,6 +252,10 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.gpu_metrics = gpu_metrics
+        self.http_front = http_front
+        self.max_body_bytes = max_body_bytes
+        self.front: Optional[HttpFront] = None
+        self._triton_ports = dict(self.ports)  # where Triton itself listens (HTTP and metrics: loopback with a front)
         self.process: Optional[subprocess.Popen] = None
         self.lines: Deque[str] = collections.deque(maxlen=LOG_LINES)
         self._work: Optional[tempfile.TemporaryDirectory] = None
@@ -270,6 +284,12 @@ class TritonServer:
         return f"http://{self.host}:{self.ports['metrics']}/metrics"
 
     @property
+    def triton_http_url(self) -> str:
+        """Triton's own HTTP server (behind the front; the same as :attr:`http_url` without one): for this
+        process' model control and statistics, which must work while the front drains."""
+        return f"{'127.0.0.1' if self.http_front else self.host}:{self._triton_ports['http']}"
+
+    @property
     def pid(self) -> Optional[int]:
         return None if self.process is None else self.process.pid
 
@@ -278,14 +298,15 @@ class TritonServer:
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def command(self, bundle: BundledTriton, backends: Path) -> List[str]:
-        p = self.ports
+        p = self._triton_ports
+        behind = "127.0.0.1" if self.http_front else self.address  # HTTP and metrics behind the front: loopback
         restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={self._token}"
         return [str(bundle.executable), f"--model-repository={self.repository.resolve()}",
                 f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}",
                 "--model-control-mode=explicit", "--load-model=*", "--strict-readiness=true", "--exit-on-error=true",
-                f"--http-address={self.address}", f"--http-port={p['http']}",
+                f"--http-address={behind}", f"--http-port={p['http']}",
                 f"--grpc-address={self.address}", f"--grpc-port={p['grpc']}",
-                f"--metrics-address={self.address}", f"--metrics-port={p['metrics']}",
+                f"--metrics-address={behind}", f"--metrics-port={p['metrics']}",
                 f"--allow-gpu-metrics={str(self.gpu_metrics).lower()}",
                 "--metrics-config=summary_latencies=true",  # nv_inference_request_summary_us: latency quantiles
                 f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
@@ -316,9 +337,11 @@ class TritonServer:
             raise ServerError(f"model repository not found: {self.repository}")
         bundle = bundled_tritonserver()
         check_ports(self.address, self.ports)
+        upstream = self._start_front() if self.http_front else {}
         for k, v in self.ports.items():
             if v == 0:
                 self.ports[k] = free_port(self.host)
+        self._triton_ports = {**self.ports, **upstream}
         clean_stale_shm()
         backends = self._backends(bundle)
         self.health_file = backends.parent / "health.json"
@@ -342,6 +365,26 @@ class TritonServer:
             raise
         return self
 
+    def _start_front(self) -> Dict[str, int]:
+        """Bind the public HTTP and metrics ports (0: free ones, recorded in ``ports``) and start the front there;
+        returns its upstreams: the loopback ports Triton gets."""
+        socks = []
+        try:
+            for key in ("http", "metrics"):
+                socks.append(bind(self.address, self.ports[key]))
+        except OSError as e:
+            for sock in socks:
+                sock.close()
+            raise ServerError(f"cannot listen on {self.address}:{self.ports[key]} ({key}): {e}") from None
+        for key, sock in zip(("http", "metrics"), socks):
+            self.ports[key] = sock.getsockname()[1]
+        upstream = {k: free_port("127.0.0.1") for k in ("http", "metrics")}
+        self.front = HttpFront(socks[0], socks[1], f"127.0.0.1:{upstream['http']}",
+                               f"127.0.0.1:{upstream['metrics']}", max_body_bytes=self.max_body_bytes,
+                               exit_timeout_s=self.exit_timeout_s, log=self.log)
+        self.front.start()
+        return upstream
+
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         for raw in self.process.stdout:
@@ -352,7 +395,7 @@ class TritonServer:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        url = f"http://{self.host}:{self.ports['http']}/v2/health/ready"
+        url = f"http://{self.triton_http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if not self.is_alive():
                 if self._reader is not None:
@@ -369,7 +412,7 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.errors()}")
 
     def _admin(self, path: str, timeout_s: float = ADMIN_TIMEOUT_S) -> bytes:
-        req = urllib.request.Request(f"http://{self.host}:{self.ports['http']}{path}", data=b"{}", method="POST",
+        req = urllib.request.Request(f"http://{self.triton_http_url}{path}", data=b"{}", method="POST",
                                      headers={ADMIN_HEADER: self._token, "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
@@ -457,9 +500,11 @@ class TritonServer:
         return f"{SHM_PREFIX}{os.getpid()}_{self._token[:8]}_"
 
     def drain(self) -> None:
-        """Unload every model: readiness turns false at once and new requests are refused (on kept-alive
-        connections too); returns when the in-flight requests have finished and the models are unloaded, or after
-        ``exit_timeout_s``."""
+        """Readiness false and new requests refused at once (the front: 503 and no new connections; Triton: every
+        model unloaded, which refuses requests on kept-alive connections too); returns when the in-flight requests
+        have finished and the models are unloaded, or after ``exit_timeout_s``."""
+        if self.front is not None:
+            self.front.begin_drain()
         names = sorted(d.name for d in self.repository.iterdir() if (d / "config.pbtxt").is_file())
         for name in names:
             try:
@@ -472,6 +517,8 @@ class TritonServer:
         """Drain (:meth:`drain`), then SIGTERM (Triton finishes what is left within ``exit_timeout_s``), then SIGKILL
         if it is still there ``timeout_s`` later; its shared-memory regions are removed. Returns the exit code."""
         code = None
+        if self.front is not None:
+            self.front.begin_drain()  # readiness false before anything else goes
         while self.before_stop:
             try:
                 self.before_stop.pop()()
@@ -480,6 +527,7 @@ class TritonServer:
         if self.process is not None:
             if self.process.poll() is None:
                 self.drain()
+                self._stop_front()  # its kept-alive connections to Triton close: Triton need not wait for them
                 self.process.send_signal(signal.SIGTERM)
                 try:
                     self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 20)
@@ -497,7 +545,13 @@ class TritonServer:
         self._cleanup()
         return code
 
+    def _stop_front(self) -> None:
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
+
     def _cleanup(self) -> None:
+        self._stop_front()
         try:
             for name in os.listdir(SHM_DIR):
                 if name.startswith(self.shm_prefix):
