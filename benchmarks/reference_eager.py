@@ -15,8 +15,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ifseg_rt.export.onnx_model import decoder_layer_explicit, encoder_layer_explicit
+from ifseg_rt.model.layers import split_heads
 from ifseg_rt.runtime.preprocess import normalize, resize_bilinear, ImagePolicy
+
+
+def attention_explicit(attn, query: torch.Tensor, key_value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The original's attention: q k^T + the full S x S bias, float32 softmax, then v (no fused kernel)."""
+    H = attn.heads
+    q = split_heads(attn.q_proj(query) * attn.scaling, H)
+    k = split_heads(attn.k_proj(key_value), H)
+    v = split_heads(attn.v_proj(key_value), H)
+    p = torch.softmax((q @ k.transpose(-1, -2)).float() + bias.float(), dim=-1).to(v.dtype)
+    o = ((p @ v) * attn.c_attn.to(v.dtype)[:, None, None]).transpose(1, 2)
+    return attn.out_proj(o.reshape(o.shape[0], o.shape[1], -1))
+
+
+def encoder_layer_explicit(layer, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    a = layer.self_attn_layer_norm(x)
+    x = x + layer.attn_ln(attention_explicit(layer.self_attn, a, a, bias))
+    f = F.gelu(layer.fc1(layer.final_layer_norm(x)).float()).to(x.dtype)
+    return x + layer.fc2(layer.ffn_layernorm(f))
+
+
+def decoder_layer_explicit(layer, y: torch.Tensor, enc_out: torch.Tensor, self_bias: torch.Tensor,
+                           cross_bias: torch.Tensor) -> torch.Tensor:
+    a = layer.self_attn_layer_norm(y)
+    y = y + layer.self_attn_ln(attention_explicit(layer.self_attn, a, a, self_bias))
+    c = layer.encoder_attn_layer_norm(y)
+    y = y + layer.cross_attn_ln(attention_explicit(layer.encoder_attn, c, enc_out, cross_bias))
+    f = F.gelu(layer.fc1(layer.final_layer_norm(y)).float()).to(y.dtype)
+    return y + layer.fc2(layer.ffn_layernorm(f))
 
 
 @torch.inference_mode()

@@ -80,6 +80,24 @@ def test_int8_export_records_its_agreement(int8_dir, calib):
     assert _agreement(ref, seg, calib) == pytest.approx(rec["agreement"]["pixels"], abs=0)
     # int8 weights really are int8: the quantised body is much smaller than the fp32 one
     assert (int8_dir / INT8_BODY).stat().st_size < 0.6 * (int8_dir / "body.onnx").stat().st_size
+    # the ResNet passed the gate in int8 (the first candidate): its convolutions read int8 weights through
+    # DequantizeLinear, their inputs are quantised with the calibrated ranges
+    import onnx
+    from onnx import numpy_helper
+
+    assert rec["resnet"] == "int8" and rec["search"][0] == {"resnet": "int8", "fp32_matmuls": 0,
+                                                           "pixels": rec["agreement"]["pixels"]}
+    g = onnx.load(str(int8_dir / INT8_BODY)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    assert convs and all(n.name.startswith("/embed_images/") for n in convs)
+    for conv in convs:
+        x, w = (producer.get(i) for i in conv.input[:2])
+        assert x.op_type == "DequantizeLinear" and producer[x.input[0]].op_type == "QuantizeLinear"
+        assert w.op_type == "DequantizeLinear" and numpy_helper.to_array(inits[w.input[0]]).dtype == np.int8
+    assert not [n for n in g.node if n.op_type in ("Mul", "BatchNormalization") and n.name.startswith(
+        "/embed_images/")]  # the frozen batch norms were folded into the convolutions before quantising
 
 
 def test_the_gate_refuses_and_leaves_a_valid_directory(int8_dir, tmp_path, calib):
@@ -221,8 +239,32 @@ def test_int8_search_keeps_the_most_sensitive_matmuls_fp32(int8_dir, tmp_path, c
 
     monkeypatch.setattr(prec, "label_agreement", agreement)
     res = prec.int8_search(out, m, calib, reference=None, min_agreement=0.95)
-    assert [t["fp32_matmuls"] for t in res["search"]] == [0, 1, 2, 4]  # 0.90, 0.92, 0.94, 0.98
+    # the ResNet in int8 first, then in fp32, then 1, 2, 4 MatMuls in fp32: 0.90, 0.90, 0.92, 0.94, 0.98
+    assert [(t["resnet"], t["fp32_matmuls"]) for t in res["search"]] == [
+        ("int8", 0), ("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 4)]
+    assert res["resnet"] == "fp32"
     assert res["fp32_matmuls"] == [n for n, _ in ranked[:4]] and res["agreement"]["pixels"] == pytest.approx(0.98)
     g = onnx.load(str(out / INT8_BODY)).graph
     assert {n.name for n in g.node if n.op_type == "MatMul"} >= set(res["fp32_matmuls"])
     assert res["int8_matmuls"] == len(ranked) - 4 and res["sensitive"][0][0] == ranked[0][0]
+
+
+def test_export_command_prints_the_trade_off(nano_run, tmp_path, calib, capsys):
+    """``python -m ifseg_rt.export --precision int8`` says what runs in which precision and the agreement it measured,
+    as recorded in ifseg.json."""
+    from PIL import Image
+
+    from ifseg_rt.cli import cli
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, im in enumerate(calib):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    out = tmp_path / "model"
+    with pytest.warns(UserWarning, match="only 4 images"):
+        assert cli(["export", str(nano_run), "--out", str(out), "--precision", "int8", "--calibration", str(folder),
+                     "--short-side", "64", "--max-long-side", "256", "--no-check", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    rec = json.loads((out / "ifseg.json").read_text())["precisions"]["int8"]
+    assert f"int8: the ResNet runs in {rec['resnet']}" in printed
+    assert f"labels equal fp32's on {100 * rec['agreement']['pixels']:.2f} % of the pixels of 4 calibration" in printed

@@ -264,10 +264,15 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     for name, rec in spec.precisions.items():
         if rec.agreement:
             a = rec.agreement
-            kept = records.get(name, {}).get("fp32_matmuls")
+            record = records.get(name, {})
+            kept = record.get("fp32_matmuls")
+            if "resnet" in record:
+                print(f"{name}: the ResNet runs in {record['resnet']}"
+                      + (" (static: calibrated activation ranges)" if record["resnet"] == "int8" else
+                         " (int8 missed the gate)" if len(record.get("search", ())) > 1 else ""))
             if kept:
                 print(f"{name}: the {len(kept)} most sensitive MatMuls stay fp32 "
-                      f"({records[name].get('int8_matmuls')} run in int8): {', '.join(kept[:4])}"
+                      f"({record.get('int8_matmuls')} run in int8): {', '.join(kept[:4])}"
                       + (", ..." if len(kept) > 4 else ""))
             print(f"{name} ({rec.backend}): labels equal fp32's on {100 * a['pixels']:.2f} % of the pixels of "
                   f"{a.get('images')} calibration image(s) ({a.get('calibration', '')}; worst image "

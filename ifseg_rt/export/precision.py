@@ -6,8 +6,10 @@ precision  engine                 what runs in low precision
 ``fp32``   onnxruntime (split)    nothing: the reference
 ``int8``   onnxruntime (split)    the weights of every MatMul with a constant weight (all linear layers of the
                                   transformer) as int8, per output channel, activations quantised per call
-                                  (``DynamicQuantizeMatMul``: VNNI/AMX int8 GEMMs); LayerNorm, softmax, GELU,
-                                  attention scores, the ResNet and the position tables stay fp32
+                                  (``DynamicQuantizeMatMul``: VNNI/AMX int8 GEMMs); the ResNet's convolutions,
+                                  residual adds and pooling statically (QDQ: per-channel int8 weights with the
+                                  batch norms folded in, activation ranges from the calibration images);
+                                  LayerNorm, softmax, GELU, attention scores and the position tables stay fp32
 ``bf16``   torch                  the weights and matmuls in bfloat16 (AMX / AVX512-BF16 where the CPU has them);
                                   LayerNorm, GELU and softmax in fp32 inside the model's modules
 =========  =====================  ==========================================================================
@@ -16,15 +18,17 @@ The gate: the exporter segments calibration images with the fp32 graph and with 
 :class:`~ifseg_rt.runtime.Segmenter` (the whole pipeline, kNN included) and records the fraction of pixels whose
 label agrees; a variant below ``min_agreement`` is removed again and the export fails with the measured number.
 
-Accuracy-aware int8: when quantising every MatMul misses the gate, the MatMuls are ranked by their sensitivity —
+Accuracy-aware int8: the first candidate has the ResNet in int8 too; when it misses the gate the ResNet goes back to
+fp32, and when quantising every MatMul still misses it, the MatMuls are ranked by their sensitivity —
 the relative output error of that one MatMul under dynamic int8 (per-tensor uint8 activations, per-channel int8
 weights, as onnxruntime computes it), measured on the calibration images' own activations in the fp32 graph — and
 the most sensitive stay fp32 (1, 2, 4, ... of them) until the gate passes or too few are left in int8 to be worth
-it. ``ifseg.json`` records which MatMuls run in fp32 and the agreement of every step tried.
+it. ``ifseg.json`` records the ResNet's precision, which MatMuls run in fp32 and the agreement of every step tried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -41,9 +45,12 @@ MIN_AGREEMENT = 0.99  # default gate: fraction of pixels whose label equals fp32
 CALIBRATION_IMAGES = 8  # synthetic scenes when no calibration folder is given
 CALIBRATION_SIZE = (384, 512)  # px, H x W of the synthetic scenes (a 3:4 photo; the policy then resizes it)
 INT8_BODY = "body.int8.onnx"
+RESNET_SCOPE = "/embed_images/"  # ONNX node-name prefix of the ResNet (the model's ``embed_images`` module)
+RESNET_OPS = ("Conv", "Add", "Relu", "MaxPool")  # what the static int8 ResNet quantises
 METHODS = {
-    "int8": "onnxruntime dynamic int8: MatMul weights int8 per output channel, activations quantised per call; "
-            "LayerNorm, softmax, GELU, attention scores, the ResNet and the position tables in fp32",
+    "int8": "onnxruntime int8: MatMul weights int8 per output channel with activations quantised per call; the "
+            "ResNet (if recorded as int8) static QDQ with per-channel weights and calibrated activation ranges; "
+            "LayerNorm, softmax, GELU, attention scores and the position tables in fp32",
     "bf16": "torch bfloat16 weights and matmuls; LayerNorm, GELU and softmax in fp32",
 }
 
@@ -52,18 +59,64 @@ class PrecisionGateError(ValueError):
     """A low-precision variant whose labels agree with fp32's on fewer pixels than the gate allows."""
 
 
+@contextlib.contextmanager
+def _quiet_quantiser():
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
+    try:
+        yield
+    finally:
+        logging.getLogger().setLevel(level)
+
+
 def quantize_int8(body: Union[str, Path], out: Union[str, Path], exclude: Sequence[str] = ()) -> None:
     """Dynamic int8 quantisation of the split graph's body (see the module table); the MatMul nodes named in
     ``exclude`` stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
-    try:
+    with _quiet_quantiser():
         quantize_dynamic(str(body), str(out), op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+
+
+def quantize_resnet(body: Union[str, Path], out: Union[str, Path], feeds: Sequence[Dict[str, np.ndarray]]) -> int:
+    """Static int8 ResNet: onnxruntime's basic graph optimisations first (the frozen batch norms, exported as Mul +
+    Add, fold into the convolutions' weights), then QDQ quantisation of the ResNet's convolutions, residual adds,
+    ReLUs and pooling (nodes under :data:`RESNET_SCOPE`): weights int8 per output channel, activations uint8 with
+    MinMax ranges over ``feeds`` (inputs of the body graph, one per calibration image). The rest of the graph is
+    unchanged (fp32). Returns the number of nodes quantised; ``out`` is written even when it is 0."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    out = Path(out)
+    folded = out.with_name(out.name + ".folded")
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # standard ONNX ops only
+        so.optimized_model_filepath = str(folded)
+        ort.InferenceSession(str(body), so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(folded), load_external_data=False).graph
+        nodes = [n.name for n in graph.node if n.name.startswith(RESNET_SCOPE) and n.op_type in RESNET_OPS]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self._feeds = iter(feeds)
+
+            def get_next(self):
+                return next(self._feeds, None)
+
+        # The calibrator measures every tensor of RESNET_OPS' kinds (as ReduceMin / ReduceMax outputs: scalars),
+        # also the transformer's Adds, whose attention masks reach -inf: numpy's warnings there concern tensors that
+        # are not quantised.
+        with _quiet_quantiser(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            quantize_static(str(folded), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(RESNET_OPS), nodes_to_quantize=nodes,
+                            extra_options={"MinimumRealRange": 1e-4})
+        return len(nodes)
     finally:
-        logging.getLogger().setLevel(level)
+        folded.unlink(missing_ok=True)
 
 
 def _weight_matmuls(model) -> Dict[str, Any]:
@@ -187,36 +240,49 @@ def body_feeds(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray]
 
 def int8_search(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray], reference: Sequence[np.ndarray],
                 min_agreement: float) -> Dict[str, Any]:
-    """Write ``body.int8.onnx``: every MatMul in int8 if that passes the gate; else the most sensitive ones
+    """Write ``body.int8.onnx``: every MatMul and the ResNet (:func:`quantize_resnet`) in int8 if that passes the
+    gate; else the ResNet in fp32 with every MatMul in int8; else the most sensitive MatMuls
     (:func:`matmul_sensitivity`) kept fp32, 1, 2, 4, ... of them, until it passes (or :data:`MAX_FP32_FRACTION` is
-    reached). Returns the record fields: ``agreement`` (of the kept variant), ``fp32_matmuls`` (node names),
-    ``int8_matmuls`` (how many), ``search`` (every step tried) and the ten most ``sensitive`` MatMuls."""
+    reached). Returns the record fields: ``agreement`` (of the kept variant), ``resnet`` (``int8`` / ``fp32``),
+    ``fp32_matmuls`` (node names), ``int8_matmuls`` (how many), ``search`` (every step tried) and the ten most
+    ``sensitive`` MatMuls."""
     import onnx
 
     from ..files import file_record
 
     trials: List[Dict[str, Any]] = []
+    # the fp32 graph's inputs (the manifest without its precisions: the int8 record names a file not yet written)
+    feeds = body_feeds(out, {k: v for k, v in manifest.items() if k != "precisions"}, images)
+    static = out / (INT8_BODY + ".resnet")
 
-    def trial(exclude: List[str]) -> Dict[str, Any]:
-        quantize_int8(out / BODY_FILE, out / INT8_BODY, exclude)
+    def trial(base: Path, exclude: List[str]) -> Dict[str, Any]:
+        quantize_int8(base, out / INT8_BODY, exclude)
         manifest["files"][INT8_BODY] = file_record(out / INT8_BODY)
         a = label_agreement(parse_manifest(manifest, out), "int8", images, reference=reference)
-        trials.append({"fp32_matmuls": len(exclude), "pixels": a["pixels"]})
+        trials.append({"resnet": "int8" if base == static else "fp32", "fp32_matmuls": len(exclude),
+                       "pixels": a["pixels"]})
         return a
 
-    agreement, exclude, ranked = trial([]), [], []
+    resnet, exclude, ranked = "fp32", [], []
+    try:
+        if quantize_resnet(out / BODY_FILE, static, feeds):
+            resnet, agreement = "int8", trial(static, [])
+    finally:
+        static.unlink(missing_ok=True)
+    if resnet == "fp32" or agreement["pixels"] < min_agreement:
+        resnet, agreement = "fp32", trial(out / BODY_FILE, [])
     if agreement["pixels"] < min_agreement:
-        ranked = matmul_sensitivity(out / BODY_FILE, body_feeds(out, manifest, images))
+        ranked = matmul_sensitivity(out / BODY_FILE, feeds)
         cap = int(MAX_FP32_FRACTION * len(ranked))
         steps = sorted({min(2 ** i, cap) for i in range(cap.bit_length() + 1)} - {0})
         for k in steps:  # 1, 2, 4, ..., then the cap itself
             exclude = [name for name, _ in ranked[:k]]
-            agreement = trial(exclude)
+            agreement = trial(out / BODY_FILE, exclude)
             if agreement["pixels"] >= min_agreement:
                 break
     total = len(_weight_matmuls(onnx.load(str(out / BODY_FILE))))
-    return {"agreement": agreement, "fp32_matmuls": exclude, "int8_matmuls": total - len(exclude), "search": trials,
-            "sensitive": [[name, round(err, 6)] for name, err in ranked[:10]]}
+    return {"agreement": agreement, "resnet": resnet, "fp32_matmuls": exclude, "int8_matmuls": total - len(exclude),
+            "search": trials, "sensitive": [[name, round(err, 6)] for name, err in ranked[:10]]}
 
 
 def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str], *, calibration=None,
@@ -264,7 +330,8 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
                 manifest["files"].pop(rec["body"], None)
                 (out / rec["body"]).unlink(missing_ok=True)
             tried = "" if not rec.get("search") or len(rec["search"]) < 2 else " (tried: " + ", ".join(
-                f"{t['fp32_matmuls']} MatMuls in fp32: {100 * t['pixels']:.2f} %" for t in rec["search"]) + ")"
+                f"ResNet {t['resnet']}, {t['fp32_matmuls']} MatMuls in fp32: {100 * t['pixels']:.2f} %"
+                for t in rec["search"]) + ")"
             raise PrecisionGateError(
                 f"{p}: labels agree with fp32 on {100 * rec['agreement']['pixels']:.2f} % of the pixels of "
                 f"{len(images)} calibration images, below the gate of {100 * min_agreement:.2f} %{tried}; the {p} "
