@@ -210,6 +210,24 @@ def test_overload_rejections_are_counted(server):
         assert after[key] - before.get(key, 0) == statuses.count(code)
 
 
+def test_without_the_front_triton_takes_the_public_ports(quick_nano_model, tmp_path):
+    """``serve --no-http-front``: Triton's own HTTP server on the public port (and its 500 for a malformed request,
+    which is why the front is the default)."""
+    from ifseg_rt.serve import Client
+    from ifseg_rt.serve.server import ServeOptions, start_server
+
+    options = ServeOptions(http_port=0, grpc_port=0, metrics_port=0, instances=1, threads=1, http_front=False)
+    srv = start_server(quick_nano_model, tmp_path, options, timeout_s=START_TIMEOUT_S, log=None)
+    try:
+        assert srv.front is None and srv.triton_http_url == srv.http_url
+        assert _post(srv.http_url, b"{")[0] == 500
+        assert Client(srv.http_url).seg(_png(40, 56)).labels.shape == (40, 56)
+        with urllib.request.urlopen(srv.metrics_url, timeout=10) as r:
+            assert "ifseg_http_refused" not in r.read().decode()
+    finally:
+        srv.stop()
+
+
 def test_drain_closes_readiness_then_the_port_then_kept_alive_connections(server):
     """Last (it drains the module's server)."""
     host, port = server.http_url.split(":")
