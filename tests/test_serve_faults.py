@@ -4,6 +4,7 @@ shared memory of killed servers is removed, queued requests time out instead of 
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("pytriton")
 
-from ifseg_rt.serve import Client  # noqa: E402
+from ifseg_rt.serve import Client, ServeError  # noqa: E402
 from ifseg_rt.serve.repository import serving_config  # noqa: E402
 from ifseg_rt.serve.server import ServeOptions, start_server  # noqa: E402
 from ifseg_rt.serve.tritonserver import (SHM_DIR, ServerError, WorkerWatch, check_ports, clean_stale_shm,  # noqa: E402
@@ -122,3 +123,59 @@ def test_queued_requests_time_out():
         .default_timeout_microseconds == 0
     with pytest.raises(ValueError, match="queue_timeout_ms must be an integer >= 0"):
         serving_config(Spec(), queue_timeout_ms=-1)
+
+
+def test_a_worker_killed_mid_request_does_not_hold_the_shutdown(quick_nano_model, tmp_path):
+    """A worker killed while it runs a request leaves Triton 2.51 a model version that never finishes unloading: the
+    restart goes past it (``stuck_models``), the request fails, the next ones succeed, and the shutdown does not wait
+    Triton's exit timeout for that version (it used to: exit code 1 after the timeout; now SIGKILL once drained)."""
+    import threading
+
+    from PIL import Image
+
+    options = ServeOptions(instances=1, threads=1, http_port=0, grpc_port=0, metrics_port=0, exit_timeout_s=30)
+    server = start_server(quick_nano_model, tmp_path, options, timeout_s=START_TIMEOUT_S, log=None)
+    watch = WorkerWatch(server, log=lambda line: None, interval_s=0.2)
+    watch.start()
+    try:
+        blocks = np.random.default_rng(1).integers(0, 255, (50, 50, 3), dtype=np.uint8)
+        big = io.BytesIO()
+        Image.fromarray(blocks).resize((5000, 5000), Image.NEAREST).save(big, format="PNG")  # slow to decode / encode
+        client = Client(server.http_url, timeout_s=120)
+        client.seg(np.zeros((32, 32, 3), np.uint8))
+        victim = next(iter(workers(server.pid).values()))
+        out = []
+
+        def send():
+            try:
+                out.append(client.seg(big.getvalue()))
+            except Exception as e:  # noqa: BLE001 - what the test expects
+                out.append(e)
+
+        request = threading.Thread(target=send)
+        request.start()
+        deadline, idle = time.monotonic() + 30, _cpu_ticks(victim.pid)
+        while _cpu_ticks(victim.pid) < idle + 10 and time.monotonic() < deadline:  # the worker is busy with it
+            time.sleep(0.01)
+        os.kill(victim.pid, signal.SIGKILL)
+        request.join(120)
+        while watch.restarts < 1 and time.monotonic() < deadline + 60:
+            time.sleep(0.05)
+        assert watch.counts()["model_restarts"] == 1 and server.stuck_models == {"ifseg"}
+        assert isinstance(out[0], ServeError) and "not healthy" in str(out[0])  # it was on the dead worker
+        assert Client(server.http_url).seg(np.zeros((32, 32, 3), np.uint8)).labels.shape == (32, 32)
+        watch.stop()
+        prefix = server.shm_prefix
+        code = server.stop()
+        assert code == -signal.SIGKILL  # not Triton's own exit (code 1) after its 30 s exit timeout
+        assert not [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+    finally:
+        watch.stop()
+        server.stop()
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process, in clock ticks (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])

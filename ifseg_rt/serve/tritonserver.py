@@ -47,7 +47,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Union
 
 from . import protocol as P
 from .front import HttpFront, bind
@@ -67,6 +67,7 @@ STUB = "triton_python_backend_stub"
 WATCH_INTERVAL_S = 0.5  # how often WorkerWatch looks at the workers
 RESTART_GRACE_S = 3.0  # a restarting model's old workers get this long to finish before they are killed
 ADMIN_TIMEOUT_S = 10.0  # per model-control call (unload, index); a load may take up to READY_TIMEOUT_S
+STUCK_EXIT_S = 2.0  # after a drain, how long a Triton holding a stuck model version gets to exit before SIGKILL
 
 
 class ServerError(RuntimeError):
@@ -263,6 +264,7 @@ class TritonServer:
         self._token = secrets.token_hex(16)
         self.health_file: Optional[Path] = None  # worker deaths / restarts for the models' metrics (telemetry)
         self.before_stop: List[Callable[[], None]] = []  # run first by stop() (e.g. the adaptation service)
+        self.stuck_models: Set[str] = set()  # models restarted past a version that never finishes unloading
         self.adaptation = None  # the AdaptService of a server started with one (serve.server.start_server)
 
     # --- properties -------------------------------------------------------------------------------------------
@@ -435,6 +437,7 @@ class TritonServer:
         before = set(old)
         self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous
         if not self.wait_unloaded(RESTART_GRACE_S, names=[name]):
+            self.stuck_models.add(name)
             for pid in before & set(workers(self.pid)):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -499,10 +502,10 @@ class TritonServer:
         """The name prefix of this server's shared-memory regions under /dev/shm."""
         return f"{SHM_PREFIX}{os.getpid()}_{self._token[:8]}_"
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Readiness false and new requests refused at once (the front: 503 and no new connections; Triton: every
         model unloaded, which refuses requests on kept-alive connections too); returns when the in-flight requests
-        have finished and the models are unloaded, or after ``exit_timeout_s``."""
+        have finished and the models are unloaded (True), or after ``exit_timeout_s`` (False)."""
         if self.front is not None:
             self.front.begin_drain()
         names = sorted(d.name for d in self.repository.iterdir() if (d / "config.pbtxt").is_file())
@@ -511,11 +514,15 @@ class TritonServer:
                 self._admin(f"/v2/repository/models/{name}/unload")  # asynchronous: returns at once
             except ServerError:
                 pass
-        self.wait_unloaded(self.exit_timeout_s)
+        return self.wait_unloaded(self.exit_timeout_s)
 
     def stop(self, timeout_s: Optional[float] = None) -> Optional[int]:
         """Drain (:meth:`drain`), then SIGTERM (Triton finishes what is left within ``exit_timeout_s``), then SIGKILL
-        if it is still there ``timeout_s`` later; its shared-memory regions are removed. Returns the exit code."""
+        if it is still there ``timeout_s`` later; its shared-memory regions are removed. Returns the exit code.
+
+        After a restart past a stuck version (``stuck_models``, see :meth:`restart_model`) Triton would wait its whole
+        exit timeout for that version and exit with code 1; once the drain has finished every loaded model there is
+        nothing left to wait for, so it gets :data:`STUCK_EXIT_S` before SIGKILL (exit code -9)."""
         code = None
         if self.front is not None:
             self.front.begin_drain()  # readiness false before anything else goes
@@ -526,11 +533,14 @@ class TritonServer:
                 pass
         if self.process is not None:
             if self.process.poll() is None:
-                self.drain()
+                drained = self.drain()
                 self._stop_front()  # its kept-alive connections to Triton close: Triton need not wait for them
                 self.process.send_signal(signal.SIGTERM)
+                wait_s = timeout_s if timeout_s is not None else self.exit_timeout_s + 20
+                if drained and self.stuck_models:
+                    wait_s = min(wait_s, STUCK_EXIT_S)
                 try:
-                    self.process.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 20)
+                    self.process.wait(wait_s)
                 except subprocess.TimeoutExpired:  # the whole session: the python-backend stubs too
                     try:
                         os.killpg(self.process.pid, signal.SIGKILL)
