@@ -340,24 +340,27 @@ class TritonServer:
         bundle = bundled_tritonserver()
         check_ports(self.address, self.ports)
         upstream = self._start_front() if self.http_front else {}
-        for k, v in self.ports.items():
-            if v == 0:
-                self.ports[k] = free_port(self.host)
-        self._triton_ports = {**self.ports, **upstream}
-        clean_stale_shm()
-        backends = self._backends(bundle)
-        self.health_file = backends.parent / "health.json"
-        write_health(self.health_file, {}, {})
-        env = {**server_environment(bundle), HEALTH_ENV: str(self.health_file)}
-        self.lines.clear()
-        try:
-            self.process = subprocess.Popen(
-                self.command(bundle, backends), env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                start_new_session=True)  # a terminal's Ctrl-C reaches us only; we stop the server in order
-        except OSError as e:
+        try:  # from here on a failure also stops the front
+            for k, v in self.ports.items():
+                if v == 0:
+                    self.ports[k] = free_port(self.host)
+            self._triton_ports = {**self.ports, **upstream}
+            clean_stale_shm()
+            backends = self._backends(bundle)
+            self.health_file = backends.parent / "health.json"
+            write_health(self.health_file, {}, {})
+            env = {**server_environment(bundle), HEALTH_ENV: str(self.health_file)}
+            self.lines.clear()
+            try:
+                self.process = subprocess.Popen(
+                    self.command(bundle, backends), env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                    start_new_session=True)  # a terminal's Ctrl-C reaches us only; we stop the server in order
+            except OSError as e:
+                raise ServerError(f"cannot start {bundle.executable}: {e}") from None
+        except BaseException:
             self._cleanup()
-            raise ServerError(f"cannot start {bundle.executable}: {e}") from None
+            raise
         self._reader = threading.Thread(target=self._read, name="tritonserver-log", daemon=True)
         self._reader.start()
         try:
