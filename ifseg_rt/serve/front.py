@@ -229,6 +229,7 @@ class HttpFront:
 
     # --- lifecycle (any thread) ---------------------------------------------------------------------------------
     def start(self) -> "HttpFront":
+        """Run the front in its own thread; returns once both sockets serve (RuntimeError if the setup failed)."""
         self._thread = threading.Thread(target=self._run, name="ifseg-http-front", daemon=True)
         self._thread.start()
         self._started.wait(30)
