@@ -268,3 +268,33 @@ def test_export_command_prints_the_trade_off(nano_run, tmp_path, calib, capsys):
     rec = json.loads((out / "ifseg.json").read_text())["precisions"]["int8"]
     assert f"int8: the ResNet runs in {rec['resnet']}" in printed
     assert f"labels equal fp32's on {100 * rec['agreement']['pixels']:.2f} % of the pixels of 4 calibration" in printed
+
+
+def test_a_body_above_the_protobuf_limit_keeps_its_weights_outside(int8_dir, tmp_path, calib, monkeypatch):
+    """Bodies larger than EXTERNAL_BYTES (OFA-Huge's: a protobuf holds 2 GB) go through the static int8 ResNet with
+    their weights in .data files; the result equals the in-protobuf path's, and no intermediate file is left."""
+    import os
+
+    import onnxruntime as ort
+
+    import ifseg_rt.export.precision as prec
+
+    out, m = _fp32_copy(int8_dir, tmp_path)
+    before = set(os.listdir(out))
+    feeds = prec.body_feeds(out, m, calib)
+    assert prec.quantize_resnet(out / "body.onnx", tmp_path / "inline.onnx", feeds, external=False) > 0
+    assert prec.quantize_resnet(out / "body.onnx", tmp_path / "outside.onnx", feeds, external=True) > 0
+    files = prec.external_data(tmp_path / "outside.onnx")
+    assert [f.name for f in files] == ["outside.onnx", "outside.onnx.data"] and all(f.is_file() for f in files)
+    assert prec.external_data(tmp_path / "inline.onnx") == [tmp_path / "inline.onnx"]
+    assert not [f for f in os.listdir(tmp_path) if ".folded" in f]  # the optimiser's graphs are gone
+    a, b = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]) for f in
+            ("inline.onnx", "outside.onnx"))
+    for x, y in zip(a.run(None, feeds[0]), b.run(None, feeds[0])):
+        np.testing.assert_array_equal(x, y)
+    # the whole search with every intermediate graph outside: the same record, nothing left behind
+    monkeypatch.setattr(prec, "EXTERNAL_BYTES", 0)
+    m.setdefault("precisions", {})["int8"] = {"backend": "onnxruntime", "body": INT8_BODY}
+    reference = prec.reference_labels(prec.parse_manifest({**m, "precisions": {}}, out), calib)
+    res = prec.int8_search(out, m, calib, reference, prec.MIN_AGREEMENT)
+    assert res["resnet"] == "int8" and set(os.listdir(out)) == before | {INT8_BODY}

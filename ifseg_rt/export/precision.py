@@ -47,6 +47,7 @@ CALIBRATION_SIZE = (384, 512)  # px, H x W of the synthetic scenes (a 3:4 photo;
 INT8_BODY = "body.int8.onnx"
 RESNET_SCOPE = "/embed_images/"  # ONNX node-name prefix of the ResNet (the model's ``embed_images`` module)
 RESNET_OPS = ("Conv", "Add", "Relu", "MaxPool")  # what the static int8 ResNet quantises
+EXTERNAL_BYTES = 1536 * 1024 * 1024  # intermediate graphs above this keep their weights in a .data file (2 GB limit)
 METHODS = {
     "int8": "onnxruntime int8: MatMul weights int8 per output channel with activations quantised per call; the "
             "ResNet (if recorded as int8) static QDQ with per-channel weights and calibrated activation ranges; "
@@ -79,22 +80,45 @@ def quantize_int8(body: Union[str, Path], out: Union[str, Path], exclude: Sequen
                          weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
 
 
-def quantize_resnet(body: Union[str, Path], out: Union[str, Path], feeds: Sequence[Dict[str, np.ndarray]]) -> int:
+def external_data(path: Path) -> List[Path]:
+    """The files of an ONNX graph: ``path`` and, when it keeps its weights outside, their data files."""
+    import onnx
+
+    files = [Path(path)]
+    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and Path(path).with_name(entry.value) not in files:
+                files.append(Path(path).with_name(entry.value))
+    return files
+
+
+def quantize_resnet(body: Union[str, Path], out: Union[str, Path], feeds: Sequence[Dict[str, np.ndarray]], *,
+                    external: Optional[bool] = None) -> int:
     """Static int8 ResNet: onnxruntime's basic graph optimisations first (the frozen batch norms, exported as Mul +
     Add, fold into the convolutions' weights), then QDQ quantisation of the ResNet's convolutions, residual adds,
     ReLUs and pooling (nodes under :data:`RESNET_SCOPE`): weights int8 per output channel, activations uint8 with
     MinMax ranges over ``feeds`` (inputs of the body graph, one per calibration image). The rest of the graph is
-    unchanged (fp32). Returns the number of nodes quantised; ``out`` is written even when it is 0."""
+    unchanged (fp32). Returns the number of nodes quantised; ``out`` is written even when it is 0.
+
+    ``external``: the intermediate graphs keep their weights in ``.data`` files beside them (default: when the body
+    is larger than :data:`EXTERNAL_BYTES`, as OFA-Huge's is: a protobuf holds at most 2 GB); ``out`` then has one too
+    (:func:`external_data` lists the files to remove)."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     out = Path(out)
     folded = out.with_name(out.name + ".folded")
+    if external is None:
+        external = sum(f.stat().st_size for f in external_data(Path(body))) > EXTERNAL_BYTES
     try:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # standard ONNX ops only
         so.optimized_model_filepath = str(folded)
+        if external:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        folded.name + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(body), so, providers=["CPUExecutionProvider"])
         graph = onnx.load(str(folded), load_external_data=False).graph
         nodes = [n.name for n in graph.node if n.name.startswith(RESNET_SCOPE) and n.op_type in RESNET_OPS]
@@ -113,10 +137,11 @@ def quantize_resnet(body: Union[str, Path], out: Union[str, Path], feeds: Sequen
             quantize_static(str(folded), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=list(RESNET_OPS), nodes_to_quantize=nodes,
-                            extra_options={"MinimumRealRange": 1e-4})
+                            use_external_data_format=external, extra_options={"MinimumRealRange": 1e-4})
         return len(nodes)
     finally:
-        folded.unlink(missing_ok=True)
+        for f in external_data(folded) if folded.exists() else []:
+            f.unlink(missing_ok=True)
 
 
 def _weight_matmuls(model) -> Dict[str, Any]:
@@ -268,7 +293,8 @@ def int8_search(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray
         if quantize_resnet(out / BODY_FILE, static, feeds):
             resnet, agreement = "int8", trial(static, [])
     finally:
-        static.unlink(missing_ok=True)
+        for f in external_data(static) if static.exists() else []:
+            f.unlink(missing_ok=True)
     if resnet == "fp32" or agreement["pixels"] < min_agreement:
         resnet, agreement = "fp32", trial(out / BODY_FILE, [])
     if agreement["pixels"] < min_agreement:
