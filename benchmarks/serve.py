@@ -10,8 +10,9 @@ Without ``--model`` the quick nano model is built (``demo --quick``, ~20 s) and 
 ``--images`` generated scenes (``--size`` px, square); the in-process baseline decodes the same bytes
 (``Segmenter.seg(bytes)``), with C threads sharing one ``Segmenter`` for C clients. Each client runs
 ``--requests`` requests back to back. Reported per level: requests/s (all clients), p50 / p99 latency, failed
-requests, and the served/in-process throughput ratio; server RSS (tritonserver + its python-backend stubs) after
-loading and at its peak under load. The clients run on the same machine and share its cores with the server.
+requests, and the served/in-process throughput ratio; server RSS (the serve process with its HTTP front, tritonserver
+and its python-backend stubs) after loading and at its peak under load. The clients run on the same machine and share
+its cores with the server.
 
 ``--faults`` runs the fault cases instead (2 instances, 8 clients sending throughout): kill -9 of one python-backend
 worker (failed requests, time to the model's restart, failures after it), a second server on the same ports
@@ -514,7 +515,7 @@ def main(argv=None) -> int:
         print(f"{sh['images']} distinct shapes: server RSS {sh['rss_mb_after'][0][1]:.0f} MiB after 10, "
               f"{sh['rss_mb_after'][-1][1]:.0f} MiB after {sh['images']} ({sh['change_from_first_pct']:+.1f} %)")
     srv = result["server"]
-    print(f"server RSS (tritonserver + stubs): {srv['rss_mb_loaded']:.0f} MiB loaded, {srv['rss_mb_peak']:.0f} MiB "
+    print(f"server RSS (serve + tritonserver + stubs): {srv['rss_mb_loaded']:.0f} MiB loaded, {srv['rss_mb_peak']:.0f} MiB "
           f"peak; {srv['inference_count']} images in {srv['execution_count']} executions "
           f"(mean batch {srv['inference_count'] / max(1, srv['execution_count']):.2f})")
     text = json.dumps(result, indent=2)
