@@ -95,6 +95,10 @@ def test_paper_policy_and_batching(model_dir, ort_seg):
 
 def test_torch_backend_equals_onnxruntime(model_dir, ort_seg):
     ts = _small(Segmenter.load(model_dir, backend="torch", threads=2))
+    resnet = ts.backend.model.encoder.embed_images  # on the CPU the ResNet runs in oneDNN's channels-last order
+    import torch
+
+    assert resnet.channels_last and resnet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     imgs = [_image(96, 128, s) for s in range(2)]
     x = np.stack([ort_seg.preprocess(im)[0] for im in imgs])
     lo, fo = ort_seg.backend.run(x)

@@ -82,8 +82,19 @@ class ResNet(nn.Module):
                 in_ch = width * mult * 4
             setattr(self, f"layer{k}", nn.Sequential(*blocks))
         self.out_channels = in_ch
+        self.channels_last = False
+
+    def use_channels_last(self) -> "ResNet":
+        """Keep the convolution weights and run the activations in channels-last (NHWC) memory order: oneDNN's
+        native layout on the CPU, so no reorder per convolution (measured on OFA-Base at 512², 2 threads: bf16 engine
+        -15 %, fp32 -7 %, identical labels). For inference: safetensors cannot save such weights as they are."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         return self.layer3(self.layer2(self.layer1(x)))

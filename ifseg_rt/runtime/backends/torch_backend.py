@@ -116,6 +116,8 @@ class TorchBackend:
         if ck.kind != "segofa" or not model.has_prompt:
             raise ModelDirError(f"{path} holds no SegOFA with a prompt")
         spec.check_outputs(model.num_categories, model.config.image_feature_dim, WEIGHTS_FILE)
+        if not self.on_gpu:  # oneDNN's own layout (not measured on a GPU: there the weights stay NCHW)
+            model.encoder.embed_images.use_channels_last()
         return model.eval()
 
     def _table_cache(self):
