@@ -206,7 +206,8 @@ class HttpFront:
     """The front (see the module docstring) on two bound sockets: ``http`` proxies to ``upstream_http``
     (``host:port``) and ``metrics`` serves ``upstream_metrics``'s ``/metrics`` with the front's counters appended.
 
-    ``start()`` runs it in a thread; ``begin_drain()`` then ``stop()`` end it; ``counts()`` gives the counters."""
+    ``start()`` runs it in a thread; ``begin_drain()`` then ``stop()`` end it; ``refused`` and ``responses`` are
+    the counters :meth:`metrics_text` reports."""
 
     def __init__(self, http: socket.socket, metrics: Optional[socket.socket], upstream_http: str,
                  upstream_metrics: Optional[str], *, max_body_bytes: int, exit_timeout_s: float,
@@ -258,9 +259,6 @@ class HttpFront:
         for sock in self.sockets.values():
             if sock is not None:
                 sock.close()
-
-    def counts(self) -> Dict[str, Any]:
-        return {"refused": dict(self.refused), "responses": dict(self.responses)}
 
     # --- the event loop (the front's thread) ------------------------------------------------------------------
     def _run(self) -> None:
