@@ -3,7 +3,8 @@
     python benchmarks/e2e.py --sizes tiny base --threads 2 --json benchmarks/results/e2e.json
 
 Per size: a random SegOFA (M = 15, the COCO-Stuff unseen split) with a 40-token prompt is saved as a run directory,
-exported (ONNX, the split graph, int8 and bf16 variants whose label agreement with fp32 is recorded, safetensors),
+exported (ONNX, the split graph, int8 and bf16 variants whose label agreement with fp32 is recorded, safetensors;
+bf16 on OpenVINO when it is installed, torch bf16 then runs on request),
 then timed on one synthetic-world scene of 512x512 (paper policy -> 512x512, 32x32 cells) with kNN on. Prints a
 per-stage table (median ms), the speed-up of each row over the reference-style eager run, and each row's label
 agreement with it. ``benchmarks/reference_eager.py`` is a proxy of the original IFSeg code that runs 1.8-2x faster
@@ -13,6 +14,7 @@ than the real original (fairseq), so these speed-ups understate ours against the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -65,7 +67,10 @@ def bench_size(size: str, threads: int, warmup: int, repeats: int, image_hw, wor
     ref_labels, _ = reference_eager.segment(model, img)
     res["stages_ms"]["reference_eager"] = _median_timings(lambda: reference_eager.segment(model, img)[1], warmup, repeats)
     agree = {}
-    for name, precision in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")):
+    rows = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    if importlib.util.find_spec("openvino") is not None:  # the export recorded bf16 on OpenVINO then
+        rows.append(("openvino", "bf16"))
+    for name, precision in rows:
         seg = Segmenter.load(workdir / f"model-{size}", backend=name, precision=precision, threads=threads)
         key = f"{name} {precision}"
         res["stages_ms"][key] = _median_timings(lambda: seg.seg(img).timings, warmup, repeats)

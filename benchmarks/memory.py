@@ -3,6 +3,7 @@
     python benchmarks/memory.py --base                         # a random OFA-base, exported first; every scenario
     python benchmarks/memory.py --model demo_out/model --scenario shapes concurrent --images 30
     python benchmarks/memory.py --base --backend torch --scenario latency
+    python benchmarks/memory.py --base --backend onnxruntime openvino:bf16 --scenario shapes wide
 
 Scenarios (each backend and scenario in a fresh process, so that its peak RSS is its own):
 
@@ -51,7 +52,8 @@ def image(h, w, seed):
 
 model, backend, scenario, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 opts = json.loads(sys.argv[5])
-seg = Segmenter.load(model, backend=backend, threads=threads)
+backend, _, precision = backend.partition(":")  # e.g. openvino:bf16
+seg = Segmenter.load(model, backend=backend, threads=threads, precision=precision or None)
 out = {"backend": seg.backend.name, "precision": seg.precision, "loaded_mb": rss_mb()}
 if scenario == "shapes":
     rng = np.random.default_rng(0)
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (exported)")
     p.add_argument("--base", action="store_true", help="export a random OFA-base (M = 15) and measure it")
-    p.add_argument("--backend", nargs="+", default=["onnxruntime", "torch"])
+    p.add_argument("--backend", nargs="+", default=["onnxruntime", "torch"],
+                   help="engines, each optionally with a precision: onnxruntime:int8, openvino:bf16, torch:bf16")
     p.add_argument("--scenario", nargs="+", default=["latency", "shapes", "wide", "concurrent"],
                    choices=["latency", "shapes", "wide", "concurrent"])
     p.add_argument("--images", type=int, default=100, help="images of the shapes scenario")

@@ -49,15 +49,20 @@ def measure(seg: Segmenter, images: Sequence[np.ndarray], *, batch: int = 1, war
             "throughput_img_s": float(1.0 / np.median(walls))}
 
 
-def variants(spec, *, torch_available: bool) -> List[Dict[str, str]]:
+def variants(spec, *, torch_available: bool, openvino_available: bool = False) -> List[Dict[str, str]]:
     """The (backend, precision) rows a model directory can run on the CPU: onnxruntime in each of its precisions,
-    the portable single graph when a split one exists, and torch fp32 (+ its gated low precisions)."""
+    the portable single graph when a split one exists, OpenVINO bf16 on the split graph (recorded or not), and torch
+    fp32 (+ its gated low precisions)."""
     rows = []
     for name, rec in spec.precisions.items():
         if rec.backend == "onnxruntime" and spec.onnx_file:
             rows.append({"backend": "onnxruntime", "precision": name})
     if spec.tables_file:
         rows.append({"backend": "onnxruntime", "precision": "fp32", "graph": "portable"})
+    if openvino_available and spec.tables_file and spec.body_file:
+        rows += [{"backend": "openvino", "precision": n} for n, r in spec.precisions.items() if r.backend == "openvino"]
+        if not any(r["backend"] == "openvino" for r in rows):
+            rows.append({"backend": "openvino", "precision": "bf16"})  # on request: no recorded agreement
     if torch_available and spec.has_file(WEIGHTS_FILE):
         rows.append({"backend": "torch", "precision": "fp32"})
         rows += [{"backend": "torch", "precision": n} for n, r in spec.precisions.items() if r.backend == "torch"]
@@ -74,7 +79,8 @@ def formats(model_dir, images: Sequence[np.ndarray], *, threads: Optional[int] =
     spec = load_model_dir(model_dir)
     rows = []
     reference: Optional[List[np.ndarray]] = None
-    for v in variants(spec, torch_available=importlib.util.find_spec("torch") is not None):
+    for v in variants(spec, torch_available=importlib.util.find_spec("torch") is not None,
+                      openvino_available=importlib.util.find_spec("openvino") is not None):
         row: Dict[str, Any] = dict(v)
         try:
             seg = Segmenter.load(model_dir, backend=v["backend"], precision=v["precision"],

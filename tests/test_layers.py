@@ -77,7 +77,7 @@ def test_file_names_have_one_owner(value, owner):
 
 
 @pytest.mark.parametrize("names,owner", [
-    (("auto", "onnxruntime", "torch", "tensorrt"), "runtime/backends/__init__.py"),
+    (("auto", "onnxruntime", "openvino", "torch", "tensorrt"), "runtime/backends/__init__.py"),
     (("fp32", "fp16", "bf16", "int8"), "runtime/model_dir.py"),
     (("auto", "cuda", "cuda-compiled", "cuda-nvrtc", "cpu", "numpy"), "knn/__init__.py"),
 ])

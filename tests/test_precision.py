@@ -46,13 +46,13 @@ def _fp32_copy(int8_dir, tmp_path):
     return out, m
 
 
-def _add(out, m, precisions, calib, min_agreement):
+def _add(out, m, precisions, calib, min_agreement, **kw):
     from ifseg_rt.export.precision import add_precisions
     from ifseg_rt.runtime.model_dir import write_manifest
 
     try:  # as export() does: the manifest is written whether the gate passes or not
         with pytest.warns(UserWarning, match="accuracy gate is measured on only 4 images"):
-            add_precisions(out, m, precisions, calibration=calib, min_agreement=min_agreement)
+            add_precisions(out, m, precisions, calibration=calib, min_agreement=min_agreement, **kw)
         m["precision"] = precisions[0]
     finally:
         write_manifest(out, m)
@@ -117,7 +117,7 @@ def test_the_gate_refuses_and_leaves_a_valid_directory(int8_dir, tmp_path, calib
 
 def test_bf16_runs_on_the_torch_backend(int8_dir, tmp_path, calib):
     out, m = _fp32_copy(int8_dir, tmp_path)
-    _add(out, m, ["bf16"], calib, 0.0)
+    _add(out, m, ["bf16"], calib, 0.0, bf16_backend="torch")
     m = json.loads((out / "ifseg.json").read_text())
     assert m["precision"] == "bf16" and m["precisions"]["bf16"]["backend"] == "torch"
     assert 0.5 < m["precisions"]["bf16"]["agreement"]["pixels"] <= 1.0
@@ -125,6 +125,118 @@ def test_bf16_runs_on_the_torch_backend(int8_dir, tmp_path, calib):
     assert seg.backend.name == "torch" and seg.backend.dtype == torch.bfloat16 and seg.precision == "bf16"
     with pytest.raises(ValueError, match="precision 'bf16' runs on the torch backend, not 'onnxruntime'"):
         Segmenter.load(out, backend="onnxruntime", precision="bf16")
+
+
+def test_bf16_runs_on_openvino(int8_dir, tmp_path, calib):
+    ov = pytest.importorskip("openvino")
+    from ifseg_rt.runtime.backends.openvino import bf16_native
+
+    out, m = _fp32_copy(int8_dir, tmp_path)
+    _add(out, m, ["bf16"], calib, 0.0)  # auto: OpenVINO, installed here
+    m = json.loads((out / "ifseg.json").read_text())
+    rec = m["precisions"]["bf16"]
+    assert m["precision"] == "bf16" and rec["backend"] == "openvino" and rec["body"] == "body.onnx"
+    assert set(m["files"]) == set(json.loads((int8_dir / "ifseg.json").read_text())["files"]) - {INT8_BODY}
+    seg = Segmenter.load(out, threads=1)  # the exported default
+    assert seg.backend.name == "openvino" and seg.precision == "bf16" and seg.agreement == rec["agreement"]
+    assert rec["agreement"]["backend"] == "openvino" and 0.5 < rec["agreement"]["pixels"] <= 1.0
+    ref = Segmenter.load(out, precision="fp32", threads=1)
+    assert ref.backend.name == "onnxruntime"
+    assert _agreement(ref, seg, calib) == pytest.approx(rec["agreement"]["pixels"], abs=0)
+    # the same graph: OpenVINO in fp32 gives onnxruntime's outputs; in bf16 (where the CPU computes it natively)
+    # they differ at bfloat16's resolution, no more
+    x = np.stack([ref.preprocess(im)[0] for im in calib[:2]])
+    lo_ref, fe_ref = ref.backend.run(x)
+    ov32 = Segmenter.load(out, backend="openvino", precision="fp32", threads=1).backend
+    lo32, fe32 = ov32.run(x)
+    np.testing.assert_allclose(lo32, lo_ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(fe32, fe_ref, atol=1e-4, rtol=1e-4)
+    # grids with a side of G cells run the body with the grid Ifs folded to their fast branch; others the graph as
+    # it is (compiled on first use): both give onnxruntime's outputs
+    G = ov32.grid_side
+    assert ov32.fast_path_ifs > 0 and ov32.compiled_graphs == (1 if G in (x.shape[2] // 16, -(-x.shape[3] // 16))
+                                                                 else 2)
+    rng = np.random.default_rng(1)
+    for h, w in ((16 * G, 48), (40, 16 * G + 16), (48, 64)):
+        xi = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+        for a, b in zip(ov32.run(xi), ref.backend.run(xi)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert ov32.compiled_graphs == 2
+    lo16, fe16 = seg.backend.run(x)
+    rel = float(np.abs(fe16 - fe_ref).max() / np.abs(fe_ref).max())
+    assert rel < 0.05
+    if bf16_native():
+        assert rel > 1e-4  # really computed in bfloat16
+    # every grid's tables are computed once (by OpenVINO, in fp32) and equal onnxruntime's
+    calls = []
+    real = seg.backend._compute_tables
+
+    def counting(h, w):
+        calls.append((h, w))
+        return real(h, w)
+
+    from ifseg_rt.runtime.backends.grid_cache import GridTableCache
+
+    seg.backend.table_cache = GridTableCache(counting)
+    images = calib[:2] + [np.ascontiguousarray(calib[0].transpose(1, 0, 2))]  # two grids
+    seg.seg(images, batch_size=1)
+    seg.seg(images[0])
+    assert sorted(calls) == sorted({tuple(-(-s // 16) for s in seg.preprocess(im)[0].shape[1:]) for im in images})
+    assert len(calls) == 2
+    for a, b in zip(seg.backend.tables(*calls[0]), ref.backend.tables(*calls[0])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # requests from several threads (one inference at a time inside) give what they give one by one
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = [seg.seg(im).labels for im in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda im: seg.seg(im).labels, images * 2))
+    for a, b in zip(alone * 2, together):
+        np.testing.assert_array_equal(a, b)
+    # torch runs bf16 on request (the recorded agreement is OpenVINO's: none reported); onnxruntime cannot
+    on_request = Segmenter.load(out, backend="torch", precision="bf16")
+    assert on_request.backend.name == "torch" and on_request.agreement is None
+    with pytest.raises(ValueError, match="precision 'bf16' runs on the openvino backend, not 'onnxruntime'"):
+        Segmenter.load(out, backend="onnxruntime", precision="bf16")
+    assert ov  # imported for the skip
+
+
+def test_openvino_refusals(int8_dir, tmp_path, monkeypatch):
+    import sys
+
+    from ifseg_rt.export.precision import bf16_engine
+    from ifseg_rt.runtime import ModelDirError
+    from ifseg_rt.runtime.backends import BackendUnavailable
+
+    with pytest.raises(ValueError, match="--bf16-backend openvino runs the split graph"):
+        bf16_engine("openvino", split=False)
+    assert bf16_engine("auto", split=False) == "torch"
+    with pytest.raises(ValueError, match="must be one of"):
+        bf16_engine("tensorrt", split=True)
+    out, m = _fp32_copy(int8_dir, tmp_path)
+    m["precisions"] = {"bf16": {"backend": "openvino"}}  # no body
+    (out / "ifseg.json").write_text(json.dumps(m))
+    with pytest.raises(ModelDirError, match=r"precisions.bf16.body.*required .*openvino precision"):
+        Segmenter.load(out)
+    m["precisions"] = {"bf16": {"backend": "openvin", "body": "body.onnx"}}
+    (out / "ifseg.json").write_text(json.dumps(m))
+    with pytest.raises(ModelDirError, match=r"precisions.bf16.backend.*'openvin'"):
+        Segmenter.load(out)
+    del m["precisions"]
+    (out / "ifseg.json").write_text(json.dumps(m))
+    with pytest.raises(BackendUnavailable, match="the openvino backend runs on the CPU only"):
+        from ifseg_rt.runtime.backends.openvino import OpenVinoBackend
+        OpenVinoBackend(Segmenter.load(out, threads=1).spec, device="cuda")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendUnavailable, match=r"pip install openvino"):
+        Segmenter.load(out, backend="openvino", precision="bf16")
+    # a directory whose default is bf16 on OpenVINO still loads without it: fp32 on onnxruntime, with a warning
+    m["precisions"] = {"bf16": {"backend": "openvino", "body": "body.onnx"}}
+    m["precision"] = "bf16"
+    (out / "ifseg.json").write_text(json.dumps(m))
+    with pytest.warns(RuntimeWarning, match="defaults to bf16 on OpenVINO, which is not installed here"):
+        seg = Segmenter.load(out, threads=1)
+    assert seg.backend.name == "onnxruntime" and seg.precision == "fp32"
 
 
 def test_split_graph_computes_tables_once_per_grid(int8_dir):
@@ -171,8 +283,11 @@ def test_bench_formats_table(int8_dir, tmp_path, capsys):
     assert "backend" in printed and "agree" in printed and "mIoU" in printed
     rep = json.loads(out.read_text())
     rows = {(r["backend"], r["precision"], r.get("graph", "")): r for r in rep["formats"]}
+    import importlib.util
+
+    ov = {("openvino", "bf16", "")} if importlib.util.find_spec("openvino") else set()  # on request: not recorded
     assert set(rows) == {("onnxruntime", "int8", ""), ("onnxruntime", "fp32", ""), ("onnxruntime", "fp32", "portable"),
-                         ("torch", "fp32", "")}
+                         ("torch", "fp32", "")} | ov
     first = rep["formats"][0]
     assert first["agreement"] == 1.0  # the reference row
     m = json.loads((int8_dir / "ifseg.json").read_text())
@@ -181,6 +296,8 @@ def test_bench_formats_table(int8_dir, tmp_path, capsys):
     for r in rows.values():
         assert set(r["ms"]) == {"preprocess", "engine", "knn", "resize_argmax", "total"} and r["img_s"] > 0
         assert 0 <= r["miou"] <= 100 and 0.9 <= r["agreement"] <= 1.0
+    if ov:
+        assert rows[("openvino", "bf16", "")]["recorded_agreement"] is None
 
 
 # --- accuracy-aware int8 --------------------------------------------------------------------------------------------
@@ -260,14 +377,23 @@ def test_export_command_prints_the_trade_off(nano_run, tmp_path, calib, capsys):
     folder.mkdir()
     for i, im in enumerate(calib):
         Image.fromarray(im).save(folder / f"{i}.png")
+    import importlib.util
+
     out = tmp_path / "model"
+    bf16 = importlib.util.find_spec("openvino") is not None  # then also bf16, on OpenVINO
     with pytest.warns(UserWarning, match="only 4 images"):
-        assert cli(["export", str(nano_run), "--out", str(out), "--precision", "int8", "--calibration", str(folder),
-                     "--short-side", "64", "--max-long-side", "256", "--no-check", "--threads", "1"]) == 0
+        assert cli(["export", str(nano_run), "--out", str(out), "--precision", "int8,bf16" if bf16 else "int8",
+                    "--calibration", str(folder), "--short-side", "64", "--max-long-side", "256", "--no-check",
+                    "--threads", "1", "--min-agreement", "0.5", "--bf16-backend", "openvino" if bf16 else "auto"]) == 0
     printed = capsys.readouterr().out
-    rec = json.loads((out / "ifseg.json").read_text())["precisions"]["int8"]
+    recs = json.loads((out / "ifseg.json").read_text())["precisions"]
+    rec = recs["int8"]
     assert f"int8: the ResNet runs in {rec['resnet']}" in printed
     assert f"labels equal fp32's on {100 * rec['agreement']['pixels']:.2f} % of the pixels of 4 calibration" in printed
+    if bf16:
+        assert recs["bf16"]["backend"] == "openvino"
+        assert (f"bf16 (openvino): labels equal fp32's on {100 * recs['bf16']['agreement']['pixels']:.2f} % of the "
+                f"pixels of 4 calibration") in printed
 
 
 def test_a_body_above_the_protobuf_limit_keeps_its_weights_outside(int8_dir, tmp_path, calib, monkeypatch):

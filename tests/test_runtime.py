@@ -315,7 +315,7 @@ def test_unavailable_backends(model_dir):
     with pytest.raises(BackendUnavailable, match="tensorrt"):
         Segmenter.load(model_dir, backend="tensorrt", device="cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
-        Segmenter.load(model_dir, backend="openvino")
+        Segmenter.load(model_dir, backend="tvm")
 
 
 # --- CLIs ------------------------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def _label_offset(text: str):
 def add_engine_arguments(p: argparse.ArgumentParser, *, precision_help: str, threads_help: str) -> None:
     """``--backend``, ``--device``, ``--threads`` and ``--precision`` (segment, bench, eval)."""
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="inference engine (auto: TensorRT engine for this GPU, onnxruntime, then torch)")
+                   help="inference engine (auto: TensorRT engine for this GPU, onnxruntime, then torch; a bf16 "
+                        "precision runs on the engine its export recorded, OpenVINO or torch)")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None, help=threads_help)
     p.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)

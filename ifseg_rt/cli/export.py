@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..export.exporter import export, resolve_format, validate_args
-from ..export.precision import PrecisionGateError
+from ..export.precision import BF16_ENGINES, PrecisionGateError
 from ..knn.settings import KnnSettings
 from ..runtime.model_dir import MANIFEST, PRECISIONS
 from ..runtime.preprocess import ImagePolicy
@@ -93,13 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision")
     g.add_argument("--precision", type=_precisions, default=None,
                    help="ONNX: CPU precision(s) to offer besides fp32, comma-separated, the first being the runtime's "
-                        "default: int8 (onnxruntime, int8 MatMul weights), bf16 (torch); fp32 only when omitted. "
+                        "default: int8 (onnxruntime, int8 MatMul weights), bf16 (OpenVINO or torch, --bf16-backend); "
+                        "fp32 only when omitted. "
                         "engine: the TensorRT precision fp32, fp16 or bf16, fp16 when omitted (norms, softmax and the "
                         "L2 norm stay fp32)")
     g.add_argument("--calibration", help="folder of images for the low-precision accuracy gate (default: 8 synthetic "
                                          "scenes; real images of your domain are better)")
     g.add_argument("--min-agreement", type=float, default=0.99,
                    help="the gate: fraction of pixels whose label must equal fp32's")
+    g.add_argument("--bf16-backend", choices=BF16_ENGINES, default="auto",
+                   help="the engine of --precision bf16: openvino (the split graph in bfloat16: AMX / AVX512-BF16), "
+                        "torch (the weights); auto: openvino when installed")
     g = p.add_argument_group("TensorRT (--format engine)")
     g.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default 8)")
     g.add_argument("--min-shape", help="profile minimum BxHxW (default 1x16x16). Without any of the three shapes "
@@ -233,7 +237,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                       static_shape=args.static_shape,
                       normalize_features=args.normalize_features, check=not args.no_check,
                       precision=precision, calibration=args.calibration, min_agreement=args.min_agreement,
-                      split=not args.no_split, workspace_gb=args.workspace_gb, min_shape=args.min_shape,
+                      split=not args.no_split, bf16_backend=args.bf16_backend, workspace_gb=args.workspace_gb, min_shape=args.min_shape,
                       opt_shape=args.opt_shape, max_shape=args.max_shape, timing_cache=args.timing_cache,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except PrecisionGateError as e:  # the work ran: the fp32 directory is there, the variant was refused

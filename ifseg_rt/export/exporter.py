@@ -71,7 +71,8 @@ DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
 PARITY_ATOL = 1e-3  # max |onnxruntime - torch| on logits/features accepted at export time (fp32)
 
 _COMMON = ("categories", "bpe_dir", "prompt_prefix", "image_policy", "knn", "save_weights", "force", "precision")
-_ONNX = ("opset", "static_shape", "normalize_features", "check", "calibration", "min_agreement", "split")
+_ONNX = ("opset", "static_shape", "normalize_features", "check", "calibration", "min_agreement", "split",
+         "bf16_backend")
 _TRT = ("workspace_gb", "min_shape", "opt_shape", "max_shape", "timing_cache")
 # Triton repository (ifseg_rt.serve.repository.export_repository); from a model directory only these apply
 _TRITON = ("model_name", "max_batch_size", "instances", "instance_kind", "tensorrt", "trt_precision", "trt_cache",
@@ -399,7 +400,7 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
            knn: Union[None, KnnSettings, Dict[str, Any]] = None, save_weights: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
            static_shape: Optional[Tuple[int, int]] = None,
            normalize_features: bool = False, check: bool = True, precision: Union[None, str, Sequence[str]] = None,
-           calibration=None, min_agreement: float = MIN_AGREEMENT, split: bool = True,
+           calibration=None, min_agreement: float = MIN_AGREEMENT, split: bool = True, bf16_backend: str = "auto",
            workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
            timing_cache: Union[None, str, Path] = None, log: Optional[Callable[[str], None]] = None) -> ModelSpec:
     """Export ``source`` to the model directory ``out`` (see the module docstring for formats).
@@ -422,6 +423,8 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
         format: the TensorRT precision ("fp32", "fp16" (default), "bf16")
     calibration, min_agreement : the accuracy gate of low precisions: images (a folder; default synthetic scenes)
         and the fraction of pixels whose label must equal fp32's
+    bf16_backend : the engine of the bf16 variant: ``"openvino"`` (the split graph in bfloat16), ``"torch"`` (the
+        weights), ``"auto"`` (OpenVINO when installed)
     split : also write the runtime's split graph (``tables.onnx`` + ``body.onnx``; dynamic shapes only)
     log : called with a line per step (the CLI prints them)
 
@@ -478,7 +481,8 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
             say(f"precisions {', '.join(p for p in cpu_precisions if p != 'fp32')}: build, measure the label "
                 f"agreement with fp32, gate at {100 * min_agreement:.1f} %")
             try:
-                add_precisions(work, manifest, cpu_precisions, calibration=calibration, min_agreement=min_agreement)
+                add_precisions(work, manifest, cpu_precisions, calibration=calibration, min_agreement=min_agreement,
+                               bf16_backend=bf16_backend)
                 manifest["precision"] = cpu_precisions[0]
             except PrecisionGateError as e:  # the fp32 directory is still written, then the refusal raised
                 gate_error = e

@@ -10,8 +10,10 @@ precision  engine                 what runs in low precision
                                   residual adds and pooling statically (QDQ: per-channel int8 weights with the
                                   batch norms folded in, activation ranges from the calibration images);
                                   LayerNorm, softmax, GELU, attention scores and the position tables stay fp32
-``bf16``   torch                  the weights and matmuls in bfloat16 (AMX / AVX512-BF16 where the CPU has them);
-                                  LayerNorm, GELU and softmax in fp32 inside the model's modules
+``bf16``   OpenVINO (split)       the fp32 body compiled with bfloat16 inference precision: matmuls and
+                                  convolutions in bf16 (AMX / AVX512-BF16), accumulating in fp32; no extra file
+``bf16``   torch                  (``--bf16-backend torch``, or without OpenVINO) the weights and matmuls in
+                                  bfloat16; LayerNorm, GELU and softmax in fp32 inside the model's modules
 =========  =====================  ==========================================================================
 
 The gate: the exporter segments calibration images with the fp32 graph and with the new variant through
@@ -37,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..geometry import token_grid
+from ..runtime.backends import BF16_BACKENDS
 from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, TABLE_NAMES, WEIGHTS_FILE, ModelSpec,
                                  parse_manifest)
 from ..runtime.preprocess import IMAGE_EXTENSIONS, load_image, network_input
@@ -48,12 +51,17 @@ INT8_BODY = "body.int8.onnx"
 RESNET_SCOPE = "/embed_images/"  # ONNX node-name prefix of the ResNet (the model's ``embed_images`` module)
 RESNET_OPS = ("Conv", "Add", "Relu", "MaxPool")  # what the static int8 ResNet quantises
 EXTERNAL_BYTES = 1536 * 1024 * 1024  # intermediate graphs above this keep their weights in a .data file (2 GB limit)
-METHODS = {
-    "int8": "onnxruntime int8: MatMul weights int8 per output channel with activations quantised per call; the "
-            "ResNet (if recorded as int8) static QDQ with per-channel weights and calibrated activation ranges; "
-            "LayerNorm, softmax, GELU, attention scores and the position tables in fp32",
-    "bf16": "torch bfloat16 weights and matmuls; LayerNorm, GELU and softmax in fp32",
+METHODS = {  # (precision, engine) -> how the variant computes (recorded in ifseg.json)
+    ("int8", "onnxruntime"): "onnxruntime int8: MatMul weights int8 per output channel with activations quantised "
+                             "per call; the ResNet (if recorded as int8) static QDQ with per-channel weights and "
+                             "calibrated activation ranges; LayerNorm, softmax, GELU, attention scores and the "
+                             "position tables in fp32",
+    ("bf16", "openvino"): "OpenVINO CPU plugin, inference precision bfloat16: the fp32 split graph (body.onnx) with "
+                          "matmuls and convolutions in bfloat16 accumulating in fp32 (AMX / AVX512-BF16); the "
+                          "position tables in fp32",
+    ("bf16", "torch"): "torch bfloat16 weights and matmuls; LayerNorm, GELU and softmax in fp32",
 }
+BF16_ENGINES = ("auto", *BF16_BACKENDS)  # --bf16-backend: auto = OpenVINO when installed (and a split graph)
 
 
 class PrecisionGateError(ValueError):
@@ -311,8 +319,23 @@ def int8_search(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray
             "search": trials, "sensitive": [[name, round(err, 6)] for name, err in ranked[:10]]}
 
 
+def bf16_engine(choice: str, split: bool) -> str:
+    """The engine of the bf16 variant: ``openvino`` (the split graph compiled in bfloat16; faster) or ``torch`` (the
+    weights); ``auto``: OpenVINO when it is installed and the directory has the split graph."""
+    import importlib.util
+
+    if choice not in BF16_ENGINES:
+        raise ValueError(f"the bf16 backend must be one of {BF16_ENGINES}, got {choice!r}")
+    if choice == "auto":
+        return "openvino" if split and importlib.util.find_spec("openvino") is not None else "torch"
+    if choice == "openvino" and not split:
+        raise ValueError("--bf16-backend openvino runs the split graph (not available with --static-shape or "
+                         "--no-split)")
+    return choice
+
+
 def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str], *, calibration=None,
-                   min_agreement: float = MIN_AGREEMENT) -> Dict[str, Any]:
+                   min_agreement: float = MIN_AGREEMENT, bf16_backend: str = "auto") -> Dict[str, Any]:
     """Build every requested low-precision variant in ``out``, measure its agreement with fp32 through the runtime
     (the directory as ``manifest`` describes it; nothing is written but the variants' files), record it in
     ``manifest`` and enforce the gate: a variant below it is removed again (files and record) and
@@ -327,12 +350,15 @@ def add_precisions(out: Path, manifest: Dict[str, Any], precisions: Sequence[str
         if p == "int8":
             if manifest.get("onnx", {}).get("body") is None:
                 raise ValueError("--precision int8 needs the split graph (not available with --static-shape)")
-            rec = {"backend": "onnxruntime", "body": INT8_BODY, "method": METHODS["int8"]}
+            rec = {"backend": "onnxruntime", "body": INT8_BODY, "method": METHODS["int8", "onnxruntime"]}
         elif p == "bf16":
-            if WEIGHTS_FILE not in manifest["files"]:
-                raise ValueError("--precision bf16 runs on the torch backend and needs model.safetensors "
-                                 "(do not pass --no-weights)")
-            rec = {"backend": "torch", "method": METHODS["bf16"]}
+            engine = bf16_engine(bf16_backend, manifest.get("onnx", {}).get("body") is not None)
+            if engine == "torch" and WEIGHTS_FILE not in manifest["files"]:
+                raise ValueError("--precision bf16 on the torch backend needs model.safetensors (do not pass "
+                                 "--no-weights), or install openvino")
+            rec = {"backend": engine, "method": METHODS["bf16", engine]}
+            if engine == "openvino":
+                rec["body"] = BODY_FILE
         else:
             raise ValueError(f"unknown CPU precision {p!r}; choose from fp32, int8, bf16")
         if images is None:  # the fp32 labels once, before the manifest names a variant file not yet written

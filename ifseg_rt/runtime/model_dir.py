@@ -43,10 +43,12 @@ GRID_NAME = "grid"  # tables.onnx input: an h x w float tensor, only its shape i
 # order of SegTables.positions)
 TABLE_NAMES = ("enc_pos_q", "enc_pos_k", "dec_pos_q", "dec_pos_k", "cross_pos_q", "cross_pos_k")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # of the whole directory's default and of engines
-CPU_PRECISIONS = ("fp32", "int8", "bf16")  # what the CPU engines offer: onnxruntime fp32 / int8, torch bf16
+CPU_PRECISIONS = ("fp32", "int8", "bf16")  # what the CPU engines offer: onnxruntime fp32 / int8, bf16 ...
+CPU_BACKENDS = ("onnxruntime", "openvino", "torch")  # ... on OpenVINO (the split graph) or torch (the weights)
 
 __all__ = ["SCHEMA_VERSION", "FORMAT", "MANIFEST", "ONNX_FILE", "WEIGHTS_FILE", "ENGINES_DIR", "TABLES_FILE",
            "BODY_FILE", "INPUT_NAME", "OUTPUT_NAMES", "GRID_NAME", "TABLE_NAMES", "PRECISIONS", "CPU_PRECISIONS",
+           "CPU_BACKENDS",
            "ModelDirError", "EngineSpec", "PrecisionSpec", "ModelSpec", "gpu_slug", "engine_file",
            "build_manifest", "parse_manifest", "spec_for_model", "load_model_dir", "write_manifest", "file_record", "file_sha256"]
 
@@ -119,8 +121,8 @@ class PrecisionSpec:
     """One compute precision a model directory offers to the CPU engines, with its accuracy gate."""
 
     name: str  # "fp32", "int8" or "bf16"
-    backend: str  # "onnxruntime" (fp32, int8) or "torch" (bf16)
-    body: Optional[str] = None  # the split graph's body for this precision (onnxruntime)
+    backend: str  # "onnxruntime" (fp32, int8), "openvino" or "torch" (bf16)
+    body: Optional[str] = None  # the split graph's body for this precision (onnxruntime, openvino)
     method: str = ""  # how it was made (e.g. "onnxruntime dynamic int8, MatMul weights per channel")
     agreement: Optional[Dict[str, Any]] = None  # {"pixels": fraction of labels equal to fp32's, "images": n, ...}
 
@@ -173,10 +175,13 @@ class ModelSpec:
         """The listed files ``backend`` reads for ``precision`` (what loading verifies; what ``bench`` sizes). On a
         GPU onnxruntime runs the portable graph; a TensorRT engine is chosen by GPU model at load time, so every
         engine counts."""
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "openvino"):
             rec = self.precisions.get(precision)
-            split = not gpu and rec is not None and rec.body is not None and self.tables_file is not None
-            names = [self.tables_file, rec.body] if split else [self.onnx_file]
+            if backend == "openvino":  # always the split graph: the precision's body, else the fp32 one
+                names = [self.tables_file, rec.body if rec is not None and rec.backend == backend else self.body_file]
+            else:
+                split = not gpu and rec is not None and rec.body is not None and self.tables_file is not None
+                names = [self.tables_file, rec.body] if split else [self.onnx_file]
             return [f for f in self.files if f in names or f in [n + ".data" for n in names]]
         if backend == "torch":
             return [WEIGHTS_FILE] if self.has_file(WEIGHTS_FILE) else []
@@ -380,11 +385,11 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
         where = f"precisions.{name}"
         _check(name in CPU_PRECISIONS, where, f"is not one of {CPU_PRECISIONS}")
         backend = _get(rec, "backend", where, str)
-        _check(backend in ("onnxruntime", "torch"), f"{where}.backend", f"must be onnxruntime or torch, got {backend!r}")
+        _check(backend in CPU_BACKENDS, f"{where}.backend", f"must be one of {CPU_BACKENDS}, got {backend!r}")
         pb = _get(rec, "body", where, str, optional=True)
         _check(pb is None or pb in files, f"{where}.body", f"names {pb!r}, which is not listed in 'files'")
-        _check(backend != "onnxruntime" or (pb is not None and tables is not None), f"{where}.body",
-               "is required (with onnx.tables) for an onnxruntime precision")
+        _check(backend == "torch" or (pb is not None and tables is not None), f"{where}.body",
+               f"is required (with onnx.tables) for an {backend} precision")
         _check(backend != "torch" or WEIGHTS_FILE in files, where, f"needs {WEIGHTS_FILE} for the torch backend")
         precisions[name] = PrecisionSpec(name, backend, body=pb,
                                          method=_get(rec, "method", where, str, optional=True, default=""),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -20,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..knn.settings import KnnSettings
-from .backends import create_backend, resolve_backend, resolve_device
+from .backends import BF16_BACKENDS, create_backend, installed, resolve_backend, resolve_device
 from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
 from .preprocess import ImageLike, load_image, network_input, token_grid
@@ -166,7 +167,7 @@ class Segmenter:
         Parameters
         ----------
         model_dir : directory written by ``python -m ifseg_rt.export`` (or its parsed :class:`ModelSpec`)
-        backend : "auto" | "onnxruntime" | "tensorrt" | "torch"
+        backend : "auto" | "onnxruntime" | "openvino" | "tensorrt" | "torch"
         device : "cpu" | "cuda" | "cuda:N" | "auto" (cuda when torch sees a GPU)
         precision : on the CPU, one of the directory's precisions ("fp32", "int8", "bf16"; default: the one it was
             exported for, ``spec.precision``); ``seg.agreement`` then reports its measured label agreement with fp32.
@@ -189,15 +190,21 @@ class Segmenter:
                 default = spec.precisions.get(spec.precision)
                 precision = spec.precision if default is not None and backend in ("auto", default.backend) \
                     else "fp32"
-            if precision == "bf16" and backend == "torch" and precision not in spec.precisions:
-                pass  # the torch backend runs any weights in bfloat16 on request (no recorded agreement)
-            elif precision not in spec.precisions:
+                if precision == "bf16" and default.backend == "openvino" and backend == "auto" \
+                        and not installed("openvino"):
+                    warnings.warn(f"{spec.source} defaults to bf16 on OpenVINO, which is not installed here: running "
+                                  f"fp32 on onnxruntime (pip install openvino for bf16)", RuntimeWarning, stacklevel=2)
+                    precision = "fp32"
+            # torch runs any weights in bfloat16 on request, OpenVINO any split graph (the agreement is recorded
+            # only for the engine the export measured)
+            on_request = precision == "bf16" and backend in BF16_BACKENDS
+            if precision not in spec.precisions and not on_request:
                 raise ModelDirError(f"{spec.source} offers the CPU precisions {sorted(spec.precisions)}, not "
                                     f"{precision!r}; re-export it with --precision {precision}")
-            rec = spec.precisions.get(precision) or PrecisionSpec(precision, "torch")
+            rec = spec.precisions.get(precision) or PrecisionSpec(precision, backend)
             if backend == "auto" and precision != "fp32":
                 backend = rec.backend
-            elif backend not in ("auto", rec.backend) and precision != "fp32":
+            elif backend not in ("auto", rec.backend) and precision != "fp32" and not on_request:
                 raise ValueError(f"precision {precision!r} runs on the {rec.backend} backend, not {backend!r}")
         name = resolve_backend(backend, device, spec)
         if name == "tensorrt":
@@ -210,7 +217,7 @@ class Segmenter:
                   knn_backend=knn_backend)
         seg.precision = precision or getattr(seg.backend, "precision", None) or "fp32"
         rec = spec.precisions.get(seg.precision)
-        seg.agreement = rec.agreement if rec is not None else None
+        seg.agreement = rec.agreement if rec is not None and rec.backend == seg.backend.name else None
         if seg.agreement is None and seg.precision == "fp32":  # the reference itself
             seg.agreement = {"pixels": 1.0, "reference": "fp32", "images": 0, "backend": seg.backend.name}
         return seg

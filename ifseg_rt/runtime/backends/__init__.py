@@ -12,15 +12,17 @@ from typing import Any
 
 from ..model_dir import WEIGHTS_FILE
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
+BF16_BACKENDS = ("openvino", "torch")  # CPU engines that run any model directory in bfloat16 on request
 
 
 class BackendUnavailable(RuntimeError):
     """The requested backend (or device) cannot run here; the message says what to install."""
 
 
-def _has(mod: str) -> bool:
+def installed(mod: str) -> bool:
+    """Whether the module can be imported here (without importing it)."""
     try:
         return importlib.util.find_spec(mod) is not None
     except (ImportError, ValueError):
@@ -28,7 +30,7 @@ def _has(mod: str) -> bool:
 
 
 def _ort_cuda() -> bool:
-    if not _has("onnxruntime"):
+    if not installed("onnxruntime"):
         return False
     import onnxruntime as ort
 
@@ -50,7 +52,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         if _no_nvidia_driver():  # cheap: spares a CPU-only run the ~1 s import of torch
             return "cpu"
-        if _has("torch"):
+        if installed("torch"):
             import torch
 
             if torch.cuda.is_available():
@@ -62,24 +64,25 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_backend(name: str, device: str, spec) -> str:
-    """``auto`` -> TensorRT (engine for this GPU), then onnxruntime (CUDA provider / CPU), then torch."""
+    """``auto`` -> TensorRT (engine for this GPU), then onnxruntime (CUDA provider / CPU), then torch. (OpenVINO runs
+    a directory's bf16 precision; ``Segmenter.load`` picks it from the precision's record.)"""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     device = resolve_device(device)
     if name != "auto":
         return name
     if str(device).startswith("cuda"):
-        if spec.engines and _has("tensorrt"):
+        if spec.engines and installed("tensorrt"):
             return "tensorrt"
         if spec.onnx_file and _ort_cuda():
             return "onnxruntime"
-        if spec.has_file(WEIGHTS_FILE) and _has("torch"):
+        if spec.has_file(WEIGHTS_FILE) and installed("torch"):
             return "torch"
         raise BackendUnavailable("no CUDA backend available: install onnxruntime-gpu (instead of onnxruntime), "
                                  "TensorRT, or torch with CUDA")
-    if spec.onnx_file and _has("onnxruntime"):
+    if spec.onnx_file and installed("onnxruntime"):
         return "onnxruntime"
-    if spec.has_file(WEIGHTS_FILE) and _has("torch"):
+    if spec.has_file(WEIGHTS_FILE) and installed("torch"):
         return "torch"
     raise BackendUnavailable("no CPU backend available: pip install onnxruntime (or torch for model.safetensors)")
 
@@ -90,6 +93,10 @@ def create_backend(name: str, spec, device: str = "cpu", **options: Any):
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(spec, device=device, **options)
+    if name == "openvino":
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(spec, device=device, **options)
     if name == "torch":
         from .torch_backend import TorchBackend
 

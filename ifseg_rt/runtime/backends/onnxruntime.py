@@ -14,16 +14,15 @@ trimmed, so a rare large image does not leave its peak allocated (runs repeating
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Optional, Tuple
 
 import numpy as np
 
 from ...system import available_cores, release_free_memory
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
-from ...geometry import PATCH, TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS, token_grid
+from ...geometry import PATCH, token_grid
 from . import BackendUnavailable
+from .grid_cache import GridTableCache
 
 ARENA_SHRINK = "cpu:0"  # onnxruntime run option: return the CPU arena's free chunks after each run
 
@@ -99,10 +98,7 @@ class OnnxRuntimeBackend:
                                      f"(session providers: {self.session.get_providers()}); check the CUDA / cuDNN "
                                      f"libraries that onnxruntime-gpu needs, or use backend='torch'")
         self.tables_session = self._open(ort, spec.tables_file, so, providers) if self.split else None
-        self._tables: "OrderedDict[Tuple[int, int], Tuple[np.ndarray, ...]]" = OrderedDict()
-        self.cache_bytes = TABLE_CACHE_BYTES
-        self._lock = threading.Lock()
-        self._compute_lock = threading.Lock()
+        self.table_cache = GridTableCache(self._compute_tables)
         self._check_io()
         self.feature_dim = spec.feature_dim
         self.num_categories = spec.num_categories
@@ -140,29 +136,16 @@ class OnnxRuntimeBackend:
     # --- running ---------------------------------------------------------------------------------------------
     def tables(self, h: int, w: int) -> Tuple[np.ndarray, ...]:
         """The split graph's per-grid positions for an h x w grid (computed once, then from the cache)."""
-        key = (h, w)
-        with self._lock:
-            hit = self._tables.get(key)
-            if hit is not None:
-                self._tables.move_to_end(key)
-                return hit
-        with self._compute_lock:  # concurrent first requests of a grid: one computes, the others wait for it
-            with self._lock:
-                hit = self._tables.get(key)
-            if hit is None:
-                grid = np.zeros(key, dtype=np.float32)  # only its shape is read
-                hit = tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}, self.shrink_options))
-                with self._lock:
-                    self._tables[key] = hit
-                    while len(self._tables) > 1 and (self.cache_nbytes > self.cache_bytes
-                                                     or len(self._tables) > TABLE_CACHE_GRIDS):
-                        self._tables.popitem(last=False)
-        return hit
+        return self.table_cache.get(h, w)
+
+    def _compute_tables(self, h: int, w: int) -> Tuple[np.ndarray, ...]:
+        grid = np.zeros((h, w), dtype=np.float32)  # only its shape is read
+        return tuple(self.tables_session.run(list(TABLE_NAMES), {GRID_NAME: grid}, self.shrink_options))
 
     @property
     def cache_nbytes(self) -> int:
         """Bytes of the cached per-grid tables."""
-        return sum(a.nbytes for t in self._tables.values() for a in t)
+        return self.table_cache.nbytes
 
     def run(self, x: np.ndarray):
         """``Bx3xHxW`` float32 -> (logits, features): numpy on CPU, torch CUDA tensors on CUDA."""

@@ -1,0 +1,206 @@
+"""OpenVINO backend (CPU): the split graph (``tables.onnx`` + ``body.onnx``) compiled by OpenVINO's CPU plugin,
+by default with bfloat16 inference precision.
+
+On CPUs with AMX (Intel Xeon 4th gen and later) or AVX512-BF16 the plugin runs the matmuls and convolutions in
+bfloat16 (accumulating in fp32) and keeps what it judges precision-critical (softmax inputs, normalisation
+statistics) in fp32; on other CPUs a bf16 request runs in fp32 (a warning says so). ``precision="fp32"`` runs the
+same graph in fp32 (for comparison; onnxruntime is the faster fp32 engine). The per-grid tables are computed once
+per grid (:class:`~.grid_cache.GridTableCache`) by the tables graph, in fp32.
+
+**Grids with a side of G cells** (the paper's policy: short side 512 px = G = 32 cells, so every image up to 4:1)
+take the relative bias's fast path, one gather per query block, which the graph wraps in an ONNX ``If`` on the grid
+(:mod:`ifseg_rt.model.grid_attention`). OpenVINO runs each ``If`` as a separate subgraph that keeps its own output
+buffer: at 512 x 2048 that held ~10 GB and cost 20 % of the time. So the backend compiles a copy of the body with
+every such ``If`` replaced by its fast branch (the conditions set to true and folded away) for these grids, and
+compiles the graph as it is only when a grid without a side of G arrives (once, on first use). The ``If`` nodes
+are recognised by their structure (the fast branch ends in the gather, the other resizes with matmuls); a graph
+where any ``If`` looks different is run as it is.
+
+Torch-free; ``pip install openvino`` (the ``[openvino]`` extra).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from ...geometry import token_grid
+from ...system import available_cores, release_free_memory
+from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
+from . import BackendUnavailable
+from .grid_cache import GridTableCache
+
+HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's INFERENCE_PRECISION_HINT
+
+
+def bf16_native() -> Optional[bool]:
+    """Whether OpenVINO's CPU plugin computes bfloat16 natively here (AMX / AVX512-BF16); None without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def fast_path_only(model) -> int:
+    """Replace, in place, every grid ``If`` of ``model`` (an ``ov.Model`` of our body graph) by its fast branch: set
+    its condition to true, so that OpenVINO folds it away when compiling. Only when every ``If`` has the structure
+    :mod:`ifseg_rt.model.grid_attention` exports (the true branch ends in the fast path's gather, the false branch
+    resizes with matmuls); otherwise nothing changes. Returns how many were replaced."""
+    import openvino.opset13 as ops
+
+    ifs = [op for op in model.get_ordered_ops() if op.get_type_name() == "If"]
+
+    def grid_if(op) -> bool:
+        then_out = op.get_then_body().get_results()[0].input(0).get_source_output().get_node()
+        return then_out.get_type_name() == "Gather" and any(
+            o.get_type_name() == "MatMul" for o in op.get_else_body().get_ordered_ops())
+
+    if not ifs or not all(grid_if(op) for op in ifs):
+        return 0
+    for op in ifs:
+        op.input(0).replace_source_output(ops.constant(True).output(0))
+    model.validate_nodes_and_infer_types()
+    return len(ifs)
+
+
+class OpenVinoBackend:
+    """
+    Arguments:
+      spec (ModelSpec): verified model directory with the split graph
+      device (str): "cpu" only
+      threads (int or None): inference threads (None: the cores available to the process)
+      precision (str): "bf16" (default) or "fp32"
+    """
+
+    name = "openvino"
+
+    def __init__(self, spec, *, device: str = "cpu", threads: Optional[int] = None, precision: str = "bf16"):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise BackendUnavailable("the openvino backend needs `pip install openvino` (the [openvino] extra)") from e
+        if str(device) != "cpu":
+            raise BackendUnavailable(f"the openvino backend runs on the CPU only, not {device!r}")
+        if precision not in HINTS:
+            raise BackendUnavailable(f"the openvino backend runs precision 'bf16' or 'fp32', not {precision!r}")
+        if spec.tables_file is None or spec.body_file is None:
+            raise BackendUnavailable(f"{spec.source} has no split graph (tables.onnx + body.onnx), which the openvino "
+                                     f"backend runs; re-export it without --static-shape")
+        self.spec = spec
+        self.device = "cpu"
+        self.on_gpu = False
+        self.precision = precision
+        self.threads = int(threads) if threads else available_cores()
+        core = ov.Core()
+        self.bf16_native = bool(bf16_native())
+        if precision == "bf16" and not self.bf16_native:
+            warnings.warn("this CPU has neither AMX nor AVX512-BF16: OpenVINO runs the bf16 model in fp32 (use the "
+                          "onnxruntime backend, faster in fp32)", RuntimeWarning, stacklevel=3)
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        rec = spec.precisions.get(precision)
+        self.file = rec.body if rec is not None and rec.backend == self.name and rec.body else spec.body_file
+        self.grid_side = spec.seg_grid  # G: grids with a side of G cells run the fast-path graph
+        self._core, self._config = core, {**config, "INFERENCE_PRECISION_HINT": HINTS[precision]}
+        model = self._read(core, self.file)
+        self.fast_path_ifs = fast_path_only(model)  # how many grid Ifs were folded (0: the graph runs as it is)
+        self.body = self._compile(core, model, self.file, self._config)  # fast grids (or every grid, if 0)
+        self._general = None  # the graph as it is, compiled when a grid without a side of G first arrives
+        # one inference at a time: with one stream (the latency hint) OpenVINO runs requests one after another anyway,
+        # and release_memory() must not run beside an inference
+        self._lock = threading.Lock()
+        self.tables_model = self._compile(core, self._read(core, spec.tables_file), spec.tables_file,
+                                          {**config, "INFERENCE_PRECISION_HINT": "f32"})
+        self._requests: Dict[int, Any] = {}  # one infer request per compiled body
+        self.table_cache = GridTableCache(self._compute_tables)
+        self._last_shape: Optional[Tuple[int, ...]] = None
+        self._check_io()
+        self.feature_dim = spec.feature_dim
+        self.num_categories = spec.num_categories
+
+    def _read(self, core, name: str):
+        path = self.spec.path(name)
+        try:
+            return core.read_model(str(path))
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with the frontend's message
+            raise ModelDirError(f"{path}: OpenVINO cannot read it ({type(e).__name__}: {str(e).strip()[:500]}); "
+                                f"the file is corrupt or not an ifseg_rt ONNX model - re-export it") from None
+
+    def _compile(self, core, model, name: str, config):
+        try:
+            return core.compile_model(model, "CPU", config)
+        except Exception as e:
+            raise ModelDirError(f"{self.spec.path(name)}: OpenVINO cannot compile it ({type(e).__name__}: "
+                                f"{str(e).strip()[:500]}); re-export it") from None
+
+    @property
+    def compiled_graphs(self) -> int:
+        """Bodies compiled so far: 1, or 2 once a grid without a side of G needed the graph as it is."""
+        return 1 + (self._general is not None)
+
+    def _model_for(self, h: int, w: int):
+        """The compiled body for an h x w token grid: the fast-path one when a side is G (or nothing was folded)."""
+        if not self.fast_path_ifs or self.grid_side in (h, w):
+            return self.body
+        if self._general is None:
+            self._general = self._compile(self._core, self._read(self._core, self.file), self.file, self._config)
+        return self._general
+
+    def _check_io(self) -> None:
+        """The graphs' names and output widths must be the ones ``ifseg.json`` describes."""
+        def names(ports, want):  # a port may carry several tensor names (OpenVINO keeps aliases): the wanted one
+            return [next((n for n in want if n in p.get_names()), p.get_any_name()) for p in ports]
+
+        want_in = [INPUT_NAME, *TABLE_NAMES]
+        inputs, outputs = names(self.body.inputs, want_in), names(self.body.outputs, OUTPUT_NAMES)
+        if inputs != want_in or set(OUTPUT_NAMES) - set(outputs):
+            raise ModelDirError(f"{self.spec.path(self.file)}: inputs {inputs} and outputs {sorted(outputs)}, expected "
+                                f"{want_in} and {list(OUTPUT_NAMES)}: not an ifseg_rt model graph")
+        t_in = names(self.tables_model.inputs, [GRID_NAME])
+        t_out = names(self.tables_model.outputs, TABLE_NAMES)
+        if t_in != [GRID_NAME] or t_out != list(TABLE_NAMES):
+            raise ModelDirError(f"{self.spec.path(self.spec.tables_file)}: inputs {t_in} and outputs {t_out}, "
+                                f"expected [{GRID_NAME!r}] and {list(TABLE_NAMES)}")
+        widths = []
+        for name in OUTPUT_NAMES:
+            last = self.body.output(name).get_partial_shape()[-1]
+            widths.append(last.get_length() if last.is_static else None)
+        if None in widths:  # symbolic width: one forward of the smallest valid input tells
+            size = self.spec.static_shape or (16, 16)
+            lo, fo = self.run(np.zeros((1, 3, *size), np.float32))
+            widths = [lo.shape[-1], fo.shape[-1]]
+        self.spec.check_outputs(widths[0], widths[1], self.file)
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def tables(self, h: int, w: int) -> Tuple[np.ndarray, ...]:
+        """The per-grid positions for an h x w grid (computed once, then from the cache)."""
+        return self.table_cache.get(h, w)
+
+    def _compute_tables(self, h: int, w: int) -> Tuple[np.ndarray, ...]:
+        out = self.tables_model.create_infer_request().infer({GRID_NAME: np.zeros((h, w), np.float32)})
+        return tuple(np.array(out[self.tables_model.output(n)]) for n in TABLE_NAMES)
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the cached per-grid tables."""
+        return self.table_cache.nbytes
+
+    def run(self, x: np.ndarray):
+        """``Bx3xHxW`` float32 -> (logits, features), numpy."""
+        grid = token_grid(x.shape[2], x.shape[3])
+        feeds = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32), **dict(zip(TABLE_NAMES, self.tables(*grid)))}
+        with self._lock:
+            compiled = self._model_for(*grid)
+            request = self._requests.get(id(compiled))
+            if request is None:
+                request = self._requests[id(compiled)] = compiled.create_infer_request()
+            out = request.infer(feeds)  # outputs copied out of the request's buffers (share_outputs=False)
+            result = tuple(np.asarray(out[compiled.output(n)]) for n in OUTPUT_NAMES)
+            if x.shape != self._last_shape:
+                self._last_shape = x.shape
+                compiled.release_memory()  # a new shape's intermediate buffers, beyond what the next run reallocates
+                release_free_memory()  # glibc keeps what was freed mapped otherwise
+        return result
