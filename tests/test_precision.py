@@ -175,9 +175,9 @@ def test_bf16_runs_on_openvino(int8_dir, tmp_path, calib):
         calls.append((h, w))
         return real(h, w)
 
-    from ifseg_rt.runtime.backends.grid_cache import GridTableCache
+    from ifseg_rt.grid_cache import GridCache
 
-    seg.backend.table_cache = GridTableCache(counting)
+    seg.backend.table_cache = GridCache(counting)
     images = calib[:2] + [np.ascontiguousarray(calib[0].transpose(1, 0, 2))]  # two grids
     seg.seg(images, batch_size=1)
     seg.seg(images[0])

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..geometry import TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS
+from ..grid_cache import GridCache
 from .config import OFAConfig, get_config
 from .decoder import OFADecoder
 from .encoder import EncoderOutput, OFAEncoder
@@ -330,11 +329,11 @@ class SegOFA(nn.Module):
         return self.decoder.forward_seg(enc)
 
 
-class SegTableCache:
+class SegTableCache(GridCache):
     """Least-recently-used :class:`SegTables` per token grid for an inference model (weights must not change),
-    bounded in bytes and in grids: the grid-independent :class:`SegConstants` once, plus per grid O(S) tables
-    (OFA-Base at 512 x 512: ~20 MB; at 512 x 2048: ~75 MB). Thread-safe: concurrent first requests of a grid
-    compute it once.
+    bounded in bytes and in grids (:class:`~ifseg_rt.grid_cache.GridCache`): the grid-independent
+    :class:`SegConstants` once, plus per grid O(S) tables (OFA-Base at 512 x 512: ~20 MB; at 512 x 2048: ~75 MB).
+    Thread-safe: concurrent first requests of a grid compute it once.
 
     Arguments:
       model (SegOFA): the model, with its prompt set
@@ -344,49 +343,20 @@ class SegTableCache:
     """
 
     def __init__(self, model: SegOFA, max_bytes: int = TABLE_CACHE_BYTES, max_grids: int = TABLE_CACHE_GRIDS):
-        if max_bytes < 0 or max_grids < 1:
-            raise ValueError(f"max_bytes must be >= 0 and max_grids >= 1, got {max_bytes} and {max_grids}")
+        super().__init__(self._tables_of, max_bytes=max_bytes, max_grids=max_grids)
         self.model = model
-        self.max_bytes = int(max_bytes)
-        self.max_grids = int(max_grids)
-        self._tables: "OrderedDict[Tuple[int, int], SegTables]" = OrderedDict()
         self._constants: Optional[SegConstants] = None
-        self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self._tables)
-
-    def get(self, h: int, w: int) -> SegTables:
-        key = (int(h), int(w))
-        with self._lock:
-            hit = self._tables.get(key)
-            if hit is not None:
-                self._tables.move_to_end(key)
-                return hit
-            with torch.inference_mode():
-                self.model.encoder.check_grid(*key)
-                if self._constants is None:
-                    self._constants = self.model.seg_constants()
-                hit = self.model.seg_tables(*key, constants=self._constants)
-            self._tables[key] = hit
-            while len(self._tables) > 1 and (self.nbytes > self.max_bytes or len(self._tables) > self.max_grids):
-                self._tables.popitem(last=False)
-            return hit
+    def _tables_of(self, h: int, w: int) -> SegTables:
+        with torch.inference_mode():
+            self.model.encoder.check_grid(h, w)
+            if self._constants is None:
+                self._constants = self.model.seg_constants()
+            return self.model.seg_tables(h, w, constants=self._constants)
 
     def clear(self) -> None:
-        with self._lock:
-            self._tables.clear()
-            self._constants = None
-
-    @property
-    def grids(self) -> List[Tuple[int, int]]:
-        """The cached grids, least recently used first."""
-        return list(self._tables)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the cached per-grid tables."""
-        return sum(t.nbytes for t in self._tables.values())
+        super().clear()
+        self._constants = None
 
 
 def build_model(config: Union[str, OFAConfig, dict], num_categories: Optional[int] = None, *,

@@ -21,8 +21,8 @@ import numpy as np
 from ...system import available_cores, release_free_memory
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
 from ...geometry import PATCH, token_grid
+from ...grid_cache import GridCache
 from . import BackendUnavailable
-from .grid_cache import GridTableCache
 
 ARENA_SHRINK = "cpu:0"  # onnxruntime run option: return the CPU arena's free chunks after each run
 
@@ -98,7 +98,7 @@ class OnnxRuntimeBackend:
                                      f"(session providers: {self.session.get_providers()}); check the CUDA / cuDNN "
                                      f"libraries that onnxruntime-gpu needs, or use backend='torch'")
         self.tables_session = self._open(ort, spec.tables_file, so, providers) if self.split else None
-        self.table_cache = GridTableCache(self._compute_tables)
+        self.table_cache = GridCache(self._compute_tables)
         self._check_io()
         self.feature_dim = spec.feature_dim
         self.num_categories = spec.num_categories

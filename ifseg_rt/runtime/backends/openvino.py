@@ -5,7 +5,7 @@ On CPUs with AMX (Intel Xeon 4th gen and later) or AVX512-BF16 the plugin runs t
 bfloat16 (accumulating in fp32) and keeps what it judges precision-critical (softmax inputs, normalisation
 statistics) in fp32; on other CPUs a bf16 request runs in fp32 (a warning says so). ``precision="fp32"`` runs the
 same graph in fp32 (for comparison; onnxruntime is the faster fp32 engine). The per-grid tables are computed once
-per grid (:class:`~.grid_cache.GridTableCache`) by the tables graph, in fp32.
+per grid (:class:`~ifseg_rt.grid_cache.GridCache`) by the tables graph, in fp32.
 
 **Grids with a side of G cells** (the paper's policy: short side 512 px = G = 32 cells, so every image up to 4:1)
 take the relative bias's fast path, one gather per query block, which the graph wraps in an ONNX ``If`` on the grid
@@ -28,10 +28,10 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ...geometry import token_grid
+from ...grid_cache import GridCache
 from ...system import available_cores, release_free_memory
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
 from . import BackendUnavailable
-from .grid_cache import GridTableCache
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's INFERENCE_PRECISION_HINT
 
@@ -115,7 +115,7 @@ class OpenVinoBackend:
         self.tables_model = self._compile(core, self._read(core, spec.tables_file), spec.tables_file,
                                           {**config, "INFERENCE_PRECISION_HINT": "f32"})
         self._requests: Dict[int, Any] = {}  # one infer request per compiled body
-        self.table_cache = GridTableCache(self._compute_tables)
+        self.table_cache = GridCache(self._compute_tables)
         self._last_shape: Optional[Tuple[int, ...]] = None
         self._check_io()
         self.feature_dim = spec.feature_dim
