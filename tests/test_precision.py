@@ -157,7 +157,7 @@ def test_bf16_runs_on_openvino(int8_dir, tmp_path, calib):
     assert ov32.fast_path_ifs > 0 and ov32.compiled_graphs == (1 if G in (x.shape[2] // 16, -(-x.shape[3] // 16))
                                                                  else 2)
     rng = np.random.default_rng(1)
-    for h, w in ((16 * G, 48), (40, 16 * G + 16), (48, 64)):
+    for h, w in ((16 * G, 48), (56, 16 * G), (40, 16 * G + 16), (48, 64)):  # rows = G, columns = G, neither
         xi = rng.standard_normal((1, 3, h, w)).astype(np.float32)
         for a, b in zip(ov32.run(xi), ref.backend.run(xi)):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
