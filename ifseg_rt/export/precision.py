@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..geometry import token_grid
-from ..runtime.backends import BF16_BACKENDS
+from ..runtime.backends import BF16_BACKENDS, installed
 from ..runtime.model_dir import (BODY_FILE, GRID_NAME, INPUT_NAME, TABLE_NAMES, WEIGHTS_FILE, ModelSpec,
                                  parse_manifest)
 from ..runtime.preprocess import IMAGE_EXTENSIONS, load_image, network_input
@@ -322,12 +322,10 @@ def int8_search(out: Path, manifest: Dict[str, Any], images: Sequence[np.ndarray
 def bf16_engine(choice: str, split: bool) -> str:
     """The engine of the bf16 variant: ``openvino`` (the split graph compiled in bfloat16; faster) or ``torch`` (the
     weights); ``auto``: OpenVINO when it is installed and the directory has the split graph."""
-    import importlib.util
-
     if choice not in BF16_ENGINES:
         raise ValueError(f"the bf16 backend must be one of {BF16_ENGINES}, got {choice!r}")
     if choice == "auto":
-        return "openvino" if split and importlib.util.find_spec("openvino") is not None else "torch"
+        return "openvino" if split and installed("openvino") else "torch"
     if choice == "openvino" and not split:
         raise ValueError("--bf16-backend openvino runs the split graph (not available with --static-shape or "
                          "--no-split)")
