@@ -111,7 +111,7 @@ def test_rel_bias_blocks_equal_resized_reference_bias(grid, causal):
     ho, wi = plan.ho, plan.wi
     for lo, hi in [(0, wi), (0, 1), (wi - 1, wi), (wi // 3, 2 * wi // 3 + 1)]:
         scores = torch.zeros(1, H, (hi - lo) * ho, layout.keys, dtype=torch.float64)
-        block = ga.Block(lo, hi, plan.query_key[lo * ho:hi * ho], None, None, None, None)
+        block = ga.Block(lo, hi, plan.query_key[lo * ho:hi * ho], None, None, None)
         got = ga.add_rel_bias(scores, z, plan, layout, block, causal=causal)[0]
         np.testing.assert_allclose(got[:, :, :n].numpy(), want[:, lo * ho:hi * ho].numpy(), atol=1e-12)
         np.testing.assert_allclose(got[:, :, n:n + 3].numpy(), extra[:, None, :].expand(H, (hi - lo) * ho, 3).numpy(),

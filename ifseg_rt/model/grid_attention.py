@@ -257,8 +257,7 @@ class Block(NamedTuple):
     queries: Tensor  # (hi - lo) * h_o key-order positions of the block's queries, in query order
     inner: Optional[Tensor]  # traced only: arange(lo, hi), the block's rows of Z
     causal: Optional[Tensor]  # traced only: (hi - lo) x (2 h_o - 1 + r) x w_i rows of the causal mask
-    shape6: Optional[Tensor]  # traced only: [B, H, hi - lo, h_o, h_o + r, w_i] (scores as bias blocks)
-    shape4: Optional[Tensor]  # traced only: [B, H, (hi - lo) h_o, keys]
+    bias_shape: Optional[Tensor]  # traced only: [H, (hi - lo) h_o, keys], the block's relative bias as its scores
 
 
 class KeyLayout(NamedTuple):
@@ -284,7 +283,7 @@ def key_layout(plan: GridPlan, extra: IntLike, G: int, *, heads: int, batch: Int
     keys = plan.num_cells + r * wi
     ranges = _blocks(wi, heads * ho * keys, batch, ho)
     if not tracing():
-        blocks = [Block(lo, hi, plan.query_key[lo * ho:hi * ho], None, None, None, None) for lo, hi in ranges]
+        blocks = [Block(lo, hi, plan.query_key[lo * ho:hi * ho], None, None, None) for lo, hi in ranges]
         return KeyLayout(extra, r, keys, blocks, None, None, None, None)
     dev = plan.hankel.device
     rows = (2 * G - 1 + torch.arange(r, device=dev))[None, :].expand(ho, r)  # Z's extra offset slots
@@ -296,13 +295,12 @@ def key_layout(plan: GridPlan, extra: IntLike, G: int, *, heads: int, batch: Int
                         torch.cat([torch.zeros(r, G, dtype=m.dtype, device=dev),
                                    torch.eye(r, dtype=m.dtype, device=dev)], dim=1)], dim=0)
     causal = torch.cat([plan.causal, torch.zeros_like(plan.causal[:, :1]).expand(-1, r, -1)], dim=1)
-    dims = [torch.as_tensor(v).reshape(1) for v in (batch, heads, ho, ho + r, wi, keys)]
+    h, o, k = (torch.as_tensor(v).reshape(1) for v in (heads, ho, keys))
     blocks = []
     for lo, hi in ranges:
         c = (hi - lo).reshape(1)
-        b, h, o, kr, i, k = dims
         blocks.append(Block(lo, hi, plan.query_key[lo * ho:hi * ho], torch.arange(lo, hi, device=dev), causal[lo:hi],
-                            torch.cat([b, h, c, o, kr, i]), torch.cat([b, h, c * o, k])))
+                            torch.cat([h, c * o, k])))
     return KeyLayout(extra, r, keys, blocks, torch.cat([plan.hankel, rows], dim=1), toep_index, m.flip(0), k_taps)
 
 
@@ -310,13 +308,14 @@ def add_rel_bias(s: Tensor, z: Tensor, plan: GridPlan, layout: KeyLayout, block:
                  causal: bool = False) -> Tensor:
     """``s`` (``B x H x c*h_o x keys`` scores of the queries of ``block``) plus their relative bias against every
     key (:class:`KeyLayout`). Eager: added in place (the fast path reads a strided view of ``z``); traced: one gather
-    (or four taps) per block."""
+    (or four taps) per block, reshaped to the scores' ``H x c*h_o x keys`` (so that the graph reads matmul, add,
+    softmax, matmul: the pattern engines fuse into one attention kernel)."""
     if tracing():
         from torch.onnx.operators import reshape_from_tensor_shape as reshape
 
         rel = _traced_rel_bias(z.index_select(1, block.inner), plan.fast, layout.hankel, layout.toep_index,
                                layout.q_taps, layout.k_taps, block.causal, causal)
-        return reshape(reshape(s, block.shape6) + rel, block.shape4)
+        return s + reshape(rel, block.bias_shape)
     lo, hi = block.lo, block.hi
     zb = z[:, lo:hi]
     H, c, _, wi = zb.shape
