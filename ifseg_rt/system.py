@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Optional
 
 
 def versions(*modules: str) -> dict:
@@ -45,6 +46,19 @@ def cpu_model() -> str:
         pass
     return platform.processor() or platform.machine()
 
+
+
+def amx_bf16() -> Optional[bool]:
+    """Whether the CPU has AMX with bfloat16 tiles (``amx_bf16`` in ``/proc/cpuinfo``), as oneDNN-based engines
+    (OpenVINO, torch) may use it: False also where ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AMX; None where
+    ``/proc/cpuinfo`` is absent (not Linux)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "amx_bf16" in flags and (not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap)
 
 def idle_cores(sample_s: float = 0.25) -> int:
     """How many of the cores available to this process are idle right now: their idle share of a short sample of

@@ -201,6 +201,33 @@ def test_bf16_runs_on_openvino(int8_dir, tmp_path, calib):
     assert ov  # imported for the skip
 
 
+
+def test_bf16_without_amx_warns(int8_dir, tmp_path, monkeypatch):
+    """bf16 on a CPU without AMX (AVX512-BF16 at most: AMD EPYC, or oneDNN capped below AMX) runs slower than fp32:
+    loading it says so."""
+    pytest.importorskip("openvino")
+    from pathlib import Path
+
+    from ifseg_rt.runtime.backends.openvino import bf16_native
+    from ifseg_rt.system import amx_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert amx_bf16() == (" amx_bf16" in cpuinfo.read_text())
+    for cap in ("AVX512_CORE_BF16", "avx2"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert amx_bf16() is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert amx_bf16() == (" amx_bf16" in cpuinfo.read_text())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    out, _ = _fp32_copy(int8_dir, tmp_path)
+    match = "without AMX .*prefer precision 'int8' or 'fp32'" if bf16_native() else "neither AMX nor AVX512-BF16"
+    with pytest.warns(RuntimeWarning, match=match):
+        seg = Segmenter.load(out, backend="openvino", precision="bf16", threads=1)
+    assert seg.precision == "bf16"
+
 def test_openvino_refusals(int8_dir, tmp_path, monkeypatch):
     import sys
 

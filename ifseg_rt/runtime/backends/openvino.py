@@ -3,7 +3,9 @@ by default with bfloat16 inference precision.
 
 On CPUs with AMX (Intel Xeon 4th gen and later) or AVX512-BF16 the plugin runs the matmuls and convolutions in
 bfloat16 (accumulating in fp32) and keeps what it judges precision-critical (softmax inputs, normalisation
-statistics) in fp32; on other CPUs a bf16 request runs in fp32 (a warning says so). ``precision="fp32"`` runs the
+statistics) in fp32; on other CPUs a bf16 request runs in fp32 (a warning says so). Only AMX makes it fast: with
+AVX512-BF16 alone (AMD EPYC Zen 4, or an AMX Xeon capped with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) its matmuls
+ran 6.6x slower here and the whole model slower than onnxruntime fp32 (a warning says so). ``precision="fp32"`` runs the
 same graph in fp32 (for comparison; onnxruntime is the faster fp32 engine). The per-grid tables are computed once
 per grid (:class:`~ifseg_rt.grid_cache.GridCache`) by the tables graph, in fp32.
 
@@ -32,7 +34,7 @@ import numpy as np
 
 from ...geometry import token_grid
 from ...grid_cache import GridCache
-from ...system import available_cores, release_free_memory
+from ...system import amx_bf16, available_cores, release_free_memory
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
 from . import BackendUnavailable
 
@@ -162,6 +164,11 @@ class OpenVinoBackend:
         if precision == "bf16" and not self.bf16_native:
             warnings.warn("this CPU has neither AMX nor AVX512-BF16: OpenVINO runs the bf16 model in fp32 (use the "
                           "onnxruntime backend, faster in fp32)", RuntimeWarning, stacklevel=3)
+        elif precision == "bf16" and amx_bf16() is False:
+            warnings.warn("this CPU computes bfloat16 without AMX (AVX512-BF16 only): OpenVINO's bf16 runs several "
+                          "times slower than with AMX (OFA-Base at 512^2: 3.8x slower on an AMX Xeon capped with "
+                          "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, slower than onnxruntime fp32); prefer precision "
+                          "'int8' or 'fp32' here", RuntimeWarning, stacklevel=3)
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         rec = spec.precisions.get(precision)
         self.file = rec.body if rec is not None and rec.backend == self.name and rec.body else spec.body_file
