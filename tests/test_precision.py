@@ -228,6 +228,32 @@ def test_bf16_without_amx_warns(int8_dir, tmp_path, monkeypatch):
         seg = Segmenter.load(out, backend="openvino", precision="bf16", threads=1)
     assert seg.precision == "bf16"
 
+
+def test_openvino_compile_cache(int8_dir, tmp_path, monkeypatch):
+    """cache_dir (or $IFSEG_OPENVINO_CACHE_DIR) keeps the compiled graphs; a load from the cache computes what an
+    uncached one does; an unusable cache directory is named."""
+    pytest.importorskip("openvino")
+    from ifseg_rt.runtime.backends.openvino import CACHE_ENV
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    x = np.random.default_rng(3).standard_normal((1, 3, 64, 80)).astype(np.float32)
+    plain = Segmenter.load(int8_dir, backend="openvino", precision="fp32", threads=1).backend
+    assert plain.cache_dir is None
+    cache = tmp_path / "ov-cache"
+    first = Segmenter.load(int8_dir, backend="openvino", precision="fp32", threads=1, cache_dir=str(cache)).backend
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries  # the compiled tables and body graphs
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    again = Segmenter.load(int8_dir, backend="openvino", precision="fp32", threads=1).backend
+    assert again.cache_dir == str(cache) and sorted(p.name for p in cache.iterdir()) == entries  # reused, not added
+    for backend in (first, again):
+        for a, b in zip(backend.run(x), plain.run(x)):
+            np.testing.assert_array_equal(a, b)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="OpenVINO cache_dir .*a-file.* cannot be created"):
+        Segmenter.load(int8_dir, backend="openvino", precision="fp32", threads=1, cache_dir=str(blocker))
+
 def test_openvino_refusals(int8_dir, tmp_path, monkeypatch):
     import sys
 

@@ -26,6 +26,7 @@ Torch-free; ``pip install openvino`` (the ``[openvino]`` extra).
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import Any, Dict, Optional, Tuple
@@ -39,6 +40,7 @@ from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelD
 from . import BackendUnavailable
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision -> OpenVINO's INFERENCE_PRECISION_HINT
+CACHE_ENV = "IFSEG_OPENVINO_CACHE_DIR"  # default cache_dir of OpenVinoBackend: compiled graphs reused across loads
 
 
 def bf16_native() -> Optional[bool]:
@@ -138,11 +140,15 @@ class OpenVinoBackend:
       device (str): "cpu" only
       threads (int or None): inference threads (None: the cores available to the process)
       precision (str): "bf16" (default) or "fp32"
+      cache_dir (str or None): keep OpenVINO's compiled graphs here and reuse them on the next load (an OFA-Base body:
+        compile 7.9 s -> 1.5 s, ~0.5 GB on disk per precision); default: $IFSEG_OPENVINO_CACHE_DIR, else no cache.
+        OpenVINO keys each entry by the graph, its weights, the settings and its own version
     """
 
     name = "openvino"
 
-    def __init__(self, spec, *, device: str = "cpu", threads: Optional[int] = None, precision: str = "bf16"):
+    def __init__(self, spec, *, device: str = "cpu", threads: Optional[int] = None, precision: str = "bf16",
+                 cache_dir: Optional[str] = None):
         try:
             import openvino as ov
         except ImportError as e:
@@ -170,6 +176,15 @@ class OpenVinoBackend:
                           "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, slower than onnxruntime fp32); prefer precision "
                           "'int8' or 'fp32' here", RuntimeWarning, stacklevel=3)
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or None
+        if self.cache_dir:
+            try:
+                os.makedirs(self.cache_dir, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"OpenVINO cache_dir {str(self.cache_dir)!r} cannot be created: {e}") from None
+            if not os.access(self.cache_dir, os.W_OK | os.X_OK):
+                raise ValueError(f"OpenVINO cache_dir {str(self.cache_dir)!r} is not writable")
+            config["CACHE_DIR"] = str(self.cache_dir)
         rec = spec.precisions.get(precision)
         self.file = rec.body if rec is not None and rec.backend == self.name and rec.body else spec.body_file
         self.grid_side = spec.seg_grid  # G: grids with a side of G cells run the fast-path graph
