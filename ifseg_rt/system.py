@@ -47,7 +47,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-
 def amx_bf16() -> Optional[bool]:
     """Whether the CPU has AMX with bfloat16 tiles (``amx_bf16`` in ``/proc/cpuinfo``), as oneDNN-based engines
     (OpenVINO, torch) may use it: False also where ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AMX; None where
@@ -59,6 +58,7 @@ def amx_bf16() -> Optional[bool]:
     except OSError:
         return None
     return "amx_bf16" in flags and (not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap)
+
 
 def idle_cores(sample_s: float = 0.25) -> int:
     """How many of the cores available to this process are idle right now: their idle share of a short sample of

@@ -201,7 +201,6 @@ def test_bf16_runs_on_openvino(int8_dir, tmp_path, calib):
     assert ov  # imported for the skip
 
 
-
 def test_bf16_without_amx_warns(int8_dir, tmp_path, monkeypatch):
     """bf16 on a CPU without AMX (AVX512-BF16 at most: AMD EPYC, or oneDNN capped below AMX) runs slower than fp32:
     loading it says so."""
@@ -253,6 +252,7 @@ def test_openvino_compile_cache(int8_dir, tmp_path, monkeypatch):
     blocker.write_text("")
     with pytest.raises(ValueError, match="OpenVINO cache_dir .*a-file.* cannot be created"):
         Segmenter.load(int8_dir, backend="openvino", precision="fp32", threads=1, cache_dir=str(blocker))
+
 
 def test_openvino_refusals(int8_dir, tmp_path, monkeypatch):
     import sys
