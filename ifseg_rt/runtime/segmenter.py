@@ -174,8 +174,8 @@ class Segmenter:
             On a GPU: the torch compute dtype / TensorRT engine precision ("fp32", "fp16", "bf16")
         verify : check sizes and sha256s before loading (a tampered or truncated file raises ``ModelDirError``)
         knn : override ``ifseg.json``'s kNN settings (a bool switches them on/off)
-        backend_options : e.g. ``threads=2`` (onnxruntime/torch CPU), ``dtype="bf16"``, ``cuda_graphs=True`` (torch),
-            ``precision="fp16"`` (tensorrt)
+        backend_options : e.g. ``threads=2`` (onnxruntime/openvino/torch CPU), ``dtype="bf16"``, ``cuda_graphs=True``
+            (torch), ``precision="fp16"`` (tensorrt), ``cache_dir=DIR`` (openvino: reuse compiled graphs across loads)
 
         Raises
         ------
