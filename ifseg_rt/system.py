@@ -36,28 +36,30 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpuinfo(field: str) -> Optional[str]:
+    """The value of the first ``field`` line of ``/proc/cpuinfo`` ("" when no line has it); None where the file is
+    absent (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(field)), "")
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows; benchmark numbers carry it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def amx_bf16() -> Optional[bool]:
     """Whether the CPU has AMX with bfloat16 tiles (``amx_bf16`` in ``/proc/cpuinfo``), as oneDNN-based engines
     (OpenVINO, torch) may use it: False also where ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AMX; None where
     ``/proc/cpuinfo`` is absent (not Linux)."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
+    flags = _cpuinfo("flags")
+    if flags is None:
         return None
-    return "amx_bf16" in flags and (not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "amx_bf16" in flags.split() and (not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap)
 
 
 def idle_cores(sample_s: float = 0.25) -> int:

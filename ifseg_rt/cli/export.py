@@ -238,7 +238,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                       normalize_features=args.normalize_features, check=not args.no_check,
                       precision=precision, calibration=args.calibration, min_agreement=args.min_agreement,
                       split=not args.no_split, bf16_backend=args.bf16_backend, workspace_gb=args.workspace_gb,
-                      min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape, timing_cache=args.timing_cache,
+                      min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
+                      timing_cache=args.timing_cache,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except PrecisionGateError as e:  # the work ran: the fp32 directory is there, the variant was refused
         print(f"error: {e}\nthe fp32 model directory was written to {args.out}", file=sys.stderr)

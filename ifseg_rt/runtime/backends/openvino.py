@@ -106,7 +106,8 @@ def flat_bias_gathers(model):
         tables = [op.input_value(outer[i]) for i, p in enumerate(params)
                   if p.get_output_element_type(0).is_real() and p.get_output_partial_shape(0).rank.is_static
                   and p.get_output_partial_shape(0).rank.get_length() == 4]  # Z's block (the rest: index, mask)
-        if len(tables) != 1 or gather.input_value(1).get_partial_shape().rank.get_length() != 2:
+        rank = gather.input_value(1).get_partial_shape().rank
+        if len(tables) != 1 or not rank.is_static or rank.get_length() != 2:
             return model, 0
         plans.append((op, gather, op.input_value(outer[params.index(index)]), tables[0]))
     flat = {}  # per grid index (one per key layout): its element index, shared by the layout's Ifs
