@@ -12,11 +12,20 @@ pytest.importorskip("onnxruntime")
 from ifseg_rt.export import export  # noqa: E402
 from ifseg_rt.export.precision import INT8_BODY, PrecisionGateError, calibration_images  # noqa: E402
 from ifseg_rt.runtime import ImagePolicy, Segmenter  # noqa: E402
+from ifseg_rt.system import amx_bf16  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU_AMX_BF16 = amx_bf16  # the real test (the fixture below replaces it in ifseg_rt.system)
 
 POLICY = ImagePolicy(short_side=64, max_long_side=256)  # small inputs: a few seconds per export check
 CALIB = 4
+
+
+@pytest.fixture(autouse=True)
+def cpu_with_amx(monkeypatch):
+    """Every test here runs as on a CPU with AMX, whatever CPU runs the suite: a bf16 default then stays the default
+    and loads without the no-AMX warning (test_bf16_without_amx_falls_back pretends the opposite)."""
+    monkeypatch.setattr("ifseg_rt.system.amx_bf16", lambda: True)
 
 
 @pytest.fixture(scope="module")
@@ -201,31 +210,58 @@ def test_bf16_runs_on_openvino(int8_dir, tmp_path, calib):
     assert ov  # imported for the skip
 
 
-def test_bf16_without_amx_warns(int8_dir, tmp_path, monkeypatch):
-    """bf16 on a CPU without AMX (AVX512-BF16 at most: AMD EPYC, or oneDNN capped below AMX) runs slower than fp32:
-    loading it says so."""
-    pytest.importorskip("openvino")
+def test_bf16_without_amx_falls_back(int8_dir, tmp_path, monkeypatch):
+    """Without AMX (AVX512-BF16 at most: AMD EPYC, or oneDNN capped below AMX) both bf16 engines run slower than fp32:
+    a bf16 default loads int8 where the directory offers it, else fp32, saying why; bf16 asked for still runs, with
+    a warning."""
+    import shutil
     from pathlib import Path
 
+    pytest.importorskip("openvino")
     from ifseg_rt.runtime.backends.openvino import bf16_native
-    from ifseg_rt.system import amx_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        pytest.skip("no /proc/cpuinfo")
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    assert amx_bf16() == (" amx_bf16" in cpuinfo.read_text())
-    for cap in ("AVX512_CORE_BF16", "avx2"):
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        assert amx_bf16() is False
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert amx_bf16() == (" amx_bf16" in cpuinfo.read_text())
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    out, _ = _fp32_copy(int8_dir, tmp_path)
-    match = "without AMX .*prefer precision 'int8' or 'fp32'" if bf16_native() else "neither AMX nor AVX512-BF16"
+    if cpuinfo.exists():  # amx_bf16: the CPU's flags, capped by ONEDNN_MAX_CPU_ISA as oneDNN caps itself
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        assert CPU_AMX_BF16() == (" amx_bf16" in cpuinfo.read_text())
+        for cap in ("AVX512_CORE_BF16", "avx2"):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            assert CPU_AMX_BF16() is False
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+        assert CPU_AMX_BF16() == (" amx_bf16" in cpuinfo.read_text())
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr("ifseg_rt.system.amx_bf16", lambda: False)
+    slow = "this CPU computes bfloat16 without AMX"
+
+    def with_bf16_default(src, backend, dst):
+        shutil.copytree(src, dst)
+        m = json.loads((dst / "ifseg.json").read_text())
+        m.setdefault("precisions", {})["bf16"] = {"backend": backend, **({"body": "body.onnx"} if backend == "openvino"
+                                                                         else {})}
+        m["precision"] = "bf16"
+        (dst / "ifseg.json").write_text(json.dumps(m))
+        return dst
+
+    int8_rec = json.loads((int8_dir / "ifseg.json").read_text())["precisions"]["int8"]
+    fp32_dir, _ = _fp32_copy(int8_dir, tmp_path)
+    for backend in ("openvino", "torch"):
+        with_int8 = with_bf16_default(int8_dir, backend, tmp_path / f"int8-{backend}")
+        with pytest.warns(RuntimeWarning, match=f"defaults to bf16; {slow}.*running int8 on onnxruntime"):
+            seg = Segmenter.load(with_int8, threads=1)
+        assert (seg.backend.name, seg.precision, seg.agreement) == ("onnxruntime", "int8", int8_rec["agreement"])
+        only_fp32 = with_bf16_default(fp32_dir, backend, tmp_path / f"fp32-{backend}")
+        with pytest.warns(RuntimeWarning, match=f"defaults to bf16; {slow}.*running fp32 on onnxruntime"):
+            seg = Segmenter.load(only_fp32, threads=1)
+        assert (seg.backend.name, seg.precision) == ("onnxruntime", "fp32")
+    # asked for, bf16 runs, each engine saying it is slow here
+    match = f"{slow}.*OpenVINO's bf16.*prefer precision 'int8' or 'fp32'" if bf16_native() else \
+        "neither AMX nor AVX512-BF16"
     with pytest.warns(RuntimeWarning, match=match):
-        seg = Segmenter.load(out, backend="openvino", precision="bf16", threads=1)
-    assert seg.precision == "bf16"
+        seg = Segmenter.load(with_int8, backend="openvino", precision="bf16", threads=1)
+    assert (seg.backend.name, seg.precision) == ("openvino", "bf16")
+    with pytest.warns(RuntimeWarning, match=f"{slow}.*torch's bf16.*prefer fp32"):
+        seg = Segmenter.load(fp32_dir, backend="torch", precision="bf16", threads=1)
+    assert (seg.backend.name, seg.precision) == ("torch", "bf16")
 
 
 def test_openvino_compile_cache(int8_dir, tmp_path, monkeypatch):

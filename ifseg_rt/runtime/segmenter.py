@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..knn.settings import KnnSettings
+from ..system import bf16_without_amx
 from .backends import BF16_BACKENDS, create_backend, installed, resolve_backend, resolve_device
 from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
@@ -170,7 +171,9 @@ class Segmenter:
         backend : "auto" | "onnxruntime" | "openvino" | "tensorrt" | "torch"
         device : "cpu" | "cuda" | "cuda:N" | "auto" (cuda when torch sees a GPU)
         precision : on the CPU, one of the directory's precisions ("fp32", "int8", "bf16"; default: the one it was
-            exported for, ``spec.precision``); ``seg.agreement`` then reports its measured label agreement with fp32.
+            exported for, ``spec.precision``, except a bf16 default on a CPU without AMX, where bf16 runs slower than
+            fp32: then int8 where the directory offers it, else fp32, with a warning); ``seg.agreement`` then
+            reports its measured label agreement with fp32.
             On a GPU: the torch compute dtype / TensorRT engine precision ("fp32", "fp16", "bf16")
         verify : check sizes and sha256s before loading (a tampered or truncated file raises ``ModelDirError``)
         knn : override ``ifseg.json``'s kNN settings (a bool switches them on/off)
@@ -195,6 +198,13 @@ class Segmenter:
                     warnings.warn(f"{spec.source} defaults to bf16 on OpenVINO, which is not installed here: running "
                                   f"fp32 on onnxruntime (pip install openvino for bf16)", RuntimeWarning, stacklevel=2)
                     precision = "fp32"
+                elif precision == "bf16" and backend == "auto" and bf16_without_amx(default.backend):
+                    # bf16 pays only with AMX: without it int8 (where offered) or fp32 is the faster choice
+                    faster = "int8" if "int8" in spec.precisions else "fp32"
+                    warnings.warn(f"{spec.source} defaults to bf16; {bf16_without_amx(default.backend)}: running "
+                                  f"{faster} on {spec.precisions[faster].backend} (pass precision='bf16' to insist)",
+                                  RuntimeWarning, stacklevel=2)
+                    precision = faster
             # torch runs any weights in bfloat16 on request, OpenVINO any split graph (the agreement is recorded
             # only for the engine the export measured)
             on_request = precision == "bf16" and backend in BF16_BACKENDS

@@ -35,7 +35,7 @@ import numpy as np
 
 from ...geometry import token_grid
 from ...grid_cache import GridCache
-from ...system import amx_bf16, available_cores, release_free_memory
+from ...system import available_cores, bf16_without_amx, release_free_memory
 from ..model_dir import GRID_NAME, INPUT_NAME, OUTPUT_NAMES, TABLE_NAMES, ModelDirError
 from . import BackendUnavailable
 
@@ -171,11 +171,9 @@ class OpenVinoBackend:
         if precision == "bf16" and not self.bf16_native:
             warnings.warn("this CPU has neither AMX nor AVX512-BF16: OpenVINO runs the bf16 model in fp32 (use the "
                           "onnxruntime backend, faster in fp32)", RuntimeWarning, stacklevel=3)
-        elif precision == "bf16" and amx_bf16() is False:
-            warnings.warn("this CPU computes bfloat16 without AMX (AVX512-BF16 only): OpenVINO's bf16 runs several "
-                          "times slower than with AMX (OFA-Base at 512^2: 3.8x slower on an AMX Xeon capped with "
-                          "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, slower than onnxruntime fp32); prefer precision "
-                          "'int8' or 'fp32' here", RuntimeWarning, stacklevel=3)
+        elif precision == "bf16" and bf16_without_amx("OpenVINO"):
+            warnings.warn(bf16_without_amx("OpenVINO") + "; prefer precision 'int8' or 'fp32' here", RuntimeWarning,
+                          stacklevel=3)
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or None
         if self.cache_dir:

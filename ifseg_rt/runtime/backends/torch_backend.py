@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Optional, Tuple
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..model_dir import WEIGHTS_FILE, ModelDirError
 from ...geometry import TABLE_CACHE_BYTES, TABLE_CACHE_GRIDS, token_grid
-from ...system import release_free_memory
+from ...system import bf16_without_amx, release_free_memory
 from . import BackendUnavailable
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -65,6 +66,8 @@ class TorchBackend:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         if dtype == "fp16" and not self.on_gpu:
             raise ValueError("dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        if dtype == "bf16" and not self.on_gpu and model is None and bf16_without_amx("torch"):
+            warnings.warn(bf16_without_amx("torch") + "; prefer fp32 here", RuntimeWarning, stacklevel=3)
         self.dtype = getattr(torch, DTYPES[dtype])
         self.precision = dtype
         self.threads = int(threads) if threads and not self.on_gpu else None
