@@ -5,9 +5,10 @@ On CPUs with AMX (Intel Xeon 4th gen and later) or AVX512-BF16 the plugin runs t
 bfloat16 (accumulating in fp32) and keeps what it judges precision-critical (softmax inputs, normalisation
 statistics) in fp32; on other CPUs a bf16 request runs in fp32 (a warning says so). Only AMX makes it fast: with
 AVX512-BF16 alone (AMD EPYC Zen 4, or an AMX Xeon capped with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) its matmuls
-ran 6.6x slower here and the whole model slower than onnxruntime fp32 (a warning says so). ``precision="fp32"`` runs the
-same graph in fp32 (for comparison; onnxruntime is the faster fp32 engine). The per-grid tables are computed once
-per grid (:class:`~ifseg_rt.grid_cache.GridCache`) by the tables graph, in fp32.
+ran 6.6x slower here and the whole model slower than onnxruntime fp32 (a warning says so; ``Segmenter.load`` then
+passes over a bf16 default). ``precision="fp32"`` runs the same graph in fp32 (OFA-Base at 512^2: 10-15 % faster than
+onnxruntime fp32 here, with about twice its memory; onnxruntime stays the fp32 engine). The per-grid tables are
+computed once per grid (:class:`~ifseg_rt.grid_cache.GridCache`) by the tables graph, in fp32.
 
 **Grids with a side of G cells** (the paper's policy: short side 512 px = G = 32 cells, so every image up to 4:1)
 take the relative bias's fast path, one gather per query block, which the graph wraps in an ONNX ``If`` on the grid
@@ -169,8 +170,8 @@ class OpenVinoBackend:
         core = ov.Core()
         self.bf16_native = bool(bf16_native())
         if precision == "bf16" and not self.bf16_native:
-            warnings.warn("this CPU has neither AMX nor AVX512-BF16: OpenVINO runs the bf16 model in fp32 (use the "
-                          "onnxruntime backend, faster in fp32)", RuntimeWarning, stacklevel=3)
+            warnings.warn("this CPU has neither AMX nor AVX512-BF16: OpenVINO runs the bf16 model in fp32 (prefer "
+                          "precision 'int8' or 'fp32' here)", RuntimeWarning, stacklevel=3)
         elif precision == "bf16" and bf16_without_amx("OpenVINO"):
             warnings.warn(bf16_without_amx("OpenVINO") + "; prefer precision 'int8' or 'fp32' here", RuntimeWarning,
                           stacklevel=3)
