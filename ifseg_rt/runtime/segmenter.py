@@ -198,10 +198,10 @@ class Segmenter:
                     warnings.warn(f"{spec.source} defaults to bf16 on OpenVINO, which is not installed here: running "
                                   f"fp32 on onnxruntime (pip install openvino for bf16)", RuntimeWarning, stacklevel=2)
                     precision = "fp32"
-                elif precision == "bf16" and backend == "auto" and bf16_without_amx(default.backend):
+                elif precision == "bf16" and backend == "auto" and (slow := bf16_without_amx(default.backend)):
                     # bf16 pays only with AMX: without it int8 (where offered) or fp32 is the faster choice
                     faster = "int8" if "int8" in spec.precisions else "fp32"
-                    warnings.warn(f"{spec.source} defaults to bf16; {bf16_without_amx(default.backend)}: running "
+                    warnings.warn(f"{spec.source} defaults to bf16; {slow}: running "
                                   f"{faster} on {spec.precisions[faster].backend} (pass precision='bf16' to insist)",
                                   RuntimeWarning, stacklevel=2)
                     precision = faster

@@ -172,9 +172,8 @@ class OpenVinoBackend:
         if precision == "bf16" and not self.bf16_native:
             warnings.warn("this CPU has neither AMX nor AVX512-BF16: OpenVINO runs the bf16 model in fp32 (prefer "
                           "precision 'int8' or 'fp32' here)", RuntimeWarning, stacklevel=3)
-        elif precision == "bf16" and bf16_without_amx("OpenVINO"):
-            warnings.warn(bf16_without_amx("OpenVINO") + "; prefer precision 'int8' or 'fp32' here", RuntimeWarning,
-                          stacklevel=3)
+        elif precision == "bf16" and (slow := bf16_without_amx("OpenVINO")):
+            warnings.warn(slow + "; prefer precision 'int8' or 'fp32' here", RuntimeWarning, stacklevel=3)
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         self.cache_dir = cache_dir or os.environ.get(CACHE_ENV) or None
         if self.cache_dir:

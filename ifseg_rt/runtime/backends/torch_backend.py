@@ -66,8 +66,8 @@ class TorchBackend:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         if dtype == "fp16" and not self.on_gpu:
             raise ValueError("dtype fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-        if dtype == "bf16" and not self.on_gpu and model is None and bf16_without_amx("torch"):
-            warnings.warn(bf16_without_amx("torch") + "; prefer fp32 here", RuntimeWarning, stacklevel=3)
+        if dtype == "bf16" and not self.on_gpu and model is None and (slow := bf16_without_amx("torch")):
+            warnings.warn(slow + "; prefer fp32 here", RuntimeWarning, stacklevel=3)
         self.dtype = getattr(torch, DTYPES[dtype])
         self.precision = dtype
         self.threads = int(threads) if threads and not self.on_gpu else None
