@@ -4,11 +4,14 @@
 
 Per size: a random SegOFA (M = 15, the COCO-Stuff unseen split) with a 40-token prompt is saved as a run directory,
 exported (ONNX, the split graph, int8 and bf16 variants whose label agreement with fp32 is recorded, safetensors;
-bf16 on OpenVINO when it is installed, torch bf16 then runs on request),
+bf16 on OpenVINO when it is installed, torch bf16 then runs on request; OpenVINO also runs the fp32 graph),
 then timed on one synthetic-world scene of 512x512 (paper policy -> 512x512, 32x32 cells) with kNN on. Prints a
 per-stage table (median ms), the speed-up of each row over the reference-style eager run, and each row's label
 agreement with it. ``benchmarks/reference_eager.py`` is a proxy of the original IFSeg code that runs 1.8-2x faster
-than the real original (fairseq), so these speed-ups understate ours against the original.
+than the real original (fairseq), so these speed-ups understate ours against the original. All rows run in one
+process: OpenVINO's first compiled body may run 20-30 % slower than in a fresh process (RESULTS.md, sixth session).
+On an Intel Xeon with AMX, ``python benchmarks/no_amx.py python benchmarks/e2e.py ...`` measures it as on a CPU
+without AMX (AMD EPYC).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def bench_size(size: str, threads: int, warmup: int, repeats: int, image_hw, wor
     agree = {}
     rows = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
     if importlib.util.find_spec("openvino") is not None:  # the export recorded bf16 on OpenVINO then
-        rows.append(("openvino", "bf16"))
+        rows += [("openvino", "fp32"), ("openvino", "bf16")]
     for name, precision in rows:
         seg = Segmenter.load(workdir / f"model-{size}", backend=name, precision=precision, threads=threads)
         key = f"{name} {precision}"

@@ -52,14 +52,29 @@ def cpu_model() -> str:
 
 
 def amx_bf16() -> Optional[bool]:
-    """Whether the CPU has AMX with bfloat16 tiles (``amx_bf16`` in ``/proc/cpuinfo``), as oneDNN-based engines
-    (OpenVINO, torch) may use it: False also where ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AMX; None where
-    ``/proc/cpuinfo`` is absent (not Linux)."""
+    """Whether this process can compute bfloat16 on AMX tiles, as oneDNN-based engines (OpenVINO, torch) would: the
+    CPU has ``amx_bf16`` (``/proc/cpuinfo``), ``ONEDNN_MAX_CPU_ISA`` does not cap oneDNN below AMX, and Linux grants the
+    process the AMX tile state (:func:`amx_permitted`). None where ``/proc/cpuinfo`` is absent (not Linux)."""
     flags = _cpuinfo("flags")
     if flags is None:
         return None
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return "amx_bf16" in flags.split() and (not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap)
+    return ("amx_bf16" in flags.split() and (not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap)
+            and amx_permitted())
+
+
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # asm/prctl.h; x86-64 syscall number
+
+
+def amx_permitted() -> bool:
+    """Whether Linux lets this process use AMX tiles: since Linux 5.16 a process asks for the tile state
+    (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, what oneDNN, onnxruntime's MLAS and our kNN kernels do
+    before using AMX, each falling back to AVX-512 when refused). Asking again is harmless. False where it is refused
+    (a seccomp profile, ``benchmarks/no_amx.py``; a kernel without AMX support) and off x86-64 Linux."""
+    libc = _libc()
+    if not libc or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
 
 
 def bf16_without_amx(engine: str) -> Optional[str]:
@@ -105,13 +120,8 @@ def idle_cores(sample_s: float = 0.25) -> int:
 _LIBC = None
 
 
-def release_free_memory() -> bool:
-    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    A forward pass frees its activations, but glibc keeps freed memory mapped, and activations of ever new image
-    shapes fragment it: a long-running process grows with every new shape although nothing is live. Trimming after
-    each run keeps its resident size at what is actually in use (a few milliseconds). Returns whether it ran.
-    """
+def _libc():
+    """The C library (ctypes), loaded once; False off Linux or where it cannot be loaded."""
     global _LIBC
     if _LIBC is None:
         _LIBC = False
@@ -121,10 +131,21 @@ def release_free_memory() -> bool:
 
                 libc = ctypes.CDLL("libc.so.6")
                 libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                libc.syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long]
                 _LIBC = libc
             except (OSError, AttributeError):
                 pass
-    if not _LIBC:
+    return _LIBC
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A forward pass frees its activations, but glibc keeps freed memory mapped, and activations of ever new image
+    shapes fragment it: a long-running process grows with every new shape although nothing is live. Trimming after
+    each run keeps its resident size at what is actually in use (a few milliseconds). Returns whether it ran.
+    """
+    if not _libc():
         return False
-    _LIBC.malloc_trim(0)
+    _libc().malloc_trim(0)
     return True

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 from ifseg_rt.export import export  # noqa: E402
 from ifseg_rt.export.precision import INT8_BODY, PrecisionGateError, calibration_images  # noqa: E402
 from ifseg_rt.runtime import ImagePolicy, Segmenter  # noqa: E402
-from ifseg_rt.system import amx_bf16  # noqa: E402
+from ifseg_rt.system import amx_bf16, amx_permitted  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU_AMX_BF16 = amx_bf16  # the real test (the fixture below replaces it in ifseg_rt.system)
@@ -221,14 +221,16 @@ def test_bf16_without_amx_falls_back(int8_dir, tmp_path, monkeypatch):
     from ifseg_rt.runtime.backends.openvino import bf16_native
 
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():  # amx_bf16: the CPU's flags, capped by ONEDNN_MAX_CPU_ISA as oneDNN caps itself
+    if cpuinfo.exists():  # amx_bf16: the CPU's flags, capped by ONEDNN_MAX_CPU_ISA as oneDNN caps itself, and
+        # Linux's grant of the tile state (refused under benchmarks/no_amx.py)
+        has_amx = " amx_bf16" in cpuinfo.read_text() and amx_permitted()
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-        assert CPU_AMX_BF16() == (" amx_bf16" in cpuinfo.read_text())
+        assert CPU_AMX_BF16() == has_amx
         for cap in ("AVX512_CORE_BF16", "avx2"):
             monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
             assert CPU_AMX_BF16() is False
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-        assert CPU_AMX_BF16() == (" amx_bf16" in cpuinfo.read_text())
+        assert CPU_AMX_BF16() == has_amx
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr("ifseg_rt.system.amx_bf16", lambda: False)
     slow = "this CPU computes bfloat16 without AMX"
@@ -262,6 +264,45 @@ def test_bf16_without_amx_falls_back(int8_dir, tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match=f"{slow}.*torch's bf16.*prefer fp32"):
         seg = Segmenter.load(fp32_dir, backend="torch", precision="bf16", threads=1)
     assert (seg.backend.name, seg.precision) == ("torch", "bf16")
+
+
+NO_AMX_PROBE = """
+import json, sys, numpy as np
+from ifseg_rt import _C
+from ifseg_rt.runtime import Segmenter
+from ifseg_rt.system import amx_bf16, amx_permitted
+img = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+out = Segmenter.load(sys.argv[1], precision="int8", knn=False, threads=1).seg(img, return_probabilities=True)
+np.save(sys.argv[2], out.probabilities)
+print(json.dumps({"permitted": amx_permitted(), "amx_bf16": amx_bf16(), "screen": _C.screen_isa()}))
+"""
+
+
+def test_no_amx_refuses_the_tile_state(int8_dir, tmp_path):
+    """benchmarks/no_amx.py runs a command as on a CPU without AMX: Linux refuses it the AMX tile state, so
+    amx_bf16() and the kNN's screening say no AMX, and onnxruntime's int8 GEMMs (MLAS, on VNNI instead) compute what
+    they compute with AMX (exact int32 sums: the same probabilities)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " amx_tile" not in flags:
+        pytest.skip("this CPU has no AMX")
+    if CPU_AMX_BF16() is not (" amx_bf16" in flags) or not amx_permitted():
+        pytest.skip("AMX is already refused or capped here")
+    script = Path(__file__).parents[1] / "benchmarks" / "no_amx.py"
+    runs = {}
+    for name, prefix in (("amx", []), ("no_amx", [sys.executable, str(script)])):
+        p = subprocess.run(prefix + [sys.executable, "-c", NO_AMX_PROBE, str(int8_dir), str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=300)
+        if name == "no_amx" and "cannot load libseccomp" in p.stderr:
+            pytest.skip("libseccomp is not installed")
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = (json.loads(p.stdout.splitlines()[-1]), np.load(tmp_path / f"{name}.npy"))
+    assert runs["amx"][0] == {"permitted": True, "amx_bf16": " amx_bf16" in flags, "screen": "amx"}
+    assert runs["no_amx"][0] == {"permitted": False, "amx_bf16": False, "screen": "avx512vnni"}
+    np.testing.assert_allclose(runs["no_amx"][1], runs["amx"][1], rtol=0, atol=1e-6)
 
 
 def test_openvino_compile_cache(int8_dir, tmp_path, monkeypatch):

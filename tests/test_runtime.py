@@ -356,5 +356,10 @@ def test_bench_cli(model_dir, tmp_path, capsys):
     assert set(run["stages_ms_per_image"]) == {"preprocess", "engine", "knn", "resize_argmax", "total"}
     assert set(run["stages_ms_per_image"]["total"]) >= {"median", "p90"}
     assert rep["cpu"] and rep["cores"] >= 1 and rep["precision"] == "fp32"
+    from ifseg_rt.system import amx_bf16
+
+    assert rep["amx_bf16"] is amx_bf16()  # whether bf16 can be fast here, in the report and the header
     printed = capsys.readouterr().out  # a human-readable line per batch size, not JSON
+    amx = {True: ", AMX", False: ", no AMX", None: ""}[rep["amx_bf16"]]
+    assert f"{rep['cores']} cores{amx}, threads 2)" in printed
     assert "batch 2 512x768:" in printed and "img/s" in printed and not printed.lstrip().startswith("{")

@@ -14,6 +14,7 @@ from ..benchmark import available_cores, cpu_model, format_table, formats, measu
 from ..evaluate import find_pairs
 from ..runtime import Segmenter
 from ..runtime.preprocess import load_image
+from ..system import amx_bf16
 from ..world import render_scene
 from .args import (HelpFormatter, add_model_arguments, check_output_file, examples, image_size, non_negative_int,
                    positive_int, segmenter_options)
@@ -62,8 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = {"model": str(args.model), "device": args.device, "threads": args.threads, "cpu": cpu_model(),
-              "cores": available_cores(), "host": platform.node(),
+              "cores": available_cores(), "amx_bf16": amx_bf16(), "host": platform.node(),
               "images": args.image or [f"synthetic scene {args.size[0]}x{args.size[1]}"]}
+    amx = {True: ", AMX", False: ", no AMX", None: ""}[report["amx_bf16"]]  # why bf16 is fast or slow here
+    machine = f"{report['cpu']} ({report['cores']} cores{amx}, threads {args.threads or report['cores']})"
     if args.formats:
         pairs = None
         try:
@@ -75,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         report["formats"] = rows
-        print(f"{args.model} on {report['cpu']} ({report['cores']} cores, threads {args.threads or report['cores']})")
+        print(f"{args.model} on {machine}")
         print(format_table(rows))
     else:
         try:
@@ -85,8 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         report.update(backend=seg.backend.name, precision=seg.precision, agreement=seg.agreement,
                       knn=seg.knn.to_dict(), runs=[])
-        print(f"{args.model}: {seg.backend.name} {seg.precision} on {report['cpu']} ({report['cores']} cores, "
-              f"threads {args.threads or report['cores']})")
+        print(f"{args.model}: {seg.backend.name} {seg.precision} on {machine}")
         for B in args.batch_size:
             run = measure(seg, images * B, batch=B, warmup=args.warmup, repeats=args.repeats)
             report["runs"].append(run)
