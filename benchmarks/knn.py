@@ -39,7 +39,10 @@ def cpu_model():
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
-    return model, [f for f in wanted if f in flags]
+    from ifseg_rt.system import amx_permitted
+
+    refused = "amx_tile" in flags and not amx_permitted()  # benchmarks/no_amx.py, a seccomp profile
+    return model, [f + ("(refused)" if refused and f.startswith("amx") else "") for f in wanted if f in flags]
 
 
 def torch_original(torch, f, p, k=K, iters=ITERS):
