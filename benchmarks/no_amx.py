@@ -22,8 +22,8 @@ import os
 import platform
 import sys
 
-ARCH_REQ_XCOMP_PERM = 0x1023  # asm/prctl.h
-SYS_ARCH_PRCTL = 158  # x86-64
+from ifseg_rt.system import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL
+
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ACT_ERRNO_EPERM = 0x00050000 | 1  # SCMP_ACT_ERRNO(EPERM)
 SCMP_CMP_EQ = 4

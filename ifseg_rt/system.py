@@ -63,7 +63,8 @@ def amx_bf16() -> Optional[bool]:
             and amx_permitted())
 
 
-_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # asm/prctl.h; x86-64 syscall number
+# Linux's AMX permission request (asm/prctl.h; the x86-64 syscall number); benchmarks/no_amx.py refuses it.
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
 def amx_permitted() -> bool:
@@ -74,7 +75,7 @@ def amx_permitted() -> bool:
     libc = _libc()
     if not libc or platform.machine() not in ("x86_64", "AMD64"):
         return False
-    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
 def bf16_without_amx(engine: str) -> Optional[str]:
@@ -145,7 +146,8 @@ def release_free_memory() -> bool:
     shapes fragment it: a long-running process grows with every new shape although nothing is live. Trimming after
     each run keeps its resident size at what is actually in use (a few milliseconds). Returns whether it ran.
     """
-    if not _libc():
+    libc = _libc()
+    if not libc:
         return False
-    _libc().malloc_trim(0)
+    libc.malloc_trim(0)
     return True
