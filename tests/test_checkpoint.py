@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,23 @@ def test_ema_weights_are_read_when_asked(tmp_path):
 @pytest.mark.parametrize("prefix", ["", "model."])
 def test_hf_port_pytorch_model_bin_loads_exactly(tmp_path, prefix):
     src_model = tiny_ofa()
-    hf = {prefix + k: v for k, v in to_hf_keys(src_model.state_dict()).items()}
-    assert any("self_attn_mid_layer_norm" in k for k in hf) and any(".cross_attn." in k for k in hf)
+    # ofa.md §10.2's renames, written out here (not the loader's own table); no `version` buffers in the port
+    renames = [(r"^(encoder\.layers\.\d+)\.attn_ln\.", r"\1.self_attn_mid_layer_norm."),
+               (r"^(encoder\.layers\.\d+)\.ffn_layernorm\.", r"\1.ffn_layer_norm."),
+               (r"^(decoder\.layers\.\d+)\.self_attn_ln\.", r"\1.self_attn_mid_layer_norm."),
+               (r"^(decoder\.layers\.\d+)\.cross_attn_ln\.", r"\1.cross_attn_mid_layer_norm."),
+               (r"^(decoder\.layers\.\d+)\.encoder_attn\.", r"\1.cross_attn."),
+               (r"^(decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.cross_attn_layer_norm."),
+               (r"^(decoder\.layers\.\d+)\.ffn_layernorm\.", r"\1.ffn_layer_norm.")]
+    hf = {}
+    for k, v in src_model.state_dict().items():
+        if k.endswith(".version"):
+            continue
+        for pat, rep in renames:
+            k = re.sub(pat, rep, k)
+        hf[prefix + k] = v
+    assert hf.keys() == {prefix + k for k in to_hf_keys(src_model.state_dict())}  # the exporter's table agrees
+    assert sum(any(re.search(pat, k) for pat, _ in renames) for k in src_model.state_dict()) > 20
     d = tmp_path / "ofa-tiny-hf"
     d.mkdir()
     torch.save(hf, d / "pytorch_model.bin")

@@ -243,6 +243,28 @@ def test_identities(backend):
     assert knn.knn_average(f, p, 3, 0, backend=backend) is not p
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["reference"])
+def test_hand_worked_example(backend):
+    """ifseg.md §12 worked by hand: four rows on a half circle at 0, 10, 30, 100 degrees (norms differ: cosine
+    ignores them), k = 2 -> neighbours 0:{0,1} 1:{1,0} 2:{2,1} 3:{3,2}. Every row is updated from the previous
+    step's values at once (a row-by-row update would give p1 = (0.25, 0.75) after step 1)."""
+    deg = np.radians([0.0, 10.0, 30.0, 100.0])
+    f = (np.stack([np.cos(deg), np.sin(deg)], 1) * np.array([1.0, 5.0, 0.2, 3.0])[:, None]).astype(np.float32)
+    p = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], np.float32)
+    want = {0: p,
+            1: [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0]],
+            2: [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.75, 0.25]]}
+    if backend == "reference":
+        idx = reference.knn_indices(f, 2)
+        got = {n: reference.knn_average(f, p, 2, n) for n in want}
+    else:
+        idx = knn.knn_indices(f, 2, backend=backend)
+        got = {n: knn.knn_average(f, p, 2, n, backend=backend) for n in want}
+    np.testing.assert_array_equal(idx, [[0, 1], [1, 0], [2, 1], [3, 2]])
+    for n, w in want.items():
+        np.testing.assert_allclose(got[n], w, atol=1e-6, err_msg=f"iters={n}")
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_ties_zero_rows_and_duplicates(backend):
     # entries in {0, +-1} with 4 non-zeros: norms are 2, every similarity is an exact multiple of 1/4, so ties are

@@ -143,3 +143,23 @@ def test_plain_prediction_resizes_logits_not_probabilities(model_dir, dataset):
         grid = logits[0].double().T.reshape(1, -1, -(-H // 16), -(-W // 16))
         want = F.interpolate(grid, size=im.shape[:2], mode="bilinear", align_corners=False)[0].argmax(0).numpy()
         np.testing.assert_array_equal(seg.seg(p).labels, want)
+
+    # the random model is nearly flat (resizing its logits or its probabilities differs on a handful of pixels):
+    # steep logits through the same post-processing tell the two apart on many pixels
+    from ifseg_rt.runtime.segmenter import CellOutputs
+
+    rng = np.random.default_rng(0)
+    grid, size = (4, 5), (61, 77)
+    logits = (rng.standard_normal((20, 5)) * 6).astype(np.float32)
+    feats = rng.standard_normal((20, 8)).astype(np.float32)
+    z = torch.from_numpy(logits).double()
+
+    def resized(scores):
+        up = F.interpolate(scores.T.reshape(1, -1, *grid), size=size, mode="bilinear", align_corners=False)
+        return up[0].argmax(0).numpy()
+
+    out = CellOutputs(logits=logits, features=feats, grid=grid, original_size=size, input_size=(64, 80))
+    plain, probs = resized(z), resized(torch.softmax(z, -1))
+    assert (plain != probs).mean() > 0.02
+    np.testing.assert_array_equal(seg.finish(out).labels, plain)
+    np.testing.assert_array_equal(seg.finish(out, knn=KnnSettings(iters=0)).labels, probs)

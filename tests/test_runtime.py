@@ -45,8 +45,9 @@ def _image(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
-def reference_labels(model, image, size_hw, knn):
-    """SegOFA + the reference post-processing: (softmax -> numpy float64 kNN) -> torch bilinear -> arg-max."""
+def reference_outputs(model, image, size_hw, knn):
+    """SegOFA + the reference post-processing: (softmax -> numpy float64 kNN) -> torch bilinear -> arg-max.
+    -> (labels, h x w x M cell probabilities in float64)."""
     import torch.nn.functional as F
 
     from ifseg_rt.runtime.preprocess import normalize, resize_bilinear
@@ -56,14 +57,15 @@ def reference_labels(model, image, size_hw, knn):
         logits, feats = model(x)
     h, w = -(-size_hw[0] // 16), -(-size_hw[1] // 16)
     scores = logits[0].double()
+    probs = torch.softmax(scores, dim=-1).numpy()
     if knn:
         from ifseg_rt.knn import reference
 
-        probs = torch.softmax(scores, dim=-1).numpy()
-        scores = torch.from_numpy(reference.knn_average(feats[0].double().numpy(), probs, k=3, iters=25))
+        probs = reference.knn_average(feats[0].double().numpy(), probs, k=3, iters=25)
+        scores = torch.from_numpy(probs)
     grid = scores.T.reshape(1, -1, h, w)
     up = F.interpolate(grid, size=image.shape[:2], mode="bilinear", align_corners=False)
-    return up[0].argmax(0).numpy().astype(np.int32)
+    return up[0].argmax(0).numpy().astype(np.int32), probs.reshape(h, w, -1)
 
 
 @pytest.mark.parametrize("knn", [False, True])
@@ -79,7 +81,32 @@ def test_segmenter_equals_reference(model_dir, ort_seg, segofa, knn, shape, size
     assert r.probabilities.shape == (*r.grid, 5)
     np.testing.assert_allclose(r.probabilities.sum(-1), 1.0, atol=1e-5)
     assert set(r.timings) == {"preprocess", "engine", "knn", "resize_argmax", "total"}
-    np.testing.assert_array_equal(r.labels, reference_labels(segofa, img, size, knn))
+    labels, probs = reference_outputs(segofa, img, size, knn)
+    np.testing.assert_array_equal(r.labels, labels)
+    # the random model is nearly flat (one class wins almost everywhere): the probabilities are what tell a wrong
+    # softmax / kNN apart
+    np.testing.assert_allclose(r.probabilities, probs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("src,dst", [((70, 90), (96, 128)), ((300, 200), (528, 512)), ((513, 77), (64, 31)),
+                                     ((17, 16), (16, 17))])
+def test_preprocessing_equals_an_independent_bilinear(src, dst):
+    """OpenCV INTER_LINEAR semantics (half-pixel centres, edges clamped, no antialias) = torch's bilinear with
+    align_corners=False, here in float64: within one intensity level (rounding), almost always equal; then
+    (x / 255 - 0.5) / 0.5 in RGB order, channels first."""
+    import torch.nn.functional as F
+
+    from ifseg_rt.runtime.preprocess import ImagePolicy, network_input, resize_bilinear
+
+    img = _image(*src, seed=sum(src))
+    got = resize_bilinear(img, *dst)
+    t = torch.from_numpy(img).double().permute(2, 0, 1)[None]
+    want = F.interpolate(t, size=dst, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert got.shape == (*dst, 3) and got.dtype == np.uint8
+    assert np.abs(got - want).max() <= 0.5 + 1 and np.mean(np.abs(got - np.rint(want)) > 0) < 0.01
+    x = network_input(img, ImagePolicy(mode="fixed", size=dst))
+    assert x.shape == (3, *dst) and x.dtype == np.float32
+    np.testing.assert_allclose(x, (got.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5, atol=1e-6, rtol=0)
 
 
 def test_paper_policy_and_batching(model_dir, ort_seg):
@@ -273,16 +300,40 @@ def test_16bit_images_are_scaled_not_clipped(ort_seg, tmp_path):
         load_image(Image.fromarray(np.ones((32, 32), np.float32)))
 
 
+def _softmax64(z, temperature=1.0):
+    z = np.asarray(z, np.float64) / temperature
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def test_probabilities_with_knn_and_zero_iterations(model_dir):
     seg = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2))
     seg.knn = seg.knn.replace(iters=0)
     img = _image(64, 80, 9)
     r = seg.seg(img, return_probabilities=True)
-    p = r.probabilities.reshape(-1, r.probabilities.shape[-1])
-    assert p.min() >= 0
-    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)  # softmax, not logits
+    out = seg.infer([img])[0]  # the engine's own logits: the probabilities are their softmax, in float64 here
+    np.testing.assert_allclose(r.probabilities.reshape(-1, out.logits.shape[-1]), _softmax64(out.logits),
+                               atol=1e-6, rtol=0)
     off = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=2, knn=False))
     np.testing.assert_allclose(off.seg(img, return_probabilities=True).probabilities, r.probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_knn_temperature(model_dir, backend):
+    """kNN at temperature T: softmax(logits / T), then the averaging (float64 reference); T changes the result."""
+    from ifseg_rt.knn import reference
+
+    seg = _small(Segmenter.load(model_dir, backend=backend, threads=2))
+    img = _image(64, 80, 4)
+    out = seg.infer([img])[0]
+    feats = np.asarray(out.features, np.float64)
+    got = {}
+    for t in (1.0, 0.05):
+        seg.knn = seg.knn.replace(temperature=t)
+        got[t] = seg.seg(img, return_probabilities=True).probabilities.reshape(feats.shape[0], -1)
+        want = reference.knn_average(feats, _softmax64(out.logits, t), k=seg.knn.k, iters=seg.knn.iters)
+        np.testing.assert_allclose(got[t], want, atol=2e-5, rtol=0)
+    assert np.abs(got[1.0] - got[0.05]).max() > 0.05  # the setting is not ignored
 
 
 def test_long_lists_are_batched_in_windows(ort_seg):
@@ -363,3 +414,30 @@ def test_bench_cli(model_dir, tmp_path, capsys):
     amx = {True: ", AMX", False: ", no AMX", None: ""}[rep["amx_bf16"]]
     assert f"{rep['cores']} cores{amx}, threads 2)" in printed
     assert "batch 2 512x768:" in printed and "img/s" in printed and not printed.lstrip().startswith("{")
+
+
+def test_pixel_counts_and_names_by_area():
+    """Counts = a bincount over the categories (absent ones 0); names by decreasing area, ties in category order."""
+    from ifseg_rt.runtime import SegmentationResult
+
+    cats = ("sky", "road", "tree", "person", "car")
+    labels = np.array([[0, 0, 0, 2, 2], [2, 2, 2, 3, 3], [3, 3, 3, 4, 4]], np.int32)  # 3, 0, 5, 5, 2 pixels
+    r = SegmentationResult(labels=labels, categories=cats, grid=(1, 1), original_size=labels.shape,
+                           input_size=(16, 16))
+    assert r.pixel_counts().tolist() == [3, 0, 5, 5, 2] and r.pixel_counts().sum() == labels.size
+    assert r.names() == ["tree", "person", "sky", "car"]
+
+
+def test_top_level_names_resolve_lazily():
+    import ifseg_rt
+    import ifseg_rt.checkpoint
+    import ifseg_rt.knn
+    import ifseg_rt.model
+
+    assert ifseg_rt.Segmenter is Segmenter and ifseg_rt.knn_average is ifseg_rt.knn.knn_average
+    assert ifseg_rt.build_model is ifseg_rt.model.build_model and ifseg_rt.OFAConfig is ifseg_rt.model.OFAConfig
+    assert ifseg_rt.load_checkpoint is ifseg_rt.checkpoint.load_checkpoint
+    assert ifseg_rt.save_checkpoint is ifseg_rt.checkpoint.save_checkpoint
+    assert set(dir(ifseg_rt)) >= {"Segmenter", "knn_average", "build_model", "load_checkpoint", "__version__"}
+    with pytest.raises(AttributeError, match="no attribute 'segmenter'"):
+        ifseg_rt.segmenter  # noqa: B018

@@ -1,5 +1,4 @@
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -191,19 +190,6 @@ def test_prompt_coco15_ids(tok):
     assert p.categories[9] == "concrete wall"
     for name, ids in zip(p.categories, p.category_ids):
         assert list(ids) == REFERENCE_IDS[name]
-
-
-@requires_bpe
-def test_prompt_is_fast(tok):
-    names = parse_categories(COCO_171)
-    best = min(_timed(lambda: build_ifseg_prompt(tok, names)) for _ in range(3))
-    assert best < 0.05
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 @requires_bpe
