@@ -146,13 +146,51 @@ def safe_torch_load(path: Union[str, Path]) -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"global[s]? (?:of )?'?([\w.]+)", msg)
+        if m is None and not _looks_like_torch_file(path):
+            raise CheckpointError(f"cannot read {path} as a torch checkpoint: {_not_torch(path)}") from None
         what = m.group(1) if m else "a non-allow-listed object"
         raise UnsafeCheckpointError(
             f"refusing to load {path}: its pickle references {what}, which is not on the allow-list "
             f"(tensors, containers, argparse.Namespace, numpy scalars). The file was not executed. Only convert "
             f"files you trust, e.g. re-save just the state_dict.") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {e}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+        reason = str(e) or type(e).__name__
+        if not _looks_like_torch_file(path):
+            reason = _not_torch(path)
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {reason}") from None
+
+
+def _head(path, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+# torch.save's legacy (non-zip) format starts with its pickled magic number 0x1950a86a20f9469cfc6c
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+
+
+def _looks_like_torch_file(path) -> bool:
+    """torch.save writes a zip archive (``PK``), or in the legacy format a pickle that starts with torch's magic."""
+    head = _head(path)
+    return head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC)
+
+
+def _not_torch(path) -> str:
+    head = _head(path)
+    if not head:
+        return "the file is empty"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "it is a safetensors file (rename it to .safetensors)"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a numpy .npy file"
+    if head[:1] == b"\x80":
+        return "it is a plain Python pickle, not a file written by torch.save (re-save its tensors with torch.save)"
+    if head.lstrip()[:1] in (b"<", b"{", b"[") or all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return f"it is a text file (starts with {head[:12]!r}), e.g. an HTML error page saved by a failed download"
+    return f"it is neither a zip archive nor a pickle (starts with {head[:8]!r})"
 
 
 def _get(obj: Any, key: str, default=None):
@@ -164,22 +202,30 @@ def _get(obj: Any, key: str, default=None):
 
 
 # --- key normalisation and config inference --------------------------------------------------------------------
-def normalize_keys(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Strip a ``model.`` prefix and map HF-port names to fairseq names. Returns (state, "hf" | "fairseq")."""
+def normalize_keys(state: Mapping[str, torch.Tensor], source: str = "<state_dict>"
+                   ) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Strip a ``model.`` prefix and map HF-port names to fairseq names. Returns (state, "hf" | "fairseq").
+
+    A file holding both names of one tensor (an HF-port key and the fairseq key it maps to) is refused: one of the
+    two would silently replace the other."""
     keys = list(state)
     if keys and all(k.startswith("model.") for k in keys):
         state = {k[len("model."):]: v for k, v in state.items()}
     is_hf = any("_mid_layer_norm." in k or ".cross_attn." in k or "ffn_layer_norm." in k for k in state)
     if not is_hf:
         return dict(state), "fairseq"
-    out = {}
+    out, origin = {}, {}
     for k, v in state.items():
+        name = k
         for pat, rep in _HF_RENAMES:
             k2 = pat.sub(rep, k)
             if k2 != k:
                 k = k2
                 break
-        out[k] = v
+        if k in out:
+            raise CheckpointError(f"{source}: keys {origin[k]!r} and {name!r} both name the tensor {k!r} (HF-port and "
+                                  f"fairseq names mixed in one file); keep one of them")
+        out[k], origin[k] = v, name
     return out, "hf"
 
 
@@ -203,12 +249,29 @@ def _count_layers(state, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def infer_config(state: Mapping[str, torch.Tensor]) -> Tuple[OFAConfig, Optional[int]]:
+# where infer_config reads each dimension (for error messages)
+_DIMENSION_KEYS = {
+    "d_model": "encoder.embed_tokens.weight", "heads": "encoder.layers.0.self_attn.c_attn",
+    "ffn_dim": "encoder.layers.0.fc1.weight", "encoder_layers": "encoder.layers.N.*",
+    "decoder_layers": "decoder.layers.N.*", "resnet_layers": "encoder.embed_images.layer{1,2,3}.N.*",
+    "resnet_width": "encoder.embed_images.conv1.weight", "vocab_size": "encoder.embed_tokens.weight",
+    "max_positions": "encoder.embed_positions.weight", "token_bucket_size": "encoder.token_rel_pos_table_list.0.weight",
+    "image_bucket_size": "encoder.embed_image_positions.weight",
+}
+
+
+def infer_config(state: Mapping[str, torch.Tensor], source: str = "<state_dict>") -> Tuple[OFAConfig, Optional[int]]:
     """Read the dimensions from tensor shapes. Returns (config, M or None for plain OFA)."""
+    ndims = {"encoder.layers.0.self_attn.c_attn": 1}
+
     def shape(key):
         if key not in state:
-            raise CheckpointError(f"cannot infer the model size: key {key!r} is missing")
-        return tuple(state[key].shape)
+            raise CheckpointError(f"{source}: cannot infer the model size: key {key!r} is missing")
+        t, want = state[key], ndims.get(key, 2 if not key.endswith("conv1.weight") else 4)
+        if not isinstance(t, torch.Tensor) or t.dim() != want:
+            got = f"a {t.dim()}-D tensor {list(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise CheckpointError(f"{source}: key {key!r} should be a {want}-D tensor, got {got}")
+        return tuple(t.shape)
 
     rows, d = shape("encoder.embed_tokens.weight")
     seg_key = next((k for k in ("encoder.seg_embed_tokens.weight", "decoder.seg_projection.weight",
@@ -229,7 +292,12 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> Tuple[OFAConfig, Optional
     if m is not None and "decoder.embed_seg_positions.weight" in state:
         g = int(round(math.sqrt(shape("decoder.embed_seg_positions.weight")[0] - 1)))
         kw["patch_image_size"] = PATCH * g
-    cfg = OFAConfig(**kw)
+    try:
+        cfg = OFAConfig(**kw)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the tensor shapes give no valid model ({e}); read from "
+                              + ", ".join(f"{k}: {_DIMENSION_KEYS[k]}" for k in ("d_model", "heads", "ffn_dim"))
+                              ) from None
     for name, ref in MODEL_REGISTRY.items():
         if ref.to_dict() | {"name": name} == cfg.to_dict() | {"name": name}:
             cfg = ref
@@ -258,6 +326,9 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: s
             t = state.pop(alias)
             state.setdefault(canon, t)
     state = {k: v for k, v in state.items() if not _REGENERATED.search(k)}
+    for k, v in state.items():
+        if k in expected and not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {k!r} is a {type(v).__name__}, not a tensor")
     missing = [k for k in expected if k not in state and k not in allow_missing]
     unexpected = [k for k in state if k not in expected]
     mismatched = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in expected
@@ -341,7 +412,7 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
         state, meta = _read_safetensors(path)
         fmt = "ifseg_rt" if meta.get("format") == FORMAT_NAME else "hf"
         if fmt == "hf":
-            state, _ = normalize_keys(state)
+            state, _ = normalize_keys(state, str(path))
         categories = meta.get("categories")
         prefix = meta.get("prompt_prefix")
         prompt_tokens, category_ids = meta.get("prompt_tokens"), meta.get("category_token_ids")
@@ -362,14 +433,18 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
         else:
             raise CheckpointError(f"{path}: expected a fairseq checkpoint (dict with 'model') or a state_dict, "
                                   f"got {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, Mapping) else '-'}")
-        state, fmt = normalize_keys(state)
+        state, fmt = normalize_keys(state, str(path))
 
     if fmt == "ifseg_rt":
-        cfg = OFAConfig.from_dict(meta["config"])
+        try:
+            cfg = OFAConfig.from_dict(meta["config"])
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: its metadata 'config' is not a valid model configuration: {e}") from None
         m = meta.get("num_categories")
     else:
-        cfg, m = infer_config(state)
+        cfg, m = infer_config(state, str(path))
         check_english_vocabulary(cfg, path)
+        check_official_size(cfg, path)
     if config is not None:
         want = get_config(config)
         if want.to_dict() | {"name": ""} != cfg.to_dict() | {"name": ""}:
@@ -383,7 +458,9 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
         torch.manual_seed(seed)  # fresh seg modules (ifseg.md §8.2) reproducible per seed
         model = build_model(cfg, num_categories, init=True)
         kind = "segofa"
-        fresh = [k for k in _canonical_items(model) if k not in state]
+        with torch.device("meta"):
+            plain = set(_canonical_items(build_model(cfg, init=False)))
+        fresh = [k for k in _canonical_items(model) if k not in plain]  # IFSeg's new modules only (ifseg.md §14.1)
         load_state(model, state, source=str(path), allow_missing=fresh)
     else:
         if num_categories is not None and m is not None and num_categories != m:
@@ -421,6 +498,26 @@ def check_english_vocabulary(cfg: OFAConfig, path) -> None:
         f"dictionary ({ENGLISH_OFA_VOCAB} symbols: GPT-2 BPE + 1000 location bins + 8192 image codes). It is most "
         f"likely the Chinese OFA (BERT vocabulary), with which IFSeg segments nothing (mIoU ~ 0, no error). Use the "
         f"English checkpoint, e.g. ofa_{size}.pt from the OFA release (python -m ifseg_rt download ofa-{size})")
+
+
+def check_official_size(cfg: OFAConfig, path) -> None:
+    """Refuse a checkpoint with the English OFA vocabulary whose dimensions are none of the OFA sizes (ofa.md §1):
+    a file missing its trailing layers or ResNet blocks (a truncated or hand-edited state_dict) would otherwise
+    load as a smaller custom model. The IFSeg grid (``patch_image_size``) is a training choice and not compared."""
+    if cfg.vocab_size != ENGLISH_OFA_VOCAB or cfg.name in MODEL_REGISTRY:
+        return
+    ignore = {"name", "patch_image_size"}
+    have = cfg.to_dict()
+    for name, ref in MODEL_REGISTRY.items():
+        want = ref.to_dict()
+        if all(want[k] == have[k] for k in want if k not in ignore):
+            return
+    name, ref = min(MODEL_REGISTRY.items(), key=lambda kv: abs(kv[1].d_model - cfg.d_model))
+    want = ref.to_dict()
+    diffs = "; ".join(f"{k} {have[k]} (from {_DIMENSION_KEYS.get(k, k)}) where OFA-{name} has {want[k]}"
+                      for k in want if k not in ignore and want[k] != have[k])
+    raise CheckpointError(f"{path} has the English OFA vocabulary but the dimensions of no OFA size: {diffs}. "
+                          f"Is the file complete (missing or extra layers)?")
 
 
 # --- our format ------------------------------------------------------------------------------------------------

@@ -158,6 +158,60 @@ def test_missing_size_key_names_it(tmp_path):
         load_checkpoint(fairseq_file(tmp_path / "x.pt", state))
 
 
+def test_ofa_to_segofa_refuses_missing_ofa_weights(tmp_path):
+    """Only IFSeg's new modules may start fresh (ifseg.md §14.1); a missing OFA weight is an error, not random."""
+    state = dict(tiny_ofa().state_dict())
+    del state["encoder.layers.1.fc1.weight"]
+    del state["decoder.layer_norm.weight"]
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(fairseq_file(tmp_path / "ofa.pt", state), num_categories=4)
+    assert sorted(info.value.missing) == ["decoder.layer_norm.weight", "encoder.layers.1.fc1.weight"]
+
+
+def test_hf_and_fairseq_names_of_one_tensor_are_refused(tmp_path):
+    state = dict(tiny_ofa().state_dict())
+    state["decoder.layers.0.cross_attn_mid_layer_norm.weight"] = torch.full((32,), 7.0)  # HF name of cross_attn_ln
+    with pytest.raises(CheckpointError, match=r"'decoder.layers.0.cross_attn_ln.weight' .*\n?.*"
+                                              r"'decoder.layers.0.cross_attn_mid_layer_norm.weight' both name"):
+        load_checkpoint(fairseq_file(tmp_path / "mixed.pt", state))
+
+
+def test_english_vocabulary_needs_an_official_size(tmp_path):
+    """An English-vocabulary file that is no OFA size (here OFA-tiny without its last encoder layer and last ResNet
+    block) is refused, naming what differs, instead of loading as a smaller custom model."""
+    with torch.device("meta"):
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in build_model("tiny", init=False).state_dict().items()}
+    state = {k: torch.zeros(shp, dtype=dt) for k, (shp, dt) in shapes.items()
+             if not k.startswith(("encoder.layers.3.", "encoder.embed_images.layer3.5."))}
+    path = tmp_path / "tiny_truncated.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert "dimensions of no OFA size" in msg
+    assert "encoder_layers 3 (from encoder.layers.N.*) where OFA-tiny has 4" in msg
+    assert "resnet_layers [3, 4, 5]" in msg and "OFA-tiny has [3, 4, 6]" in msg
+    torch.save({"model": {k: torch.zeros(shp, dtype=dt) for k, (shp, dt) in shapes.items()}}, path)
+    assert load_checkpoint(path).config.name == "tiny"  # complete: loads
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("encoder.embed_tokens.weight", torch.zeros(300), r"'encoder.embed_tokens.weight' should be a 2-D tensor, got a "
+                                                      r"1-D tensor \[300\]"),
+    ("encoder.layers.0.self_attn.c_attn", torch.zeros(5), r"bad.pt: the tensor shapes give no valid model .*heads"),
+    ("encoder.layers.0.self_attn.c_attn", [1.0, 2.0], r"'encoder.layers.0.self_attn.c_attn' should be a 1-D tensor, "
+                                                      r"got a list"),
+    ("encoder.layers.1.fc1.weight", [1.0], r"entry 'encoder.layers.1.fc1.weight' is a list, not a tensor"),
+])
+def test_malformed_size_keys_are_named(tmp_path, key, value, match):
+    state = dict(tiny_ofa().state_dict())
+    state[key] = value
+    path = tmp_path / "bad.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
 # --- untrusted pickles ------------------------------------------------------------------------------------------
 class _Payload:
     def __init__(self, marker):
@@ -195,6 +249,27 @@ def test_unreadable_and_truncated_files(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="expected a fairseq checkpoint"):
         load_checkpoint(tmp_path / "list.pt")
+    # files that are no torch checkpoint at all say what they are (not "unsafe", not a bare KeyError)
+    import pickle
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    (tmp_path / "page.pt").write_text("<html><body>403 Forbidden</body></html>")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    (tmp_path / "arr.npy").rename(tmp_path / "arr.pt")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "st.pt"))
+    (tmp_path / "plain.pt").write_bytes(b"plain text, no pickle")
+    for name, what in [("page.pt", "text file"), ("empty.pt", "the file is empty"), ("arr.pt", "numpy .npy"),
+                       ("st.pt", "safetensors file"), ("plain.pt", "text file")]:
+        with pytest.raises(CheckpointError, match=f"cannot read .*{name} as a torch checkpoint: .*{what}") as info:
+            load_checkpoint(tmp_path / name)
+        assert not isinstance(info.value, UnsafeCheckpointError)
+    with open(tmp_path / "pickled.pt", "wb") as f:  # a plain pickle (protocol byte 0x80): not refused as text
+        pickle.dump({"model": {"a": 1}}, f)
+    with pytest.raises(CheckpointError, match="pickled.pt as a torch checkpoint: it is a plain Python pickle"):
+        load_checkpoint(tmp_path / "pickled.pt")
 
 
 def test_sha256_is_verified_before_reading(tmp_path):
