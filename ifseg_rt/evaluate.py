@@ -16,7 +16,7 @@ numbers). Images and label maps are matched by file stem; scores are accumulated
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +25,7 @@ import numpy as np
 from .knn.settings import KnnSettings
 from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
 from .runtime.model_dir import MANIFEST
+from .runtime.outputs import error_message
 from .runtime.preprocess import IMAGE_EXTENSIONS, ImagePolicy, load_image
 
 LABEL_EXTENSIONS = (".png",)
@@ -128,6 +129,7 @@ class EvalResult:
     seconds: float
     knn: Optional[KnnSettings] = None  # the settings of the "knn" scores
     ignored: Optional[float] = None  # fraction of the label pixels that were ignore pixels (0 / 255 with offset 1)
+    failed: List[str] = field(default_factory=list)  # with skip_errors: one message per image not scored, naming it
 
 
 PredictionHook = Callable[[Path, Dict[str, np.ndarray]], None]
@@ -135,7 +137,7 @@ PredictionHook = Callable[[Path, Dict[str, np.ndarray]], None]
 
 def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Optional[int] = None,
              knn: Optional[bool] = None, progress: bool = False, on_prediction: Optional[PredictionHook] = None,
-             batch_size: int = 1) -> EvalResult:
+             batch_size: int = 1, skip_errors: bool = False) -> EvalResult:
     """Accumulate plain (``"raw"``) and kNN (``"knn"``) confusion matrices over ``pairs`` with ``segmenter``.
 
     Parameters
@@ -145,8 +147,10 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Opt
     knn : also score with the segmenter's kNN settings (default: when they are enabled)
     batch_size : images per engine call (images of equal network size are batched; the scores do not change)
     on_prediction : called with (image path, {"raw": labels, "knn": labels}) for every image
+    skip_errors : an image or label map that cannot be used (unreadable, sizes differ) is reported in
+        ``EvalResult.failed`` and the others are scored (as ``eval --ray`` does); default: raise
 
-    Raises ``ValueError`` naming the file when a label map's size differs from its image's.
+    Raises ``ValueError`` naming the file when an image or label map cannot be used (unless ``skip_errors``).
     """
     if label_offset is not None and label_offset not in LABEL_OFFSETS:
         raise ValueError(f"label_offset must be one of {LABEL_OFFSETS} or None, got {label_offset}")
@@ -166,22 +170,38 @@ def evaluate(segmenter, pairs: Sequence[Tuple[Path, Path]], *, label_offset: Opt
             it = tqdm(pairs, desc="eval", unit="img", dynamic_ncols=True)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    ignored = total = 0
+    ignored = total = scored = 0
+    failed: List[str] = []
+
+    def predictions(chunk):
+        try:
+            return list(zip(chunk, predict_pairs(segmenter, chunk, label_offset=label_offset, knn=settings,
+                                                 batch_size=batch_size)))
+        except (ValueError, FileNotFoundError, TypeError):
+            if not skip_errors:
+                raise
+        out = []  # one image at a time, to tell the bad ones from the others
+        for pair in chunk:
+            try:
+                out.append((pair, predict_pair(segmenter, *pair, label_offset=label_offset, knn=settings)))
+            except (ValueError, FileNotFoundError, TypeError) as e:
+                failed.append(error_message(str(pair[0]), str(e)))
+        return out
+
     chunk: List[Tuple[Path, Path]] = []
     for k, pair in enumerate(it):
         chunk.append(pair)
         if len(chunk) < batch_size and k + 1 < len(pairs):
             continue
-        for (image_path, _), (pred, gt) in zip(chunk, predict_pairs(segmenter, chunk, label_offset=label_offset,
-                                                                     knn=settings, batch_size=batch_size)):
-            ignored, total = ignored + int((gt == num_classes).sum()), total + gt.size
+        for (image_path, _), (pred, gt) in predictions(chunk):
+            ignored, total, scored = ignored + int((gt == num_classes).sum()), total + gt.size, scored + 1
             for name, labels in pred.items():
                 cms[name].update(labels, gt)
             if on_prediction is not None:
                 on_prediction(Path(image_path), pred)
         chunk = []
-    return EvalResult(metrics={k: cm.metrics() for k, cm in cms.items()}, num_images=len(pairs),
-                      seconds=time.perf_counter() - t0, knn=settings, ignored=ignored / max(total, 1))
+    return EvalResult(metrics={k: cm.metrics() for k, cm in cms.items()}, num_images=scored,
+                      seconds=time.perf_counter() - t0, knn=settings, ignored=ignored / max(total, 1), failed=failed)
 
 
 def scoring_knn(segmenter, knn: Optional[bool] = None) -> Optional[KnnSettings]:

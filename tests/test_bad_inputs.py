@@ -60,13 +60,17 @@ def _bad_files(folder):
 def test_one_bad_image_in_a_batch(seg, tmp_path):
     good1, good2 = _image(40, 50, 1), _image(60, 30, 2)
     (tmp_path / "bad.png").write_bytes(b"garbage")
-    items = [good1, str(tmp_path / "bad.png"), good2, np.zeros((10, 10, 3), np.uint8)]
+    Image.fromarray(good1).save(tmp_path / "closed.png")
+    with Image.open(tmp_path / "closed.png") as closed:  # lazily opened: no pixels once the block ends
+        pass
+    items = [good1, str(tmp_path / "bad.png"), good2, np.zeros((10, 10, 3), np.uint8), closed]
     with pytest.raises(ImageError, match=r"image 1 \(.*bad.png\): cannot read image") as info:
         seg.seg(items)
     assert info.value.index == 1
     out = seg.seg(items, batch_size=4, return_exceptions=True)
     assert isinstance(out[1], ImageError) and "bad.png" in out[1].source
     assert isinstance(out[3], ImageError) and out[3].index == 3 and "too small" in out[3].reason
+    assert isinstance(out[4], ImageError) and "PIL image: it is closed" in out[4].reason
     np.testing.assert_array_equal(out[0].labels, seg.seg(good1).labels)
     np.testing.assert_array_equal(out[2].labels, seg.seg(good2).labels)
     with pytest.raises(ValueError, match="cannot read image"):  # a single image raises the underlying error
@@ -192,3 +196,36 @@ def test_non_english_ofa_vocabulary_is_refused(tmp_path):
         load_checkpoint(path, num_categories=3)  # the adaptation's entry point refuses it too
     check_english_vocabulary(get_config("base"), "ofa_base.pt")  # the English sizes pass
     check_english_vocabulary(dataclasses.replace(get_config("tiny"), d_model=128, heads=4), "custom")  # custom sizes too
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_tables_of_another_model_are_refused(model_dir, tmp_path, backend, capsys):
+    """A tables.onnx whose per-grid positions have another head count than the body takes (a graph of another
+    model) is a ModelDirError at load, naming both files, not an engine error at the first image."""
+    onnx = pytest.importorskip("onnx")
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    from onnx import TensorProto, helper
+
+    d = _copy(model_dir, tmp_path)
+    body = onnx.load(str(d / "body.onnx"), load_external_data=False)
+    shapes = {i.name: [x.dim_value or x.dim_param for x in i.type.tensor_type.shape.dim] for i in body.graph.input}
+    names = [i.name for i in body.graph.input][1:]
+    heads, dh = shapes[names[0]][0], shapes[names[0]][2]
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], [n]) for n in names]
+    graph = helper.make_graph(
+        nodes, "tables", [helper.make_tensor_value_info("grid", TensorProto.FLOAT, ["h", "w"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [heads + 2, "S", dh]) for n in names],
+        initializer=[helper.make_tensor("shape", TensorProto.INT64, [3], [heads + 2, 1, dh])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(d / "tables.onnx"))
+    with pytest.raises(ModelDirError, match=rf"tables.onnx gives {names[0]} of shape \[{heads + 2}, (\?|1), {dh}\] but "
+                                            rf".*body.onnx takes \[{heads}, \?, {dh}\]: the two graphs belong to "
+                                            rf"different models"):
+        Segmenter.load(d, backend=backend, verify=False)
+    from ifseg_rt.cli import cli
+
+    Image.fromarray(_image(32, 32)).save(tmp_path / "a.png")
+    assert cli(["segment", "--model", str(d), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                "--no-verify", "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert "belong to different models" in err and "Traceback" not in err

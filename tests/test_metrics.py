@@ -1,6 +1,7 @@
 """mIoU exactly as ifseg.md §13, label decoding, and ``python -m ifseg_rt eval`` end to end."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,19 +214,33 @@ def test_evaluate_uses_the_checkpoints_knn_settings(dataset, tmp_path):
     assert json.loads(out.read_text())["knn"] == {"enabled": True, "k": 5, "iters": 3, "temperature": 1.0}
 
 
-def test_evaluate_bad_inputs(dataset, checkpoint, tmp_path):
-    _, ckpt = checkpoint
+def test_evaluate_bad_inputs(dataset, checkpoint, tmp_path, capsys):
+    model, ckpt = checkpoint
     images, labels = dataset
-    base = ["--model", str(ckpt), "--images", str(images), "--labels", str(labels), "--no-progress", "--no-knn"]
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(labels / "img0.png")
-    with pytest.raises(UsageError, match=r"label map .*img0.png is 10x10 px but image .*img0.png is 40x56 px"):
-        main(base)
+    base = ["--model", str(ckpt), "--images", str(images), "--labels", str(labels), "--no-progress", "--no-knn", *FAST]
+    # an image or label map that cannot be used is reported, naming it, and the others are scored (exit 1), as with
+    # --ray; the JSON report covers the scored ones
+    others = find_pairs(*dataset)[1:]
+    for make, reason in [
+            (lambda: Image.fromarray(np.zeros((10, 10), np.uint8)).save(labels / "img0.png"),
+             r"label map .*img0.png is 10x10 px but image .*img0.png is 40x56 px"),
+            (lambda: Image.fromarray(np.full((40, 56), 9, np.uint8)).save(labels / "img0.png"),
+             "stored value 9 decodes to class 8, but there are only M = 3"),
+            (lambda: (images / "img0.png").write_bytes(b"not a png"), r"cannot read image .*img0.png")]:
+        make()
+        out = tmp_path / "partial.json"
+        assert main([*base, "--json", str(out), "--batch-size", "2"]) == 1
+        err = capsys.readouterr().err
+        assert re.search(reason, err), err
+        assert "1 image(s) could not be scored; the metrics cover the other 2" in err and "Traceback" not in err
+        report = json.loads(out.read_text())
+        ref = _reference_metrics(model, others)
+        assert report["images"] == 2 and report["metrics"]["raw"]["mIoU"] == pytest.approx(100 * ref.miou, abs=1e-9)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / "img0.png")
     (labels / "img0.png").unlink()
     with pytest.raises(UsageError, match=r"1 image\(s\) .* have no label map .*: img0.png"):
-        main(base)
-    Image.fromarray(np.full((40, 56), 9, np.uint8)).save(labels / "img0.png")
-    with pytest.raises(UsageError, match="stored value 9 decodes to class 8, but there are only M = 3"):
-        main(base)
+        main(base)  # found before any work: the command cannot start
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(labels / "img0.png")
     with pytest.raises(UsageError, match="model not found"):
         main(["--model", str(tmp_path / "nope"), *base[2:]])
     plain = save_checkpoint(build_model(tiny_config(patch_image_size=64)), tmp_path / "ofa.safetensors")

@@ -416,6 +416,38 @@ def test_bench_cli(model_dir, tmp_path, capsys):
     assert "batch 2 512x768:" in printed and "img/s" in printed and not printed.lstrip().startswith("{")
 
 
+def test_bench_and_output_limits_are_checked_before_work(model_dir, tmp_path, capsys):
+    from ifseg_rt.cli import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli(["bench", "--model", str(model_dir), "--size", "100000x100000"])
+    assert info.value.code == 2 and "above the 268 Mpx an image may have" in capsys.readouterr().err
+    # the policy's 512 x 768 network inputs: 1 000 of them in one engine call is far beyond one image's pixels
+    assert cli(["bench", "--model", str(model_dir), "--size", "32x48", "--batch-size", "1", "1000", "--no-knn"]) == 2
+    assert "--batch-size 1000 of 512x768 px network inputs is 393 Mpx in one engine call" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as info:
+        cli(["bench", "--model", str(model_dir), "--json", str(tmp_path / "file" / "x.json")])
+    assert info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # checked before the model loads (a missing model would say so later)
+        cli(["serve", "--model", str(tmp_path / "nope"), "--ready-file", str(tmp_path / "file" / "r.json")])
+    assert info.value.code == 2 and "--ready-file" in capsys.readouterr().err
+    from ifseg_rt.cli.args import check_output_file
+
+    check_output_file(str(tmp_path / "new" / "deeper" / "x.json"), "--json")  # folders to be made: fine
+    assert not list(tmp_path.glob(".ifseg_rt-probe-*"))  # the probe leaves nothing behind
+    try:  # a folder that refuses new files even to root (sysfs), where the machine has one
+        with open("/sys/.ifseg_rt-test", "w"):
+            pass
+        pytest.skip("/sys accepts new files here")
+    except OSError:
+        pass
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="--json /sys/x.json: cannot write there"):
+        check_output_file("/sys/x.json", "--json")
+
+
 def test_pixel_counts_and_names_by_area():
     """Counts = a bincount over the categories (absent ones 0); names by decreasing area, ties in category order."""
     from ifseg_rt.runtime import SegmentationResult

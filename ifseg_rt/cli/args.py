@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from pathlib import Path
 
 from ..geometry import PATCH
@@ -14,6 +15,7 @@ from ..metrics import LABEL_OFFSETS
 from ..runtime.backends import BACKENDS
 from ..runtime.model_dir import PRECISIONS
 from ..runtime.outputs import TABLE_NAME
+from ..runtime.preprocess import MAX_PIXELS
 
 
 def _integer(text: str) -> int:
@@ -67,6 +69,9 @@ def image_size(text: str):
         raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x683), got {text!r}") from None
     if min(h, w) < PATCH:
         raise argparse.ArgumentTypeError(f"{text!r}: both sides must be >= {PATCH} px (one patch)")
+    if h * w > MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"{text!r}: {h * w / 1e6:.3g} Mpx, above the {MAX_PIXELS / 1e6:.3g} Mpx an "
+                                         f"image may have")
     return h, w
 
 
@@ -99,6 +104,15 @@ def check_output_file(path, flag: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:  # the only reliable test (root passes os.access; sysfs, read-only mounts refuse new files)
+        if p.exists():
+            with open(p, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=".ifseg_rt-probe-"):
+                pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{flag} {path}: cannot write there ({e.strerror})") from None
 
 
 def add_label_offset_argument(p) -> None:

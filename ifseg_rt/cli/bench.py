@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from ..benchmark import available_cores, cpu_model, format_table, formats, measure
 from ..evaluate import find_pairs
 from ..runtime import Segmenter
-from ..runtime.preprocess import load_image
+from ..runtime.preprocess import MAX_PIXELS, load_image
 from ..system import amx_bf16
 from ..world import render_scene
 from .args import (HelpFormatter, add_model_arguments, check_output_file, examples, image_size, non_negative_int,
@@ -88,6 +88,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         report.update(backend=seg.backend.name, precision=seg.precision, agreement=seg.agreement,
                       knn=seg.knn.to_dict(), runs=[])
+        h, w = seg.spec.policy.target_size(*images[0].shape[:2])
+        if max(args.batch_size) * h * w > MAX_PIXELS:
+            print(f"error: --batch-size {max(args.batch_size)} of {h}x{w} px network inputs is "
+                  f"{max(args.batch_size) * h * w / 1e6:.3g} Mpx in one engine call, above the "
+                  f"{MAX_PIXELS / 1e6:.3g} Mpx limit of one image", file=sys.stderr)
+            return 2
         print(f"{args.model}: {seg.backend.name} {seg.precision} on {machine}")
         for B in args.batch_size:
             run = measure(seg, images * B, batch=B, warmup=args.warmup, repeats=args.repeats)

@@ -90,8 +90,8 @@ def main(argv=None) -> int:
                                  threads=args.threads, bpe_dir=args.bpe_dir, policy=policy, knn=knn)
             seg.knn_backend = args.knn_backend
             result = evaluate(seg, pairs, label_offset=args.label_offset, knn=args.knn, progress=not args.no_progress,
-                              batch_size=args.batch_size)
-            categories = list(seg.categories)
+                              batch_size=args.batch_size, skip_errors=True)
+            categories, failed = list(seg.categories), result.failed
     except (ValueError, FileNotFoundError, TypeError, ModelDirError, RuntimeError, ImportError) as e:
         raise UsageError(str(e)) from None
     for e in failed:

@@ -14,7 +14,7 @@ from ..serve.repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS
 from ..serve.server import ServeOptions, serve
 from ..serve.tritonserver import ServerError
 from ..system import available_cores
-from .args import HelpFormatter, examples, non_negative_int, positive_int
+from .args import HelpFormatter, check_output_file, examples, non_negative_int, positive_int
 
 
 def _port(text: str) -> int:
@@ -166,6 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if given:
             parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) the served model; with "
                          f"--repository the repository's own config.pbtxt files decide")
+    try:
+        check_output_file(args.ready_file, "--ready-file")
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
     instances = args.instances
     if instances is None:
         try:

@@ -197,6 +197,22 @@ class ModelSpec:
             raise ModelDirError(f"{self.source}/{file} outputs {feature_dim} feature channels but {MANIFEST} "
                                 f"declares outputs.features.shape [batch, cells, {self.feature_dim}]; re-export it")
 
+    def check_split(self, produced: Dict[str, Sequence[Optional[int]]], consumed: Dict[str, Sequence[Optional[int]]],
+                    body_file: str) -> None:
+        """Raise :class:`ModelDirError` when the split graph's per-grid tables (``produced``: the tables graph's
+        output shapes by name, ``None`` for symbolic dimensions) cannot feed the body (``consumed``: its inputs'):
+        a ``tables.onnx`` of another model (other heads or head size)."""
+        for name, want in consumed.items():
+            got = produced.get(name)
+            if got is None:
+                continue  # names are checked by the backends
+            bad = len(got) != len(want) or any(a is not None and b is not None and a != b for a, b in zip(got, want))
+            if bad:
+                fmt = lambda dims: "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"  # noqa: E731
+                raise ModelDirError(f"{self.source}/{self.tables_file} gives {name} of shape {fmt(got)} but "
+                                    f"{self.source}/{body_file} takes {fmt(want)}: the two graphs belong to different "
+                                    f"models; re-export the directory")
+
     def has_file(self, name: str) -> bool:
         return name in self.files
 

@@ -171,6 +171,14 @@ def load_image(image: ImageLike, *, max_pixels: Optional[int] = None) -> np.ndar
     if isinstance(image, Image.Image):
         _check_size(image.height, image.width, "PIL image", max_pixels)
         try:
+            image.load()  # a lazily opened image whose file was closed (a `with Image.open(...)` block) fails here
+        except (AssertionError, ValueError, AttributeError):
+            raise ValueError("cannot read PIL image: it is closed (.close() was called, or a `with Image.open(...)` "
+                             "block ended before its pixels were read); call .load() or .copy() inside the block, "
+                             "or pass the path") from None
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"cannot read PIL image: {e}") from None
+        try:
             return np.ascontiguousarray(_pil_to_rgb(_upright(image), "PIL image"))
         except (OSError, SyntaxError) as e:
             raise ValueError(f"cannot read PIL image: {e}") from None

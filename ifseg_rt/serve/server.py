@@ -195,7 +195,10 @@ def serve(model_dir: Union[None, str, Path], options: ServeOptions = ServeOption
                 if server is not None:
                     server.stop()
                 if ready_file:
-                    Path(ready_file).unlink(missing_ok=True)
+                    try:
+                        Path(ready_file).unlink(missing_ok=True)
+                    except OSError:  # never hide why serving stopped (the path is checked before the start)
+                        pass
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

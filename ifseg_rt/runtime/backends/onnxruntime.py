@@ -126,6 +126,9 @@ class OnnxRuntimeBackend:
             if t_in != [GRID_NAME] or t_out != list(TABLE_NAMES):
                 raise ModelDirError(f"{self.spec.path(self.spec.tables_file)}: inputs {t_in} and outputs {t_out}, "
                                     f"expected [{GRID_NAME!r}] and {list(TABLE_NAMES)}")
+            dims = lambda shape: [d if isinstance(d, int) else None for d in (shape or [])]  # noqa: E731
+            self.spec.check_split({o.name: dims(o.shape) for o in self.tables_session.get_outputs()},
+                                  {i.name: dims(i.shape) for i in self.session.get_inputs()[1:]}, self.file)
         m, c = _last_dim(outputs[OUTPUT_NAMES[0]]), _last_dim(outputs[OUTPUT_NAMES[1]])
         if m is None:  # symbolic width: one forward of the smallest valid input tells
             size = self.spec.static_shape or (PATCH, PATCH)

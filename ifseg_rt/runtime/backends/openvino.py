@@ -250,6 +250,13 @@ class OpenVinoBackend:
         if t_in != [GRID_NAME] or t_out != list(TABLE_NAMES):
             raise ModelDirError(f"{self.spec.path(self.spec.tables_file)}: inputs {t_in} and outputs {t_out}, "
                                 f"expected [{GRID_NAME!r}] and {list(TABLE_NAMES)}")
+
+        def dims(port):
+            shape = port.get_partial_shape()
+            return [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else []
+
+        self.spec.check_split({n: dims(p) for n, p in zip(t_out, self.tables_model.outputs)},
+                              {n: dims(p) for n, p in zip(inputs[1:], self.body.inputs[1:])}, self.file)
         widths = []
         for name in OUTPUT_NAMES:
             last = self.body.output(name).get_partial_shape()[-1]
