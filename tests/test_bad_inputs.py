@@ -77,6 +77,15 @@ def test_one_bad_image_in_a_batch(seg, tmp_path):
         seg.seg(str(tmp_path / "bad.png"))
 
 
+def test_segment_list_file_that_is_not_utf8(model_dir, tmp_path, capsys):
+    from ifseg_rt.cli import cli
+
+    (tmp_path / "list.txt").write_bytes(b"a.png\n# comment\ncaf\xe9.png\n")  # Latin-1, not UTF-8
+    rc = cli(["segment", "--model", str(model_dir), str(tmp_path / "list.txt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "list.txt:3: not UTF-8 text (byte 0xe9)" in err and "Traceback" not in err
+
+
 def test_segment_cli_names_every_failure_once(model_dir, tmp_path, capsys):
     from ifseg_rt.cli import cli
 

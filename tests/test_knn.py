@@ -350,6 +350,33 @@ def test_bad_inputs(backend):
         knn.knn_indices(f, 3, backend="gpu")
     with pytest.raises(ValueError, match="needs device arrays"):
         knn.knn_indices(f, 3, backend="cuda")
+    for bad in (1.7, "2", -1, True):
+        with pytest.raises(ValueError, match="num_threads must be None or an integer >= 0"):
+            knn.knn_average(f, p, backend=backend, num_threads=bad)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_unusual_valid_inputs(backend):
+    """Huge (float32 |x| ~ 1e20: x * x overflows) and tiny rows, empty batches and zero categories, torch bfloat16
+    features: the same answer as the float64 reference of the same values, in every host backend."""
+    rng = np.random.default_rng(2)
+    f = tie_free(rng, 1, 60, 16, 3)[0]
+    p = probs_like(rng, 1, 60, 4)[0]
+    unscaled = reference.knn_average(f.astype(np.float64), p.astype(np.float64), 3, 5)
+    for scale in (1e20, 1e-20):  # below the norm's 1e-12 floor rows are not unit length: dot products rank them
+        fs = f * np.float32(scale)
+        want = reference.knn_average(fs.astype(np.float64), p.astype(np.float64), 3, 5)
+        np.testing.assert_allclose(knn.knn_average(fs, p, 3, 5, backend=backend), want, atol=1e-6)
+        if scale > 1:  # cosine similarity does not see the scale
+            np.testing.assert_allclose(want, unscaled, atol=1e-12)
+    assert knn.knn_average(np.zeros((0, 5, 3), np.float32), np.zeros((0, 5, 2), np.float32), 2, 3,
+                           backend=backend).shape == (0, 5, 2)
+    assert knn.knn_indices(np.zeros((0, 5, 3), np.float32), 2, backend=backend).shape == (0, 5, 2)
+    assert knn.knn_average(f, np.zeros((60, 0), np.float32), 2, 3, backend=backend).shape == (60, 0)
+    torch = pytest.importorskip("torch")
+    fb = torch.from_numpy(f).bfloat16()
+    exact = reference.knn_average(fb.double().numpy(), p.astype(np.float64), 3, 5)
+    np.testing.assert_allclose(np.asarray(knn.knn_average(fb, p, 3, 5, backend=backend)), exact, atol=1e-6)
 
 
 def test_extension_validates():

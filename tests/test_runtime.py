@@ -209,6 +209,13 @@ def _set(d, path, value):
     ("image.policy", {"mode": "fixed", "size": [60000, 60000], "short_side": 512, "max_long_side": 2048,
                       "multiple": 1}, "fixed size 60000x60000 allows network inputs of up to 60000x60000 px"),
     ("categories", [], "'categories' must be a non-empty list"),
+    ("categories", ["sky", "road", "sky", "person", "car"], "'categories' names 'sky' twice .entries 0 and 2."),
+    ("categories", ["sky", "road", "  ", "person", "car"], "'categories' must be a non-empty list of names"),
+    ("categories", ["sky", "road", "tr\nee", "person", "car"], "'categories' must be a non-empty list of names"),
+    ("precisons", {}, "'precisons' is not a field of schema version 2"),
+    ("config.patch_image_size", 8, "'config.patch_image_size' must be a multiple of the 16 px cell"),
+    ("config.image_bucket_size", 0, "'config.image_bucket_size' must be an integer >= 1, got 0"),
+    ("config.d_model", True, "'config.d_model' must be an integer >= 1, got True"),
     ("num_categories", 4, "'num_categories' is 4 but 'categories' has 5"),
     ("schema_version", 99, "'schema_version' is 99"),
     ("image.policy.mode", "crop", "'image.policy' is invalid"),
@@ -228,6 +235,15 @@ def test_malformed_manifest(model_dir, tmp_path, path, value, msg):
     (d / "ifseg.json").write_text(json.dumps(m))
     with pytest.raises(ModelDirError, match=msg.replace("(", r"\(").replace("[", r"\[")):
         Segmenter.load(d, backend="onnxruntime")
+
+
+def test_thread_and_knn_backend_arguments_are_checked_at_load(model_dir):
+    for bad in (0, -3, 2.5, "2", True):
+        with pytest.raises(ValueError, match=r"threads must be an integer >= 1 .*got " + repr(bad).replace(".", r"\.")):
+            Segmenter.load(model_dir, backend="onnxruntime", threads=bad)
+    with pytest.raises(ValueError, match="knn_backend must be one of .*got 'gpu'"):
+        Segmenter.load(model_dir, backend="onnxruntime", knn_backend="gpu")
+    assert Segmenter.load(model_dir, backend="onnxruntime", threads=np.int64(1)).threads == 1
 
 
 def test_missing_or_broken_manifest(model_dir, tmp_path):
@@ -346,6 +362,8 @@ def test_long_lists_are_batched_in_windows(ort_seg):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             ort_seg.seg(images[:2], batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            ort_seg.seg(images[0], batch_size=bad)  # one image: the same rule
 
 
 def test_segment_cli_rejects_bad_batch_size(model_dir, tmp_path, capsys):

@@ -148,6 +148,8 @@ def check_args(features, probs, k, iters):
 def _host_inputs(features, probs, check_finite):
     if _torch_tensor(features):
         features = features.detach()
+        if str(features.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
+            features = features.float()
     if _torch_tensor(probs):
         probs = probs.detach()
     features = np.asarray(features)
@@ -186,6 +188,9 @@ def _resolve_backend(backend, device):
 def _run(features, probs, k, iters, backend, num_threads, check_finite, screen=DEFAULT_SCREEN):
     if screen not in SCREENS:
         raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer))
+                                    or num_threads < 0):
+        raise ValueError(f"num_threads must be None or an integer >= 0 (0: the cores available), got {num_threads!r}")
     device = _is_device_array(features)
     if probs is not None and _is_device_array(probs) != device:
         raise ValueError("features and probs must both be host arrays or both device arrays")

@@ -21,7 +21,12 @@ EPS = 1e-12  # F.normalize's default eps
 def normalize(features, dtype=np.float64):
     """Row-wise L2 normalisation ``F / max(||F||, 1e-12)`` of ``...xNxC`` features, computed in ``dtype``."""
     f = np.asarray(features).astype(dtype)
-    norm = np.sqrt(np.sum(f * f, axis=-1, keepdims=True))
+    # the sum of squares in float64 (with a row scale for float64 input): large float32 features (|x| > 1.8e19)
+    # would overflow f * f to inf in float32 and turn their rows into zeros
+    scale = np.max(np.abs(f), axis=-1, keepdims=True).astype(np.float64) if f.dtype == np.float64 else 1.0
+    scale = np.where(scale > 0, scale, 1.0) if f.dtype == np.float64 else scale
+    g = f.astype(np.float64) / scale
+    norm = (np.sqrt(np.sum(g * g, axis=-1, keepdims=True)) * scale).astype(f.dtype)
     return f / np.maximum(norm, EPS)
 
 
@@ -29,7 +34,7 @@ def knn_indices(features, k, *, dtype=np.float64):
     """Neighbour indices ``...xNxK`` (int64): row ``i`` first, then the others by descending cosine similarity."""
     features = np.asarray(features)
     fn = normalize(features, dtype)
-    batch = fn.reshape(-1, *fn.shape[-2:])
+    batch = fn.reshape(int(np.prod(fn.shape[:-2], dtype=np.int64)), *fn.shape[-2:])
     out = np.empty((batch.shape[0], batch.shape[1], k), dtype=np.int64)
     for b, f in enumerate(batch):
         sim = f @ f.T
@@ -48,8 +53,9 @@ def knn_average(features, probs, k=DEFAULT_K, iters=DEFAULT_ITERS, *, dtype=None
     if dtype is None:
         dtype = np.float64 if np.float64 in (probs.dtype, np.asarray(features).dtype) else np.float32
     idx = knn_indices(features, k, dtype=dtype)
-    p = probs.astype(dtype, copy=True).reshape(-1, *probs.shape[-2:])
-    idx = idx.reshape(p.shape[0], p.shape[1], k)
-    for _ in range(iters):
+    batch = int(np.prod(probs.shape[:-2], dtype=np.int64))
+    p = probs.astype(dtype, copy=True).reshape(batch, *probs.shape[-2:])
+    idx = idx.reshape(batch, p.shape[1], k)
+    for _ in range(iters if batch else 0):
         p = np.stack([pb[ib].mean(axis=1) for pb, ib in zip(p, idx)])  # p_i <- mean_{j in Nb(i)} p_j
     return p.reshape(probs.shape).astype(dtype, copy=False)

@@ -31,6 +31,8 @@ from .preprocess import MEAN, PATCH, STD, ImagePolicy
 
 SCHEMA_VERSION = 2  # 2: graphs without S x S position tables (version 1 split graphs passed them between graphs)
 FORMAT = "ifseg_rt.model_dir"
+MANIFEST_FIELDS = ("schema_version", "format", "categories", "num_categories", "image", "patch_stride", "knn",
+                   "outputs", "precision", "precisions", "config", "engines", "files", "onnx", "provenance")
 MANIFEST = "ifseg.json"
 ONNX_FILE = "model.onnx"
 ENGINES_DIR = "engines"
@@ -303,9 +305,17 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
     _check(ver == SCHEMA_VERSION, "schema_version", f"is {ver}; this runtime reads version {SCHEMA_VERSION}"
            + (" (version 1 graphs hold per-grid S x S position tables: re-export the model with "
               "`python -m ifseg_rt.export`)" if ver == 1 else ""))
+    unknown = sorted(set(d) - set(MANIFEST_FIELDS))
+    _check(not unknown, unknown[0] if unknown else "", f"is not a field of schema version {SCHEMA_VERSION} "
+           f"(unknown: {unknown}; the fields are {list(MANIFEST_FIELDS)})")
     cats = _get(d, "categories", "", list)
-    _check(len(cats) >= 1 and all(isinstance(c, str) and c for c in cats), "categories",
-           "must be a non-empty list of non-empty strings")
+    _check(len(cats) >= 1 and all(isinstance(c, str) and c.strip() and c.isprintable() for c in cats), "categories",
+           "must be a non-empty list of names (printable, not blank)")
+    seen: Dict[str, int] = {}
+    for i, c in enumerate(cats):
+        _check(c not in seen, "categories", f"names {c!r} twice (entries {seen.get(c)} and {i}): labels would be "
+                                            f"ambiguous")
+        seen[c] = i
     m = _get(d, "num_categories", "", int)
     _check(m == len(cats), "num_categories", f"is {m} but 'categories' has {len(cats)} names")
 
@@ -352,7 +362,12 @@ def parse_manifest(d: Any, root: Union[None, str, Path] = ".") -> ModelSpec:
     _check(prec in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {prec!r}")
     cfg = _get(d, "config", "", dict)
     for key in ("patch_image_size", "image_bucket_size", "d_model"):
-        _check(isinstance(cfg.get(key), int), f"config.{key}", "must be an integer")
+        v = cfg.get(key)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"config.{key}",
+               f"must be an integer >= 1, got {v!r}")
+    _check(cfg["patch_image_size"] % PATCH == 0, "config.patch_image_size",
+           f"must be a multiple of the {PATCH} px cell (the reference grid side is patch_image_size / {PATCH}), got "
+           f"{cfg['patch_image_size']}")
 
     files = _get(d, "files", "", dict)
     for name, rec in files.items():

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..knn import BACKENDS as KNN_BACKENDS
 from ..knn.settings import KnnSettings
 from ..system import bf16_without_amx
 from .backends import BF16_BACKENDS, create_backend, installed, resolve_backend, resolve_device
@@ -101,6 +102,22 @@ class CellOutputs:
     timings: Dict[str, float] = field(default_factory=dict)  # preprocess, engine
 
 
+def _check_threads(threads) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 (or None: the cores available), got {threads!r}")
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _check_knn_backend(name: str) -> str:
+    if name not in KNN_BACKENDS:
+        raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {name!r}")
+    return name
+
+
 class ImageError(ValueError):
     """An input of a list that could not be segmented (unreadable, wrong shape, too small, ...).
 
@@ -143,7 +160,7 @@ class Segmenter:
         self.backend = backend
         self.categories = spec.categories
         self.knn = self._knn(knn)
-        self.knn_backend = knn_backend
+        self.knn_backend = _check_knn_backend(knn_backend)
         self.threads: Optional[int] = getattr(backend, "threads", None)  # CPU threads of engine and post-processing
         self.precision: str = getattr(backend, "precision", None) or "fp32"  # the compute precision the engine runs
         self.agreement: Optional[Dict[str, Any]] = None  # its measured label agreement with fp32 (ifseg.json;
@@ -185,6 +202,8 @@ class Segmenter:
         ModelDirError for a missing, malformed, tampered or unloadable model directory (the message names the field
         or file); BackendUnavailable when the backend cannot run here
         """
+        _check_threads(backend_options.get("threads"))
+        _check_knn_backend(knn_backend)
         spec = model_dir if isinstance(model_dir, ModelSpec) else load_model_dir(model_dir)
         device = resolve_device(device)
         on_gpu = device.startswith("cuda")
@@ -249,6 +268,7 @@ class Segmenter:
         """
         from .backends.torch_backend import TorchBackend
 
+        _check_threads(threads)
         names = list(categories) if categories is not None else [f"class_{i}" for i in range(model.num_categories)]
         spec = spec_for_model(names, model.config.to_dict(), feature_dim=model.config.image_feature_dim,
                               policy=policy, knn=knn)
@@ -269,6 +289,7 @@ class Segmenter:
         A single image raises the underlying error (``ValueError``, ``FileNotFoundError``, ``TypeError``).
         """
         if not isinstance(image, (list, tuple)):
+            _check_batch_size(batch_size)
             out = next(self._stream([image], 1, single=True))[1]
             return self.finish(out, return_probabilities=return_probabilities)
         results: List[Any] = [None] * len(image)
@@ -333,8 +354,7 @@ class Segmenter:
                 ) -> Iterator[Tuple[int, Union[CellOutputs, ImageError]]]:
         """(index, outputs or ImageError) for every input, a window of inputs at a time (a long list never holds
         every preprocessed image), same-size inputs batched within a window."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _check_batch_size(batch_size)
         window = 4 * batch_size
         for w0 in range(0, len(images), window):
             pre: Dict[int, Tuple[np.ndarray, Tuple[int, int], float]] = {}
