@@ -240,6 +240,10 @@ def test_evaluate_bad_inputs(dataset, checkpoint, tmp_path, capsys):
     (labels / "img0.png").unlink()
     with pytest.raises(UsageError, match=r"1 image\(s\) .* have no label map .*: img0.png"):
         main(base)  # found before any work: the command cannot start
+    with pytest.raises(SystemExit) as info:
+        main([*base, "--knn-k", "5"])  # base has --no-knn
+    assert info.value.code == 2 and "--knn-k set(s) the kNN scores, which --no-knn switches off" in \
+        capsys.readouterr().err
     Image.fromarray(np.zeros((40, 56), np.uint8)).save(labels / "img0.png")
     with pytest.raises(UsageError, match="model not found"):
         main(["--model", str(tmp_path / "nope"), *base[2:]])

@@ -251,8 +251,14 @@ def test_missing_or_broken_manifest(model_dir, tmp_path):
     (d / "ifseg.json").write_text("{not json")
     with pytest.raises(ModelDirError, match="not valid JSON"):
         Segmenter.load(d)
+    (d / "ifseg.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelDirError, match="nested too deeply"):
+        Segmenter.load(d)
     (d / "ifseg.json").unlink()
     with pytest.raises(ModelDirError, match="ifseg.json is missing"):
+        Segmenter.load(d)
+    (d / "ifseg.json").mkdir()
+    with pytest.raises(ModelDirError, match="ifseg.json is a folder"):
         Segmenter.load(d)
     with pytest.raises(ModelDirError, match="not found"):
         Segmenter.load(tmp_path / "nowhere")
@@ -274,6 +280,24 @@ def test_bad_images(ort_seg, monkeypatch, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image"):
         ort_seg.seg(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="image path is empty"):
+        ort_seg.seg("")
+    # any os.PathLike names a file; a numpy matrix is its plain array
+    import os
+
+    from PIL import Image
+
+    class Where(os.PathLike):
+        def __fspath__(self):
+            return str(tmp_path / "good.png")
+
+    img = _image(40, 48, 3)
+    Image.fromarray(img).save(tmp_path / "good.png")
+    np.testing.assert_array_equal(ort_seg.seg(Where()).labels, ort_seg.seg(img).labels)
+    gray = img[:, :, 0]
+    with pytest.warns(PendingDeprecationWarning):  # numpy discourages matrices; users still have them
+        matrix = np.matrix(gray)
+    np.testing.assert_array_equal(ort_seg.seg(matrix).labels, ort_seg.seg(gray).labels)
     monkeypatch.setattr(preprocess, "MAX_PIXELS", 1000)
     with pytest.raises(ValueError, match="Mpx limit"):
         ort_seg.seg(_image(40, 40))

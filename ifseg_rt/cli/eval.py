@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_ray_arguments(p, args)
+    overrides = [flag for flag, v in (("--knn-k", args.knn_k), ("--knn-iters", args.knn_iters),
+                                      ("--temperature", args.temperature)) if v is not None]
+    if args.knn is False and overrides:
+        p.error(f"{', '.join(overrides)} set(s) the kNN scores, which --no-knn switches off")
     if args.ray is not None and args.batch_size != 1:
         p.error("--batch-size applies to single-process eval; with --ray each actor scores one image at a time")
     try:

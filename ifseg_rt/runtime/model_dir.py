@@ -456,12 +456,16 @@ def load_model_dir(path: Union[str, Path]) -> ModelSpec:
     if not root.is_dir():
         raise ModelDirError(f"model directory not found: {root}")
     mf = root / MANIFEST
+    if mf.is_dir():
+        raise ModelDirError(f"{mf} is a folder, not the JSON file a model directory holds")
     if not mf.is_file():
         raise ModelDirError(f"{root} is not a model directory: {MANIFEST} is missing; {_what_it_is(root)}")
     try:
         d = json.loads(mf.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{mf} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelDirError(f"{mf} is not an ifseg_rt manifest: its JSON is nested too deeply to read") from None
     return parse_manifest(d, root)
 
 

@@ -14,6 +14,7 @@ Images read from files or given as PIL images are turned upright by their EXIF o
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -119,6 +120,8 @@ class ImagePolicy:
 
 def image_file(path: Union[str, Path]) -> Path:
     """``path`` as a :class:`Path` to an existing file; ``FileNotFoundError`` / ``ValueError`` naming it otherwise."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError(f"image path is empty ({path!r})")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"image not found: {p}")
@@ -141,6 +144,10 @@ def load_image(image: ImageLike, *, max_pixels: Optional[int] = None) -> np.ndar
     """
     from PIL import Image
 
+    if isinstance(image, os.PathLike) and not isinstance(image, Path):
+        image = Path(os.fspath(image))
+    if isinstance(image, np.matrix):  # always 2-D, and indexing keeps it so: a plain array of the same values
+        image = np.asarray(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         what = f"encoded image ({len(image)} bytes)"
         if len(image) == 0:
