@@ -21,11 +21,12 @@ EPS = 1e-12  # F.normalize's default eps
 def normalize(features, dtype=np.float64):
     """Row-wise L2 normalisation ``F / max(||F||, 1e-12)`` of ``...xNxC`` features, computed in ``dtype``."""
     f = np.asarray(features).astype(dtype)
-    # the sum of squares in float64 (with a row scale for float64 input): large float32 features (|x| > 1.8e19)
-    # would overflow f * f to inf in float32 and turn their rows into zeros
-    scale = np.max(np.abs(f), axis=-1, keepdims=True).astype(np.float64) if f.dtype == np.float64 else 1.0
-    scale = np.where(scale > 0, scale, 1.0) if f.dtype == np.float64 else scale
-    g = f.astype(np.float64) / scale
+    # in float64, each row divided by its largest |x| first: f * f would overflow to inf for float32 features beyond
+    # ~1.8e19 (their rows would become zeros) and underflow for tiny ones
+    g = f.astype(np.float64)
+    scale = np.max(np.abs(g), axis=-1, keepdims=True) if g.size else np.ones(g.shape[:-1] + (1,))
+    scale = np.where(scale > 0, scale, 1.0)
+    g = g / scale
     norm = (np.sqrt(np.sum(g * g, axis=-1, keepdims=True)) * scale).astype(f.dtype)
     return f / np.maximum(norm, EPS)
 
