@@ -288,12 +288,12 @@ def test_tensorrt_profile_limit(model_dir, monkeypatch):
         t.build_engine(model_dir / "model.onnx", model_dir, static_shape=(4096, 4096), max_shape="8x4096x4096")
 
 
-def test_tensorrt_build_records_both_profiles(model_dir, monkeypatch, tmp_path):
-    import shutil
+def _fake_builder(monkeypatch):
+    """The fake TensorRT of :func:`_fake_tensorrt` with a builder that records its profiles and "serialises" the
+    bytes b"engine"; a fake GPU. Returns the list the profiles are recorded in."""
     import sys
 
     from ifseg_rt.export import tensorrt as t
-    from ifseg_rt.runtime.model_dir import parse_manifest
 
     trt = _fake_tensorrt()
     built = []
@@ -331,6 +331,16 @@ def test_tensorrt_build_records_both_profiles(model_dir, monkeypatch, tmp_path):
     trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", OBEY_PRECISION_CONSTRAINTS="obey")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(t, "gpu_name", lambda: "NVIDIA Fake GPU")
+    return built
+
+
+def test_tensorrt_build_records_both_profiles(model_dir, monkeypatch, tmp_path):
+    import shutil
+
+    from ifseg_rt.export import tensorrt as t
+    from ifseg_rt.runtime.model_dir import parse_manifest
+
+    built = _fake_builder(monkeypatch)
     out = tmp_path / "m"
     shutil.copytree(model_dir, out)
     rec = t.build_engine(out / "model.onnx", out, precision="fp32")
@@ -344,6 +354,34 @@ def test_tensorrt_build_records_both_profiles(model_dir, monkeypatch, tmp_path):
     eng = parse_manifest(manifest, None).engines[0]
     assert eng.profile_for((1, 3, 512, 2048)) == 0 and eng.profile_for((4, 3, 2048, 512)) == 1
     assert eng.profile_for((1, 3, 512, 512)) == 0 and eng.profile_for((1, 3, 1024, 1024)) is None
+
+
+def test_export_format_engine_runs_to_the_end(monkeypatch, tmp_path):
+    """export(format="engine") builds the engine before ifseg.json is written (the build reads the manifest in
+    progress), then records it: the directory loads and lists the engine (fake TensorRT, fake GPU)."""
+    from ifseg_rt.export import export
+    from ifseg_rt.export import tensorrt as t
+
+    built = _fake_builder(monkeypatch)
+    spec = export(make_run_dir(tmp_path), tmp_path / "m", format="engine", check=False)
+    assert built == [("image", *p) for p in t.DEFAULT_PROFILES]
+    (engine,) = spec.engines
+    assert engine.gpu == "NVIDIA Fake GPU" and (tmp_path / "m" / engine.file).read_bytes() == b"engine"
+    spec.verify()
+
+
+def test_export_format_engine_is_refused_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    from ifseg_rt.export import export
+
+    run = make_run_dir(tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(ImportError, match="TensorRT is not installed"):
+        export(run, tmp_path / "m", format="engine")
+    with pytest.raises(ValueError, match=r"workspace_gb \(--workspace-gb\) must be a number > 0, got -1"):
+        export(run, tmp_path / "m", format="engine", workspace_gb=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no model directory, no partial work left
 
 
 def test_tensorrt_bf16_needs_tensorrt_9(model_dir, monkeypatch):

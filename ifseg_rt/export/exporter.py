@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -442,6 +443,8 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     cpu_precisions, engine_precision = _precisions(fmt, precision)
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be a fraction in [0, 1], got {min_agreement}")
+    if workspace_gb is not None and not (math.isfinite(workspace_gb) and workspace_gb > 0):
+        raise ValueError(f"workspace_gb (--workspace-gb) must be a number > 0, got {workspace_gb}")
     out = _check_out(Path(out), force)
     log = log or (lambda msg: None)
     say = log
@@ -493,7 +496,7 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
             rec = build_engine(work / ONNX_FILE, work, precision=engine_precision, workspace_gb=workspace_gb,
                                min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
                                timing_cache=timing_cache, static_shape=static_shape,
-                               prompt_tokens=model.prompt_tokens.numel())
+                               prompt_tokens=model.prompt_tokens.numel(), manifest=manifest)
             manifest["engines"].append(rec)
             manifest["files"][rec["file"]] = file_record(work / rec["file"])
         write_manifest(work, manifest)  # the one write of ifseg.json
@@ -584,8 +587,12 @@ def _source(source, *, categories, bpe_dir, prompt_prefix) -> Source:
 
 
 def _check_engine_profiles(model: SegOFA, blocks: int, static_shape, min_shape, opt_shape, max_shape) -> None:
-    from .tensorrt import check_profile, profile_shapes
+    """Everything an engine build needs that can be checked before minutes of ONNX export: the profiles' sizes,
+    TensorRT and a GPU here."""
+    from .tensorrt import check_profile, gpu_name, import_tensorrt, profile_shapes
 
+    import_tensorrt()
+    gpu_name()
     for _, _, mx in profile_shapes(min_shape, opt_shape, max_shape, static_shape):
         check_profile(mx, heads=model.config.heads, prompt_tokens=model.prompt_tokens.numel(), blocks=blocks,
                       flag="--max-shape" if static_shape is None else "--static-shape (with the batch of --max-shape)")

@@ -133,11 +133,13 @@ def check_profile(max_shape: Sequence[int], *, heads: int, prompt_tokens: int, b
                      f"{DEFAULT_MAX[0]}x{DEFAULT_MAX[2]}x{DEFAULT_MAX[3]} and its portrait twin)")
 
 
-def _attention_dims(model_dir: Union[str, Path], prompt_tokens: Optional[int]) -> Tuple[int, int, Optional[int]]:
-    """(heads, prompt length or its bound, the graph's query blocks) from the model directory's ``ifseg.json``."""
-    from ..runtime.model_dir import load_model_dir
+def _attention_dims(model_dir: Union[str, Path], prompt_tokens: Optional[int], manifest: Optional[Dict[str, Any]] = None
+                    ) -> Tuple[int, int, Optional[int]]:
+    """(heads, prompt length or its bound, the graph's query blocks) from the model directory's ``ifseg.json`` (or
+    ``manifest``, its contents before they are written)."""
+    from ..runtime.model_dir import load_model_dir, parse_manifest
 
-    spec = load_model_dir(model_dir)
+    spec = load_model_dir(model_dir) if manifest is None else parse_manifest(manifest, model_dir)
     cfg = spec.config
     # without the exact prompt length, the text position table's size bounds it
     return (int(cfg["heads"]), int(prompt_tokens if prompt_tokens is not None else cfg["max_positions"]),
@@ -201,17 +203,18 @@ def pin_precision(network, trt) -> int:
 def build_engine(onnx_path: Union[str, Path], model_dir: Union[str, Path], *, precision: str = "fp16",
                  workspace_gb: Optional[float] = None, min_shape=None, opt_shape=None, max_shape=None,
                  timing_cache: Union[None, str, Path] = None, static_shape=None,
-                 prompt_tokens: Optional[int] = None) -> Dict[str, Any]:
+                 prompt_tokens: Optional[int] = None, manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Parse ``onnx_path``, build and serialise an engine into ``model_dir/engines/``; returns its ``ifseg.json``
     record (file, gpu, precision, tensorrt_version, profiles, fp32-pinned layer count).
 
     ``prompt_tokens``: the baked prompt's length, for the profile size check (default: bounded by the model's text
-    positions, which can refuse a profile within about 1.5x of the limit that would fit).
+    positions, which can refuse a profile within about 1.5x of the limit that would fit). ``manifest``: the
+    directory's ``ifseg.json`` contents when the file is not written yet (the export builds the engine first).
     """
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     profiles = profile_shapes(min_shape, opt_shape, max_shape, static_shape)
-    heads, text, blocks = _attention_dims(model_dir, prompt_tokens)
+    heads, text, blocks = _attention_dims(model_dir, prompt_tokens, manifest)
     for _, _, mx in profiles:
         check_profile(mx, heads=heads, prompt_tokens=text, blocks=blocks, flag="--max-shape" if static_shape is None else
                       "--static-shape (with the batch of --max-shape)")
