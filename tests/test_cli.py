@@ -139,3 +139,15 @@ def test_saved_weights_are_readable_by_others(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     del torch
+
+
+@pytest.mark.parametrize("argv", [["segment", "--model", "m", "x", "--out", "o"], ["eval", "--model", "m", "--images", "i",
+                                  "--labels", "l"], ["bench", "--model", "m"], ["serve", "--model", "m"],
+                                  ["demo", "--out", "o"], ["export", "run", "--out", "o"]])
+def test_thread_counts_are_bounded(argv, capsys):
+    """A thread count is 1 .. 1024 (serve: 0 = the cores available): torch.set_num_threads(100000) crashes."""
+    from ifseg_rt.cli import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli([*argv, "--threads", "100000"])
+    assert info.value.code == 2 and "--threads: must be <= 1024 threads, got 100000" in capsys.readouterr().err

@@ -52,6 +52,10 @@ MALFORMED = {
     "negative binary size": (json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
                                                      "parameters": {"binary_data_size": -4}}]}), "binary_data_size"),
     "NaN": (b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "FP32", "data": [NaN]}]}', "NaN is not JSON"),
+    "a 33-bit batch": (json.dumps({"inputs": [_input(shape=[2 ** 32 + 1, 1])]}), "'shape'"),  # Triton truncated it
+    "priority beyond 64 bits": (json.dumps({"inputs": [_input()], "parameters": {"priority": 2 ** 70}}), "'priority'"),
+    "a lone surrogate": (b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+                         "valid Unicode"),
 }
 # well-formed requests (valid KServe; the model may still refuse them): the front must not refuse any
 WELL_FORMED = {
@@ -93,6 +97,64 @@ def test_refusal_log_is_rate_limited():
     now[0] = 1.5
     log("r5")
     assert lines[2:] == ["http: 3 more request(s) refused in that second", "http: refused a request: r5"]
+
+
+def test_the_front_normalises_what_it_forwards():
+    """Against a recording upstream: the client's Content-Type never reaches Triton (a form Content-Type on a body
+    of a few MB crashed tritonserver), HEAD is asked as GET (Triton answers HEAD with an unreadable 405), and a body
+    that is not what its Content-Encoding says is a 400, not a 500 with a traceback."""
+    pytest.importorskip("aiohttp")
+    import gzip
+    import http.server
+
+    from ifseg_rt.serve.front import HttpFront, bind
+
+    seen = []
+
+    class Upstream(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
+            seen.append((self.command, self.path, self.headers.get("Content-Type"), len(body)))
+            reply = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *a):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    front = HttpFront(bind("127.0.0.1", 0), None, f"127.0.0.1:{upstream.server_address[1]}", None,
+                      max_body_bytes=1 << 20, exit_timeout_s=2).start()
+    url = f"127.0.0.1:{front.sockets['http'].getsockname()[1]}"
+    try:
+        body = json.dumps({"inputs": [_input()]}).encode()
+        assert _post(url, body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 200
+        assert seen[-1] == ("POST", "/v2/models/ifseg/infer", "application/json", len(body))
+        header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": 8}}]}).encode()
+        binary = header + b"\x04\x00\x00\x00abcd"
+        assert _post(url, binary, {"Content-Type": "text/plain", HEADER_LENGTH: str(len(header))})[0] == 200
+        assert seen[-1][2:] == ("application/octet-stream", len(binary))
+        conn = http.client.HTTPConnection(url, timeout=10)
+        conn.request("HEAD", "/v2/health/ready")
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b"" and seen[-1][:2] == ("GET", "/v2/health/ready")
+        conn.close()
+        status, answer = _post(url, body, {"Content-Encoding": "gzip"})  # plain JSON that claims to be gzip
+        assert status == 400 and "cannot be read" in answer["error"]
+        assert _post(url, gzip.compress(body), {"Content-Encoding": "gzip"})[0] == 200  # real gzip: decompressed
+        assert seen[-1][3] == len(body)
+    finally:
+        front.stop()
+        upstream.shutdown()
+        upstream.server_close()
 
 
 # --- against the real server --------------------------------------------------------------------------------------

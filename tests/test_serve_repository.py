@@ -105,6 +105,18 @@ def test_export_repository_refuses_bad_options_and_overwrites_only_with_force(re
     (tmp_path / "c" / "mine").mkdir(parents=True)
     out = export_repository(quick_nano_model, tmp_path / "c", force=True, name="seg")
     assert sorted(p.name for p in out.iterdir()) == ["mine", "seg", "seg_onnx", "seg_post", "seg_pre"]
+    # model names become folder names: nothing may escape the repository, nothing may be unnamed
+    for bad in ("../evil", "", "a b", "a/b", "..", "x" * 65, "\u00effseg"):
+        with pytest.raises(ValueError, match="model names are 1-64 letters"):
+            export_repository(quick_nano_model, tmp_path / "d" / "repo", name=bad)
+    assert not (tmp_path / "d").exists()
+    from ifseg_rt.serve.server import ServeOptions, start_server
+
+    with pytest.raises(ValueError, match="model names are 1-64 letters"):
+        start_server(quick_nano_model, tmp_path / "w", ServeOptions(name="../evil"))
+    with pytest.raises(ValueError, match=r"instances must be in \[1, \d+\] here"):
+        start_server(quick_nano_model, tmp_path / "w", ServeOptions(instances=100_000))
+    assert not (tmp_path / "w").exists()  # refused before anything was written or started
 
 
 def test_export_cli_format_triton(quick_nano_model, tmp_path, capsys):
@@ -117,6 +129,10 @@ def test_export_cli_format_triton(quick_nano_model, tmp_path, capsys):
     cfg = configs(out)
     assert cfg["nano_onnx"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert cfg["nano"].max_batch_size == 2
+    with pytest.raises(SystemExit):  # a name that would leave the repository
+        main([str(quick_nano_model), "--out", str(tmp_path / "z"), "--format", "triton", "--model-name", "../up"])
+    assert "--model-name: model names are 1-64 letters" in capsys.readouterr().err
+    assert not (tmp_path / "up").exists()
     with pytest.raises(SystemExit):  # a Triton option for another format
         main([str(quick_nano_model), "--out", str(tmp_path / "x"), "--instances", "2"])
     assert "--instances" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from ..runtime.backends import BACKENDS
 from ..runtime.model_dir import PRECISIONS
 from ..runtime.outputs import TABLE_NAME
 from ..runtime.preprocess import MAX_PIXELS
+from ..serve.protocol import check_model_name
 
 
 def _integer(text: str) -> int:
@@ -41,6 +42,25 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+MAX_THREADS = 1024  # a thread count beyond this is a typo (torch.set_num_threads(100000) crashes the process)
+
+
+def thread_count(text: str) -> int:
+    """A thread count: 1 .. MAX_THREADS, or 0 (the cores available) where the option's help says so."""
+    v = non_negative_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_THREADS} threads, got {v}")
+    return v
+
+
+def positive_thread_count(text: str) -> int:
+    """A thread count of 1 .. MAX_THREADS."""
+    v = thread_count(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def positive_float(text: str) -> float:
     """A number > 0."""
     try:
@@ -58,6 +78,14 @@ def patch_multiple(text: str) -> int:
     if v % PATCH:
         raise argparse.ArgumentTypeError(f"must be a multiple of {PATCH} (the cell size), got {v}")
     return v
+
+
+def model_name(text: str) -> str:
+    """A Triton model name (:func:`~ifseg_rt.serve.protocol.check_model_name`)."""
+    try:
+        return check_model_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def image_size(text: str):
@@ -138,7 +166,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, precision_help: str, thr
                    help="inference engine (auto: TensorRT engine for this GPU, onnxruntime, then torch; a bf16 "
                         "precision runs on the engine its export recorded, OpenVINO or torch)")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=positive_int, default=None, help=threads_help)
+    p.add_argument("--threads", type=positive_thread_count, default=None, help=threads_help)
     p.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
 
 

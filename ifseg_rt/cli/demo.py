@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from ..nano.demo import (NANO_DIR, QUICK, DemoSettings, format_results, parse_demo_categories, prepare_out,
                          run_demo)
 from ..world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES
-from .args import HelpFormatter, examples, patch_multiple, positive_int
+from .args import HelpFormatter, examples, patch_multiple, positive_int, positive_thread_count
 
 
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=patch_multiple, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
     p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
     p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=positive_thread_count, default=None,
                    help="CPU threads for every engine (default: the idle cores available to this process)")
     p.add_argument("--self-train", type=positive_int, default=None, metavar="N",
                    help="after the adaptation, self-train on N unlabelled scenes (pseudo-labels from the model itself, "

@@ -18,7 +18,8 @@ from ..knn.settings import KnnSettings
 from ..runtime.model_dir import MANIFEST, PRECISIONS
 from ..runtime.preprocess import ImagePolicy
 from ..serve.repository import RepositoryError, export_repository
-from .args import HelpFormatter, examples, image_size, non_negative_int, positive_int
+from .args import (HelpFormatter, examples, image_size, model_name, non_negative_int, positive_int,
+                   positive_thread_count)
 
 
 def _precisions(s: str):
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or triton (a Triton model repository at --out; SOURCE may be an exported model directory)")
     p.add_argument("--overwrite", "--force", dest="force", action="store_true",
                    help="replace an existing model directory (as a whole, once the new one is complete)")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=positive_thread_count, default=None,
                    help="CPU threads of the export's PyTorch and onnxruntime work (default: the available cores)")
     g = p.add_argument_group("categories (un-adapted checkpoints only)")
     g.add_argument("--categories", help="comma-separated category names; required for an un-adapted OFA checkpoint "
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "elements, checked before the build)")
     g.add_argument("--timing-cache", help="timing cache file to load and update (default DIR/engines/timing.cache)")
     g = p.add_argument_group("Triton model repository (--format triton; needs the [serve] extra)")
-    g.add_argument("--model-name",
+    g.add_argument("--model-name", type=model_name,
                    help="the ensemble's model name (default ifseg; its steps: NAME_pre, NAME_onnx, NAME_post)")
     g.add_argument("--max-batch-size", type=positive_int, help="max_batch_size of every model (default 8)")
     g.add_argument("--instances", type=positive_int,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..nano import pretrain as P
-from .args import non_negative_int, patch_multiple, positive_int
+from .args import non_negative_int, patch_multiple, positive_int, positive_thread_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=d.warmup, help="linear warm-up steps")
     p.add_argument("--size", type=patch_multiple, default=d.size, help="scene size in px (multiple of 16)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data stream and the initialisation")
-    p.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_thread_count, default=d.threads, help="torch CPU threads")
     p.add_argument("--eval-samples", type=int, default=96, help="held-out samples per task/input (0: skip)")
     p.add_argument("--log-every", type=positive_int, default=50, help="loss window in steps")
     p.add_argument("--no-card", action="store_true", help="do not write CARD.md")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Optional, Sequence
 
@@ -14,7 +13,8 @@ from ..serve.repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS
 from ..serve.server import ServeOptions, serve
 from ..serve.tritonserver import ServerError
 from ..system import available_cores
-from .args import HelpFormatter, check_output_file, examples, non_negative_int, positive_int
+from .args import (HelpFormatter, check_output_file, examples, model_name, non_negative_int, positive_int,
+                   positive_thread_count, thread_count)
 
 
 def _port(text: str) -> int:
@@ -22,12 +22,6 @@ def _port(text: str) -> int:
     if v > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1..65535), got {v}")
     return v
-
-
-def _model_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
-        raise argparse.ArgumentTypeError(f"model names are 1-64 letters, digits, '_', '.' or '-', got {text!r}")
-    return text
 
 
 def _min_pixels(text: str) -> int:
@@ -62,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference engine of each instance (torch is imported only for --backend torch)")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
-    p.add_argument("--name", type=_model_name, default=P.MODEL_NAME, help="Triton model name")
+    p.add_argument("--name", type=model_name, default=P.MODEL_NAME, help="Triton model name")
     p.add_argument("--address", default="127.0.0.1",
                    help="interface to listen on; 0.0.0.0 accepts connections from other machines")
     p.add_argument("--http-port", type=_port, default=8000, help="HTTP/REST port (KServe v2 protocol)")
@@ -75,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model instances (processes), each holding one Segmenter and running one batch at a time "
                         "(default: on the CPU one per available core, at most 4, so that one instance's decoding "
                         "and post-processing overlap another's network; on a GPU 1)")
-    g.add_argument("--threads", type=non_negative_int, default=0,
+    g.add_argument("--threads", type=thread_count, default=0,
                    help="engine CPU threads per instance (0: the available cores divided by --instances)")
     g.add_argument("--max-queue-size", type=positive_int, default=MAX_QUEUE_SIZE,
                    help="requests waiting for an instance; more are rejected at once (HTTP 503 / gRPC UNAVAILABLE)")
@@ -110,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most steps a request may ask for")
     a.add_argument("--adapt-batch-size", type=positive_int, default=d.batch_size, help="word grids per step")
     a.add_argument("--adapt-lr", type=float, default=d.lr, help="peak learning rate")
-    a.add_argument("--adapt-threads", type=positive_int, default=d.threads,
+    a.add_argument("--adapt-threads", type=positive_thread_count, default=d.threads,
                    help="CPU threads of the adaptation worker")
     a.add_argument("--adapt-nice", type=int, choices=range(0, 20), metavar="0..19", default=d.nice,
                    help="niceness of the adaptation worker (serving keeps its priority)")

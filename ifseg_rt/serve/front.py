@@ -38,6 +38,7 @@ from .telemetry import RefusalLog
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe binary extension: the JSON header's length in the body
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$")
+MAX_DIMENSION = 2 ** 31  # a tensor dimension at or beyond this is no image batch (and was truncated to 32 bits)
 REFUSED = "ifseg_http_refused"
 RESPONSES = "ifseg_http_responses"
 REASONS = ("malformed", "too_large", "draining", "unreachable")
@@ -79,8 +80,8 @@ def _check_params(params: Any, where: str, known: Dict[str, str]) -> None:
         if kind is not None:
             if not _kind_ok(kind, v):
                 raise MalformedRequest(f"{where}: parameter '{key}' must be {kind}, not {json.dumps(v)[:40]}")
-            if kind == _INT and v < 0:  # Triton reads these as unsigned
-                raise MalformedRequest(f"{where}: parameter '{key}' must not be negative ({v})")
+            if kind == _INT and not 0 <= v < 2 ** 64:  # Triton reads these as 64-bit unsigned
+                raise MalformedRequest(f"{where}: parameter '{key}' must be in [0, 2^64), not {v}")
         elif key == "sequence_id":
             if not (_is_int(v) or isinstance(v, str)):
                 raise MalformedRequest(f"{where}: parameter 'sequence_id' must be an integer or a string")
@@ -104,8 +105,8 @@ def _elements(data: List[Any]):
 def _check_data(data: Any, datatype: str, where: str) -> None:
     if not isinstance(data, list):
         raise MalformedRequest(f"{where}: 'data' must be a JSON array")
-    if datatype == "BYTES":
-        ok, what = (lambda v: isinstance(v, str)), "strings"
+    if datatype == "BYTES":  # Python's json accepts lone surrogates ("\ud800"), Triton's parser does not
+        ok, what = (lambda v: isinstance(v, str) and _utf8(v)), "strings (valid Unicode)"
     elif datatype == "BOOL":
         ok, what = (lambda v: isinstance(v, bool)), "booleans"
     elif datatype in _INTS:
@@ -117,6 +118,14 @@ def _check_data(data: Any, datatype: str, where: str) -> None:
     for v in _elements(data):
         if not ok(v):
             raise MalformedRequest(f"{where}: {datatype} data must be {what}, found {json.dumps(v)[:40]}")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str):
@@ -168,8 +177,8 @@ def check_infer_request(body: bytes, header_length: Optional[str] = None) -> Non
             raise MalformedRequest(f"{where}: 'name' must be a string")
         where = f"input '{name[:64]}'"
         shape = t.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2 ** 63 for d in shape):
-            raise MalformedRequest(f"{where}: 'shape' must be an array of non-negative integers, not "
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < MAX_DIMENSION for d in shape):
+            raise MalformedRequest(f"{where}: 'shape' must be an array of integers in [0, 2^31), not "
                                    f"{json.dumps(shape)[:60]}")
         if not isinstance(t.get("datatype"), str):
             raise MalformedRequest(f"{where}: 'datatype' must be a string such as \"BYTES\" or \"FP32\"")
@@ -323,6 +332,8 @@ class HttpFront:
 
     async def _proxy(self, request) -> Any:
         from aiohttp import ClientError, web
+        from aiohttp.http_exceptions import HttpProcessingError
+        from aiohttp.web_protocol import RequestPayloadError
 
         if self.draining:
             return self._refuse(503, "draining", "the server is shutting down", request)
@@ -336,15 +347,25 @@ class HttpFront:
         except web.HTTPRequestEntityTooLarge:
             return self._refuse(413, "too_large", f"request body larger than the server's limit of "
                                 f"{self.max_body_bytes} bytes (serve --max-body-bytes)", request)
+        except (HttpProcessingError, RequestPayloadError) as e:  # e.g. not what its Content-Encoding says
+            if infer:
+                self.responses[400] += 1
+            reason = " ".join(str(e).split()) or type(e).__name__
+            return self._refuse(400, "malformed", f"the request body cannot be read: {reason}", request)
         if infer:
             try:
                 check_infer_request(body, request.headers.get(HEADER_LENGTH))
             except MalformedRequest as e:
                 self.responses[400] += 1
                 return self._refuse(400, "malformed", str(e), request)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP | {"content-type"}}
+        if body:  # what Triton parses: JSON, or a JSON header + binary tensors (a form Content-Type on a body of a
+            # few MB made tritonserver crash: the front never forwards the client's)
+            binary = any(k.lower() == HEADER_LENGTH.lower() for k in request.headers)
+            headers["Content-Type"] = "application/octet-stream" if binary else "application/json"
+        method = "GET" if request.method == "HEAD" else request.method  # Triton answers HEAD with an unreadable 405
         try:
-            async with self._session.request(request.method, self.upstream_http + request.rel_url.raw_path_qs,
+            async with self._session.request(method, self.upstream_http + request.rel_url.raw_path_qs,
                                              headers=headers, data=body if body else None) as r:
                 data = await r.read()
                 response = web.Response(status=r.status, body=data,

@@ -28,6 +28,7 @@ computes every output it maps, so the PNG would be encoded for every request.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,6 +37,16 @@ from ..runtime.outputs import decode_label_png, encode_label_png
 from ..runtime.preprocess import load_image
 
 MODEL_NAME = "ifseg"  # default Triton model name
+MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder of a model repository, a URL segment
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when it can name a Triton model here (1-64 letters, digits, ``_ . -``; no path separators, not
+    ``..``), else ``ValueError``."""
+    if not isinstance(name, str) or not MODEL_NAME_RULE.fullmatch(name) or set(name) == {"."}:
+        raise ValueError(f"model names are 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
+                         f"got {name!r}")
+    return name
 INPUT = "image"  # BYTES [batch, 1]
 LABELS = "labels"  # INT32 [batch, H0, W0]
 LABELS_PNG = "labels_png"  # BYTES [batch, 1]

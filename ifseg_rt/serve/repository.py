@@ -253,6 +253,7 @@ def export_repository(model_dir: Union[str, Path], out: Union[str, Path], *, nam
     -------
     ``out``, after :func:`check_repository` passed on it
     """
+    P.check_model_name(name)  # four folders of the repository are named after it
     spec = load_model_dir(model_dir)
     if not spec.onnx_file:
         raise ValueError(f"{spec.root} has no ONNX model: export it with --format onnx first")

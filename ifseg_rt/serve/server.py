@@ -53,6 +53,14 @@ class ServeOptions:
     exit_timeout_s: int = EXIT_TIMEOUT_S
 
 
+INSTANCES_PER_CORE = 4  # serving instances beyond this many per core only cost memory (and shared-memory regions)
+
+
+def max_instances(device: str) -> int:
+    """The most model instances ``serve`` starts on ``device``."""
+    return 16 if device.startswith("cuda") else INSTANCES_PER_CORE * available_cores()
+
+
 def _body_bytes(options: ServeOptions) -> int:
     return options.max_body_bytes or options.max_request_bytes + P.BODY_JSON_BYTES
 
@@ -78,9 +86,15 @@ def start_server(model_dir: Union[None, str, Path], workdir: Union[str, Path], o
     """
     if model_dir is None and adapt is None:
         raise ValueError("nothing to serve: give a model directory, or the base checkpoint to adapt on request")
+    device = resolve_device(options.device)
+    P.check_model_name(options.name)
+    limit = max_instances(device)
+    if not 1 <= options.instances <= limit:
+        raise ValueError(f"instances must be in [1, {limit}] here (each is a process holding the model; at most "
+                         f"{INSTANCES_PER_CORE} per core{', 16 on a GPU' if device.startswith('cuda') else ''}), got "
+                         f"{options.instances}")
     repo = Path(workdir) / "models"
     repo.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(options.device)
     spec = None
     if model_dir is not None:
         spec = load_model_dir(model_dir)
