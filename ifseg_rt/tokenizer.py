@@ -15,6 +15,7 @@ piece to its fairseq id). The BPE itself is the ``tokenizers`` library's; this m
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import string
@@ -357,27 +358,38 @@ def read_fairseq_dict(path) -> list[str]:
     """Symbols of a fairseq ``dict.txt`` (``<symbol> <count>`` per line, optional ``#fairseq:overwrite``), in order."""
     symbols: list[str] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            overwrite = line.endswith(" #fairseq:overwrite")
-            if overwrite:
-                line = line[: -len(" #fairseq:overwrite")]
-            sym, sep, count = line.rpartition(" ")
-            if not sep or not sym or not count.isdecimal():
-                raise ValueError(f"{path}:{n}: expected '<symbol> <count>', got {line!r}")
-            if sym in seen and not overwrite:
-                raise ValueError(f"{path}:{n}: duplicate symbol {sym!r}")
-            seen.add(sym)
-            symbols.append(sym)
+    for n, line in enumerate(_text_lines(path), 1):
+        line = line.rstrip("\r\n")
+        if not line:
+            continue
+        overwrite = line.endswith(" #fairseq:overwrite")
+        if overwrite:
+            line = line[: -len(" #fairseq:overwrite")]
+        sym, sep, count = line.rpartition(" ")
+        if not sep or not sym or not count.isdecimal():
+            raise ValueError(f"{path}:{n}: expected '<symbol> <count>', got {line!r}")
+        if sym in seen and not overwrite:
+            raise ValueError(f"{path}:{n}: duplicate symbol {sym!r}")
+        seen.add(sym)
+        symbols.append(sym)
     return symbols
 
 
+def _text_lines(path) -> list[str]:
+    """The lines of a UTF-8 text file, or ``ValueError`` naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return list(io.StringIO(data.decode("utf-8")))  # split at "\n" only, as iterating the file does
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); the BPE files are UTF-8") from None
+
+
 def _read_json_vocab(path: Path) -> dict[str, int]:
-    with open(path, encoding="utf-8") as f:
-        vocab = json.load(f)
+    try:
+        vocab = json.loads("".join(_text_lines(path)))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise ValueError(f"{path}: expected a JSON object mapping BPE pieces to integer ids")
     return vocab
@@ -385,16 +397,15 @@ def _read_json_vocab(path: Path) -> dict[str, int]:
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     merges = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.startswith("#version") and n == 1:
-                continue
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected a merge 'a b', got {line.rstrip()!r}")
-            merges.append((parts[0], parts[1]))
+    for n, line in enumerate(_text_lines(path), 1):
+        if line.startswith("#version") and n == 1:
+            continue
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{n}: expected a merge 'a b', got {line.rstrip()!r}")
+        merges.append((parts[0], parts[1]))
     return merges
 
 
@@ -572,9 +583,19 @@ def build_ifseg_prompt(
             f"{IFSEG_UNKNOWN!r} is appended automatically as the ignore class; remove it from the categories"
         )
     prefix_ids, unknown_ids, *cat_ids = tokenizer._encode_words_batch([prefix, IFSEG_UNKNOWN, *names])
+    seen: dict[tuple[int, ...], str] = {}
+    for what, ids in (("the prompt prefix", prefix_ids), (f"{IFSEG_UNKNOWN!r}", unknown_ids),
+                      *((f"category {name!r}", ids) for name, ids in zip(names, cat_ids))):
+        if tokenizer.UNK in ids:  # byte-level BPE covers every byte: <unk> means the dictionary lacks a piece
+            raise ValueError(f"{what} tokenizes to <unk> (id {tokenizer.UNK}): the BPE dictionary (dict.txt / "
+                             f"vocab.json) lacks its pieces; it is truncated or belongs to another model")
     for name, ids in zip(names, cat_ids):
         if not ids:
             raise ValueError(f"category {name!r} tokenizes to no ids")
+        if tuple(ids) in seen:
+            raise ValueError(f"categories {seen[tuple(ids)]!r} and {name!r} tokenize to the same ids {list(ids)}: "
+                             f"the model could not tell them apart")
+        seen[tuple(ids)] = name
     src = tokenizer.frame([*prefix_ids, *(i for ids in cat_ids for i in ids), *unknown_ids])
     if len(src) > max_length:
         raise ValueError(

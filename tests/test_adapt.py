@@ -318,3 +318,70 @@ def test_module_entry_points():
         res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert "--categories-file" in res.stdout and "--val-images" in res.stdout
+
+
+def test_cli_output_folder_and_resume_faults(tiny_run_inputs, tmp_path, capsys):
+    """Refused before any work: an --out that holds the input checkpoint (the run would replace it), a folder of
+    other files, a file; an unusable learning rate. On --resume: a damaged run.json or train state and flags that
+    differ from what the run started from are named, not a traceback."""
+    import shutil
+
+    ckpt, bpe = tiny_run_inputs
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(ckpt, own / "model.safetensors")
+    before = (own / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match=r"holds the input checkpoint .*would replace it"):
+        main(_cli(own / "model.safetensors", bpe, own))
+    assert (own / "model.safetensors").read_bytes() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("x")
+    with pytest.raises(UsageError, match=r"already holds files that are not an adaptation run \(mine.txt\)"):
+        main(_cli(ckpt, bpe, tmp_path / "notes"))
+    with pytest.raises(SystemExit) as info:
+        main(_cli(ckpt, bpe, tmp_path / "notes" / "mine.txt"))
+    assert info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    for lr in ("inf", "1e38"):
+        with pytest.raises(UsageError, match=r"lr=.* must be in \(0, 1\]"):
+            main(_cli(ckpt, bpe, tmp_path / "lr", "--lr", lr))
+
+    out = tmp_path / "run"
+    assert main(_cli(ckpt, bpe, out, "--stop-at", "2")) == 0
+    assert main([*_cli(ckpt, bpe, out), "--resume", "--stop-at", "3"]) == 0  # the same command + --resume: fine
+    with pytest.raises(UsageError, match=r"keeps the checkpoint, BPE files and prompt .*--prompt-prefix"):
+        main(["--out", str(out), "--resume", "--prompt-prefix", " other"])
+    state = (out / "train_state.pt").read_bytes()
+    (out / "train_state.pt").write_bytes(state[:100])
+    with pytest.raises(UsageError, match=r"train_state.pt cannot be read .* truncated or damaged"):
+        main(["--out", str(out), "--resume"])
+    (out / "train_state.pt").write_bytes(state)
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "categories": run["categories"] + ["extra"]}))
+    with pytest.raises(UsageError, match=r"'categories' \(5\), 'category_token_ids' and 'num_categories' \(4\) "
+                                         r"disagree"):
+        main(["--out", str(out), "--resume"])
+    (out / "run.json").write_text("[]")
+    with pytest.raises(UsageError, match=r"run.json is not an adaptation run file \(a JSON list\)"):
+        main(["--out", str(out), "--resume"])
+
+
+def test_diverged_weights_are_not_saved(tiny_run_inputs, tmp_path):
+    """A trainable tensor turned NaN: the save is refused (the last good one stays), and the CLI's exit is 1."""
+    from ifseg_rt.adapt import run as R
+
+    ckpt, bpe = tiny_run_inputs
+    out = tmp_path / "run"
+    assert main(_cli(ckpt, bpe, out, "--stop-at", "2")) == 0
+    good = (out / "model.safetensors").read_bytes()
+    setup, options = R.setup_from_run(R.read_run(out))
+    trainer = WordGridTrainer(setup.model, options, device="cpu")
+    trainer.load_state_dict(R.load_train_state(out))
+    name = next(iter(trainer.params))
+    with torch.no_grad():
+        trainer.params[name].view(-1)[0] = float("nan")
+    writer = R.RunWriter(out, setup, args={}, save_dtype="fp32", keep_checkpoints=False, validation_log=[],
+                         image_policy=None)
+    with pytest.raises(R.DivergedError, match=rf"training diverged at step 2: 1 trainable tensor\(s\) hold NaN "
+                                              rf"or Inf \(e.g. {name}\); not saved"):
+        writer.save(trainer, final_loss=float("nan"), finished=False)
+    assert (out / "model.safetensors").read_bytes() == good

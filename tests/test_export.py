@@ -384,6 +384,25 @@ def test_export_format_engine_is_refused_before_any_work(monkeypatch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no model directory, no partial work left
 
 
+def test_a_model_with_nan_weights_is_not_exported(tmp_path):
+    """NaN outputs used to pass the parity check (max(0.0, nan) is 0.0) and crash the runtime's kNN later."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ifseg_rt.export import export
+
+    run = make_run_dir(tmp_path)
+    weights = run / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(weights))
+    state["encoder.layers.0.fc1.weight"][0, 0] = float("nan")
+    save_file(state, str(weights), metadata=meta)
+    with pytest.raises(RuntimeError, match=r"the model's outputs are not finite .* nothing was exported"):
+        export(run, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_tensorrt_bf16_needs_tensorrt_9(model_dir, monkeypatch):
     import sys
 

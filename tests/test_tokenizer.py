@@ -240,10 +240,11 @@ def test_tiny_vocab(tmp_path):
     assert tok.encode("z") == [7, 3]  # "z" is not even a BPE piece
     assert tok.encode_words(" ab  a ") == [4, 6]
     assert tok.decode([0, 4, 6, 2, 11, 12]) == " ab a<mask><code_0>"
-    p = build_ifseg_prompt(tok, ["ab", "a ab"], prefix=" a")
-    # "unknown" is "Ġ" + seven unknown characters here, one <unk> each
-    assert p.src_ids == (0, 6, 4, 6, 4, 7, *[3] * 7, 2)
-    assert p.category_ids == ((4,), (6, 4))
+    # "unknown" is "Ġ" + seven characters outside this dictionary here, one <unk> each: a prompt the model could
+    # not read (fairseq builds it silently); with the real dictionary every byte has a piece and <unk> never occurs
+    assert tok.encode_words("unknown") == [7, *[3] * 7]
+    with pytest.raises(ValueError, match=r"'unknown' tokenizes to <unk> \(id 3\): the BPE dictionary"):
+        build_ifseg_prompt(tok, ["ab", "a ab"], prefix=" a")
     with pytest.raises(ValueError, match="not in dict.txt"):
         write_hf_vocab(d, tmp_path / "hf")
 
@@ -320,3 +321,26 @@ def test_prompt_rejects_unknown(tmp_path):
 )
 def test_normalize_text(text, kwargs, expected):
     assert normalize_text(text, **kwargs) == expected
+
+
+@requires_bpe
+def test_damaged_bpe_files_and_indistinguishable_names(tok, tmp_path):
+    """A truncated dict.txt turns pieces into <unk> (refused, not a prompt of unk ids); files that are not UTF-8 or
+    not JSON are named; two names with the same ids (they differ only in spacing) cannot be two categories."""
+    import shutil
+
+    with pytest.raises(ValueError, match=r"categories 'sky blue' and 'sky  blue' tokenize to the same ids"):
+        build_ifseg_prompt(tok, ["sky blue", "sky  blue"])
+    d = tmp_path / "bpe"
+    shutil.copytree(BPE_DIR, d)
+    lines = (BPE_DIR / "dict.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (d / "dict.txt").write_text("".join(lines[:1000]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"tokenizes to <unk> \(id 3\)"):
+        build_ifseg_prompt(OFATokenizer.from_dir(d), ["sky", "grass"])
+    (d / "dict.txt").write_bytes("".join(lines[:5]).encode() + b"caf\xe9 1\n")
+    with pytest.raises(ValueError, match=r"dict.txt:6: not UTF-8 text \(byte 0xe9\)"):
+        OFATokenizer.from_dir(d)
+    shutil.copy(BPE_DIR / "dict.txt", d / "dict.txt")
+    (d / "encoder.json").write_text('{"a": 1,', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"encoder.json: not valid JSON"):
+        OFATokenizer.from_dir(d)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+MAX_GRID_SIDE = 256  # word grids: the paper's largest initial side is the token grid's 32
+MAX_LR = 1.0  # an AdamW learning rate above this diverges at once (1e38 overflows inside torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -36,20 +39,20 @@ class AdaptOptions:
             problems.append(f"steps={self.steps} must be >= 1")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if not self.lr > 0:
-            problems.append(f"lr={self.lr} must be > 0")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if not 0 < self.lr <= MAX_LR:
+            problems.append(f"lr={self.lr} must be in (0, {MAX_LR:g}] (AdamW; the paper's is 1e-4)")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            problems.append(f"weight_decay={self.weight_decay} must be a finite number >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas={self.betas} must be two numbers in [0, 1)")
-        if self.grad_clip < 0:
-            problems.append(f"grad_clip={self.grad_clip} must be >= 0")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            problems.append(f"grad_clip={self.grad_clip} must be a finite number >= 0 (0: no clipping)")
         if not (0 <= self.dropout < 1 and 0 <= self.drop_path_rate < 1):
             problems.append(f"dropout={self.dropout} and drop_path_rate={self.drop_path_rate} must be in [0, 1)")
         if self.precision not in PRECISIONS:
             problems.append(f"precision={self.precision!r} must be one of {PRECISIONS}")
-        if self.max_side is not None and self.max_side < 1:
-            problems.append(f"max_side={self.max_side} must be >= 1")
+        if self.max_side is not None and not 1 <= self.max_side <= MAX_GRID_SIDE:
+            problems.append(f"max_side={self.max_side} must be in [1, {MAX_GRID_SIDE}] (the paper's S: 32)")
         if problems:
             raise ValueError("invalid AdaptOptions: " + "; ".join(problems))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -114,20 +115,31 @@ def read_run(out_dir) -> Dict[str, Any]:
     path = Path(out_dir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {RUN_FILE} in {out_dir}: nothing to resume")
-    run = json.loads(path.read_text(encoding="utf-8"))
-    if run.get("format") != RUN_FORMAT:
-        raise ValueError(f"{path} is not an adaptation run file (format {run.get('format')!r})")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        what = f"format {run.get('format')!r}" if isinstance(run, dict) else f"a JSON {type(run).__name__}"
+        raise ValueError(f"{path} is not an adaptation run file ({what})")
     return run
 
 
 def setup_from_run(run: Dict[str, Any]) -> Tuple[RunSetup, AdaptOptions]:
     """Rebuild the model skeleton of a saved run (weights come from its train state)."""
+    missing = [k for k in ("options", "config", "num_categories", "categories", "prompt_tokens", "category_token_ids",
+                           "prompt_prefix", "provenance") if k not in run]
+    if missing:
+        raise ValueError(f"{RUN_FILE} lacks {', '.join(repr(k) for k in missing)}: it was edited or is damaged")
     options = AdaptOptions.from_dict(run["options"])
     cfg = OFAConfig.from_dict(run["config"])
-    model = build_model(cfg, run["num_categories"], dropout=options.dropout, drop_path_rate=options.drop_path_rate,
-                        init=False)
-    model.set_categories(run["prompt_tokens"], run["category_token_ids"], update_table=False)
-    return RunSetup(model=model, categories=list(run["categories"]), prompt_prefix=run["prompt_prefix"],
+    names, m, ids = run["categories"], run["num_categories"], run["category_token_ids"]
+    if not (isinstance(names, list) and isinstance(ids, list) and len(names) == len(ids) == m):
+        raise ValueError(f"{RUN_FILE}: 'categories' ({len(names) if isinstance(names, list) else names!r}), "
+                         f"'category_token_ids' and 'num_categories' ({m}) disagree: it was edited or is damaged")
+    model = build_model(cfg, m, dropout=options.dropout, drop_path_rate=options.drop_path_rate, init=False)
+    model.set_categories(run["prompt_tokens"], ids, update_table=False)
+    return RunSetup(model=model, categories=list(names), prompt_prefix=run["prompt_prefix"],
                     provenance=dict(run["provenance"])), options
 
 
@@ -135,7 +147,19 @@ def load_train_state(out_dir) -> Dict[str, Any]:
     path = Path(out_dir) / TRAIN_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {TRAIN_STATE_FILE} in {out_dir}: the run saved no state to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, AttributeError,
+            pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120] or 'no detail'}): it is "
+                         f"truncated or damaged; start over with --overwrite (or resume from a copy)") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a train state (a {type(state).__name__}); start over with --overwrite")
+    return state
+
+
+class DivergedError(RuntimeError):
+    """The weights became non-finite during training (they are not saved)."""
 
 
 @dataclass
@@ -160,7 +184,14 @@ class RunWriter:
             f.write(json.dumps(record) + "\n")
 
     def save(self, trainer: WordGridTrainer, *, final_loss: Optional[float], finished: bool) -> None:
+        """Write the weights, the train state and ``run.json`` (refused for non-finite weights: the last good save
+        stays on disk)."""
         model, step = trainer.model, trainer.step
+        broken = [k for k, p in trainer.params.items() if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise DivergedError(f"training diverged at step {step}: {len(broken)} trainable tensor(s) hold NaN or Inf "
+                                f"(e.g. {broken[0]}); not saved, {self.out_dir} keeps its last save. Lower the "
+                                f"learning rate (now {trainer.options.lr:g}) and resume or start over")
         provenance = {**self.setup.provenance, **versions("torch"), "step": step, "steps": trainer.options.steps,
                       "final_loss": final_loss, "tool": "ifseg_rt.adapt"}
         path = save_checkpoint(model, self.out_dir / MODEL_FILE, categories=self.setup.categories,

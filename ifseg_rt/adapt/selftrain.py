@@ -44,7 +44,10 @@ from ..geometry import PATCH
 from ..runtime import ImagePolicy, Segmenter
 from ..runtime.preprocess import normalize, resize_bilinear
 from .grids import nearest_indices
+from .options import MAX_LR
 from .trainer import WordGridTrainer, word_grid_loss
+
+MAX_SCALE = 8.0  # random resize factor of a training image (the paper's range: 0.5-2.0)
 
 THRESHOLD = 0.5  # a cell's pseudo-label is kept when its kNN-averaged probability is at least this
 IGNORE = -100  # the target of an ignored cell (torch's cross-entropy default ignore_index)
@@ -75,11 +78,11 @@ class SelfTrainOptions:
                 raise ValueError(f"self-training {name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"self-training threshold must be in [0, 1], got {self.threshold}")
-        if not self.lr > 0:
-            raise ValueError(f"self-training lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"self-training lr must be in (0, {MAX_LR:g}], got {self.lr}")
         lo, hi = self.scale
-        if not 0 < lo <= hi:
-            raise ValueError(f"self-training scale must be a range 0 < low <= high, got {self.scale}")
+        if not 0 < lo <= hi <= MAX_SCALE:
+            raise ValueError(f"self-training scale must be a range 0 < low <= high <= {MAX_SCALE:g}, got {self.scale}")
         if not 0 < self.cat_max_ratio <= 1:
             raise ValueError(f"self-training cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
 

@@ -92,7 +92,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """``"auto"``/None -> cuda when available, else cpu; anything else as given (checked)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
     return dev

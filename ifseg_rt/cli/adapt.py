@@ -27,8 +27,8 @@ from ..runtime.inputs import list_images
 from ..runtime.preprocess import ImagePolicy, load_image
 from ..tokenizer import IFSEG_PROMPT_PREFIX, parse_categories
 from . import UsageError
-from .args import (HelpFormatter, add_knn_backend_argument, add_label_offset_argument, examples, non_negative_int,
-                   positive_int)
+from .args import (HelpFormatter, add_knn_backend_argument, add_label_offset_argument, check_output_dir, examples,
+                   non_negative_int, positive_int)
 
 # CLI dest -> AdaptOptions field
 _OPTION_FLAGS = {
@@ -186,6 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if images_mode:
             return _train_on_images(args)
         return _run(args, argv, parser)
+    except R.DivergedError as e:  # work that failed (its last good save stays): exit 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise UsageError(str(e)) from None
 
@@ -291,6 +294,20 @@ def _train_on_images(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     out = Path(args.out)
+    try:
+        check_output_dir(out, "--out")
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if not args.resume:
+        ck = Path(args.checkpoint).resolve() if args.checkpoint is not None else None
+        if ck is not None and (out.resolve() == ck or out.resolve() in ck.parents):
+            raise ValueError(f"--out {out} holds the input checkpoint {args.checkpoint}: the run's own "
+                             f"{R.MODEL_FILE} would replace it; choose another --out")
+        others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if others and not (out / R.RUN_FILE).exists() and not args.overwrite:
+            raise ValueError(f"--out {out} already holds files that are not an adaptation run ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder, or pass "
+                             f"--overwrite to write the run into it")
     validation = None
     if args.val_images:  # checked before any checkpoint is loaded
         validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
@@ -307,8 +324,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
         if clash:
             raise ValueError(f"a resumed run keeps its settings; these flags differ from the run's "
                              f"(given, run): {clash}")
-        if args.categories or args.categories_file:
-            names = parse_categories(args.categories) if args.categories else R.read_categories_file(
+        recorded = {"checkpoint": setup.provenance.get("source_checkpoint"), "bpe_dir": setup.provenance.get("bpe_dir"),
+                    "prompt_prefix": setup.prompt_prefix}
+        differ = {f"--{d.replace('_', '-')}": (getattr(args, d), v) for d, v in recorded.items()
+                  if d in explicit and v is not None
+                  and (getattr(args, d) != v if d == "prompt_prefix" else str(Path(getattr(args, d)).resolve()) != v)}
+        if differ:
+            raise ValueError(f"a resumed run keeps the checkpoint, BPE files and prompt it started from; these flags "
+                             f"differ from the run's (given, run): {differ}")
+        if args.categories is not None or args.categories_file is not None:
+            names = parse_categories(args.categories) if args.categories is not None else R.read_categories_file(
                 args.categories_file)
             if names != setup.categories:
                 raise ValueError(f"--categories differ from the run's categories {setup.categories}")
@@ -327,7 +352,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
             raise ValueError(f"{out} already holds a run ({R.RUN_FILE}); pass --resume to continue it or "
                              f"--overwrite to start over")
         options = options_from_args(args)
-        names = parse_categories(args.categories) if args.categories else R.read_categories_file(args.categories_file)
+        names = parse_categories(args.categories) if args.categories is not None else \
+            R.read_categories_file(args.categories_file)
         setup = R.prepare(args.checkpoint, args.bpe_dir, names, prompt_prefix=args.prompt_prefix, options=options)
         trainer = WordGridTrainer(setup.model, options, device=args.device)
         if args.overwrite:

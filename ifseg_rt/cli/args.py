@@ -143,6 +143,23 @@ def check_output_file(path, flag: str) -> None:
         raise argparse.ArgumentTypeError(f"{flag} {path}: cannot write there ({e.strerror})") from None
 
 
+def check_output_dir(path, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file, lies under a file, or cannot be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{flag} {path} is a file, not a folder")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:  # the only reliable test (root passes os.access; sysfs, read-only mounts refuse new files)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".ifseg_rt-probe-"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+
+
 def add_label_offset_argument(p) -> None:
     """``--label-offset auto|0|1`` (eval, adapt's validation): how stored label values map to classes."""
     p.add_argument("--label-offset", type=_label_offset, default=None, metavar="{auto,0,1}",

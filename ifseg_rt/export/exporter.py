@@ -390,7 +390,8 @@ def check_onnx_parity(model: SegOFA, onnx_path: Union[str, Path], shapes: Sequen
             runs["split_"] = body.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy(), **feeds})
         for prefix, outputs in runs.items():
             for name, got, want in zip(OUTPUT_NAMES, outputs, (logits, feats)):
-                err[prefix + name] = max(err[prefix + name], float(np.abs(got - want.numpy()).max()))
+                diff, seen = float(np.abs(got - want.numpy()).max()), err[prefix + name]
+                err[prefix + name] = float("nan") if math.isnan(diff) or math.isnan(seen) else max(seen, diff)
     return err
 
 
@@ -631,7 +632,10 @@ def _write_model(out: Path, model: SegOFA, names: List[str], knn: KnnSettings, p
         err = check_onnx_parity(model, out / ONNX_FILE, shapes, normalize_features=normalize_features,
                                 split=split_pair)
         verification = {"shapes": [list(s) for s in shapes], "max_abs_error": err, "atol": PARITY_ATOL}
-        if max(err.values()) > PARITY_ATOL:
+        if not all(e <= PARITY_ATOL for e in err.values()):  # NaN fails too
+            if not all(np.isfinite(list(err.values()))):
+                raise RuntimeError(f"the model's outputs are not finite (NaN or Inf; parity errors {err}): its "
+                                   f"weights are broken (a diverged training run?); nothing was exported")
             raise RuntimeError(f"onnxruntime disagrees with PyTorch beyond {PARITY_ATOL}: {err}; the export is wrong")
     say(f"{WEIGHTS_FILE} + {MANIFEST}" if save_weights else MANIFEST)
     if save_weights:
