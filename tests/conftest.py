@@ -3,6 +3,7 @@ OFA BPE files, which users bring with their checkpoints; the specification's key
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,6 @@ CATEGORIES = ["sky", "road", "car", "tree", "person"]  # of the shared export's 
 
 def make_run_dir(root: Path, seed: int = 0) -> Path:
     """A tiny adaptation run directory: model.safetensors (prompt + categories) and a minimal run.json."""
-    import json
-
     from ifseg_rt.checkpoint import save_checkpoint
     from ifseg_rt.files import RUN_FILE, WEIGHTS_FILE
 
@@ -92,7 +91,6 @@ def shared_export(tmp_path_factory) -> Path:
 
 def export_copy(src: Path, tmp_path_factory, name: str, policy) -> Path:
     """A copy of the model directory ``src`` with ``policy`` (an ImagePolicy) written into its manifest."""
-    import json
     import shutil
 
     from ifseg_rt.runtime.model_dir import MANIFEST
@@ -167,3 +165,27 @@ def nano_run(tmp_path_factory):
         return adapted_nano_run(tmp_path_factory.mktemp("nano_run"))
     finally:
         torch.set_num_threads(n)
+
+
+# --- a tiny fairseq-style BPE vocabulary (whole words of a few test sentences) ----------------------------------
+TINY_WORDS = ["what", "is", "the", "segmentation", "map", "of", "image", "object", "sky", "road", "tree", "grass",
+              "concrete", "wall", "unknown"]
+
+
+def write_tiny_bpe(d, words=TINY_WORDS):
+    """encoder.json + vocab.bpe + dict.txt where every word (with its leading space) is one BPE piece."""
+    d.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for w in words for c in w} | {"?", ":"})
+    pieces, merges = ["Ġ", *chars], []
+    for w in words:
+        cur = "Ġ"
+        for c in w:
+            if cur + c not in pieces:
+                merges.append(f"{cur} {c}")
+                pieces.append(cur + c)
+            cur += c
+    encoder = {p: i for i, p in enumerate(pieces)}
+    (d / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (d / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (d / "dict.txt").write_text("".join(f"{i} 1\n" for i in range(len(pieces))), encoding="utf-8")
+    return d

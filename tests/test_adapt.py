@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_segofa
+from conftest import tiny_config, tiny_segofa, write_tiny_bpe
 
 from ifseg_rt.adapt import AdaptOptions, WordGridTrainer, cosine_lr, split_parameters, training_model, word_grid_loss
 from ifseg_rt.cli import UsageError
@@ -20,30 +20,6 @@ CATEGORIES = ["sky", "road", "tree", "concrete wall"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# --- a tiny fairseq-style BPE vocabulary (whole words of a few test sentences) ----------------------------------
-TINY_WORDS = ["what", "is", "the", "segmentation", "map", "of", "image", "object", "sky", "road", "tree", "grass",
-              "concrete", "wall", "unknown"]
-
-
-def write_tiny_bpe(d, words=TINY_WORDS):
-    """encoder.json + vocab.bpe + dict.txt where every word (with its leading space) is one BPE piece."""
-    d.mkdir(parents=True, exist_ok=True)
-    chars = sorted({c for w in words for c in w} | {"?", ":"})
-    pieces, merges = ["Ġ", *chars], []
-    for w in words:
-        cur = "Ġ"
-        for c in w:
-            if cur + c not in pieces:
-                merges.append(f"{cur} {c}")
-                pieces.append(cur + c)
-            cur += c
-    encoder = {p: i for i, p in enumerate(pieces)}
-    (d / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
-    (d / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (d / "dict.txt").write_text("".join(f"{i} 1\n" for i in range(len(pieces))), encoding="utf-8")
-    return d
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import json
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import CATEGORIES, make_run_dir, tiny_config, tiny_segofa  # noqa: E402
+from conftest import CATEGORIES, make_run_dir, tiny_config, tiny_segofa, write_tiny_bpe  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(shared_export):
@@ -121,18 +120,6 @@ def test_static_shape_export(tmp_path, segofa):
     np.testing.assert_allclose(sess.run(["logits"], {"image": x.numpy()})[0], logits.numpy(), atol=1e-4, rtol=0)
 
 
-TINY_ENCODER = {"a": 0, "b": 1, "c": 2, "Ġ": 3, "Ġa": 4, "ab": 5, "Ġab": 6, "t": 7, "Ġc": 8}
-TINY_MERGES = ["Ġ a", "Ġa b", "a b", "Ġ c"]
-
-
-def _tiny_bpe(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "encoder.json").write_text(json.dumps(TINY_ENCODER), encoding="utf-8")
-    (d / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n", encoding="utf-8")
-    (d / "dict.txt").write_text("".join(f"{i} 1\n" for i in [8, 3, 0, 7, 5, 4, 6, 1, 2]), encoding="utf-8")
-    return d
-
-
 def test_unadapted_ofa_exports_with_warning(tmp_path, capsys):
     from ifseg_rt.checkpoint import save_checkpoint
     from ifseg_rt.export import ZeroShotWarning
@@ -146,7 +133,8 @@ def test_unadapted_ofa_exports_with_warning(tmp_path, capsys):
     assert main(argv) == 2  # no categories: a clear error, not a crash
     assert "un-adapted OFA checkpoint" in capsys.readouterr().err
     with pytest.warns(ZeroShotWarning, match="zero-shot baseline"):
-        rc = main(argv + ["--categories", "ab, a ab, c", "--bpe-dir", str(_tiny_bpe(tmp_path / "bpe"))])
+        rc = main(argv + ["--categories", "ab, a ab, c", "--bpe-dir",
+                          str(write_tiny_bpe(tmp_path / "bpe", ["a", "ab", "c", "unknown"]))])
     assert rc == 0
     out = capsys.readouterr().out
     assert "python -m ifseg_rt segment --model" in out
