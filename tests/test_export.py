@@ -4,6 +4,7 @@ import json
 import types
 
 import numpy as np
+from PIL import Image
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -370,6 +371,23 @@ def test_export_format_engine_is_refused_before_any_work(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"workspace_gb \(--workspace-gb\) must be a number > 0, got -1"):
         export(run, tmp_path / "m", format="engine", workspace_gb=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no model directory, no partial work left
+
+
+def test_low_precision_arguments_are_checked_before_any_work(tmp_path):
+    from ifseg_rt.export import export
+
+    run = make_run_dir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tiny").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny" / "a.png")
+    for kw, match in [(dict(precision=["int8", "int8"]), "lists int8 more than once"),
+                      (dict(calibration=tmp_path / "empty"), "--calibration measures the label agreement"),
+                      (dict(precision=["int8"], calibration=tmp_path / "nope"), "calibration folder not found"),
+                      (dict(precision=["int8"], calibration=tmp_path / "empty"), "no images"),
+                      (dict(precision=["int8"], calibration=tmp_path / "tiny"), "too small for one 16x16 patch")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            export(run, tmp_path / "m", **kw)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.partial-*"))
 
 
 def test_a_model_with_nan_weights_is_not_exported(tmp_path):

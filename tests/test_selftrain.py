@@ -208,7 +208,9 @@ def test_no_confident_cell_is_no_loss_not_nan():
 
 @pytest.mark.parametrize("kw, message", [({"steps": 0}, "steps must be an integer >= 1"),
                                          ({"threshold": 1.5}, "threshold must be in"),
-                                         ({"lr": 0.0}, "lr must be > 0"),
+                                         ({"lr": 0.0}, r"lr must be in \(0, 1\]"),
+                                         ({"lr": float("inf")}, r"lr must be in \(0, 1\]"),
+                                         ({"scale": (0.5, float("inf"))}, "scale must be a range"),
                                          ({"scale": (2.0, 0.5)}, "scale must be a range"),
                                          ({"cat_max_ratio": 0.0}, "cat_max_ratio must be in")])
 def test_bad_options(kw, message):

@@ -183,6 +183,49 @@ def test_parse_url_errors():
         parse_url("grpc://h:1", "http")
     with pytest.raises(ValueError, match="expected host:port"):
         parse_url("http://h:1/v2/models")
+    for bad in ("127.0.0.1", "h:99999", "h:abc", ":8000", "h:0"):  # no silent port 80, no urllib errors
+        with pytest.raises(ValueError, match=r"expected host:port with a port in 1\.\.65535"):
+            parse_url(bad)
+    assert parse_url("[::1]:8000") == ("[::1]:8000", "http", False)
+
+
+def test_client_arguments_and_a_server_that_is_not_triton():
+    """timeout_s is checked; a port that answers but not as Triton's HTTP (a gRPC port, another service) is a
+    ServeError saying so, not geventhttpclient's parse error."""
+    pytest.importorskip("tritonclient.http")
+    import socket
+    import threading
+
+    from ifseg_rt.serve import Client, ServeError
+
+    for bad in (0, -1, float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
+            Client("localhost:8000", timeout_s=bad)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def answer():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00garbage, not HTTP\r\n\r\n")
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ServeError, match=r"did not answer as a Triton HTTP endpoint .*gRPC \(grpc://\) port"):
+            Client(f"127.0.0.1:{srv.getsockname()[1]}", timeout_s=5)
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
 
 
 def test_serve_cli_errors(tmp_path, capsys):

@@ -65,7 +65,7 @@ from ..tokenizer import IFSEG_PROMPT_PREFIX, OFATokenizer, build_ifseg_prompt, p
 from ..runtime.preprocess import ImagePolicy
 from ..model.grid_attention import EXPORT_BLOCKS, export_query_blocks
 from .onnx_model import IFSegBodyGraph, IFSegOnnxModel, IFSegTablesGraph
-from .precision import MIN_AGREEMENT, PrecisionGateError, add_precisions
+from .precision import MIN_AGREEMENT, PrecisionGateError, add_precisions, calibration_images
 
 ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
@@ -444,6 +444,11 @@ def export(source: Union[str, Path, SegOFA], out: Union[str, Path], *, format: s
     cpu_precisions, engine_precision = _precisions(fmt, precision)
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be a fraction in [0, 1], got {min_agreement}")
+    if calibration is not None:
+        if cpu_precisions == ["fp32"]:
+            raise ValueError("--calibration measures the label agreement of a low precision: add --precision int8 "
+                             "(or bf16), or drop it")
+        calibration_images(calibration)  # a missing, empty or unreadable folder: refused before minutes of work
     if workspace_gb is not None and not (math.isfinite(workspace_gb) and workspace_gb > 0):
         raise ValueError(f"workspace_gb (--workspace-gb) must be a number > 0, got {workspace_gb}")
     out = _check_out(Path(out), force)
@@ -532,6 +537,9 @@ def _precisions(fmt: Dict[str, Any], precision) -> Tuple[List[str], Optional[str
     bad = [p for p in cpu if p not in CPU_PRECISIONS]
     if bad or not cpu:
         raise ValueError(f"--precision {','.join(cpu)}: the CPU engines offer {list(CPU_PRECISIONS)}")
+    twice = sorted({p for p in cpu if cpu.count(p) > 1})
+    if twice:
+        raise ValueError(f"--precision {','.join(cpu)} lists {', '.join(twice)} more than once")
     return cpu, None
 
 

@@ -99,9 +99,17 @@ def parse_url(url: str, protocol: Optional[str] = None) -> Tuple[str, str, bool]
     if proto not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {proto!r}")
     rest = rest.rstrip("/")
-    if not rest or "/" in rest:
-        raise ValueError(f"expected host:port in {url!r}")
+    host, colon, port = rest.rpartition(":")
+    if not rest or "/" in rest or not colon or not host or not port.isdecimal() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port with a port in 1..65535 in {url!r} (Triton's defaults: HTTP "
+                         f"localhost:8000, gRPC grpc://localhost:8001)")
     return rest, proto, ssl
+
+
+def _not_triton(client: "Client", e: Exception) -> str:
+    other = "gRPC (grpc://)" if client.protocol == "http" else "HTTP (http://)"
+    return (f"{client.url} did not answer as a Triton {client.protocol.upper()} endpoint ({type(e).__name__}: "
+            f"{str(e)[:120]}): is it the server's {other} port, or another service?")
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,8 @@ class Client:
         self.url = f"{'https' if self.ssl else 'http'}://{self.address}" if self.protocol == "http" else \
             f"{'grpcs' if self.ssl else 'grpc'}://{self.address}"
         self.model = model
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.png_labels = png_labels
         try:
@@ -216,6 +226,8 @@ class Client:
                              f"{e.message() or e}" + (f" [status {status}]" if status else ""), status) from None
         except (OSError, ConnectionError) as e:
             raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the transport's own parse errors (geventhttpclient, rapidjson)
+            raise ServeError(_not_triton(self, e)) from None
 
     def close(self) -> None:
         with self._lock:
@@ -387,6 +399,8 @@ class Client:
                              f"[status {status or 'none'}]", status or None) from None
         except (OSError, ConnectionError) as e:
             raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the transport's own parse errors (geventhttpclient, rapidjson)
+            raise ServeError(_not_triton(self, e)) from None
         t2 = time.perf_counter()
         result = P.unpack_results({n: r.as_numpy(n) for n in names}, info.categories)[0]
         result.timings = {"encode": (t1 - t0) * 1e3, "request": (t2 - t1) * 1e3,
