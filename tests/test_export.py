@@ -352,7 +352,7 @@ def test_export_format_engine_runs_to_the_end(monkeypatch, tmp_path):
     from ifseg_rt.export import tensorrt as t
 
     built = _fake_builder(monkeypatch)
-    spec = export(make_run_dir(tmp_path), tmp_path / "m", format="engine", check=False)
+    spec = export(make_run_dir(tmp_path), tmp_path / "m", format="engine", check=False, split=False)
     assert built == [("image", *p) for p in t.DEFAULT_PROFILES]
     (engine,) = spec.engines
     assert engine.gpu == "NVIDIA Fake GPU" and (tmp_path / "m" / engine.file).read_bytes() == b"engine"
@@ -405,7 +405,7 @@ def test_a_model_with_nan_weights_is_not_exported(tmp_path):
     state["encoder.layers.0.fc1.weight"][0, 0] = float("nan")
     save_file(state, str(weights), metadata=meta)
     with pytest.raises(RuntimeError, match=r"the model's outputs are not finite .* nothing was exported"):
-        export(run, tmp_path / "m")
+        export(run, tmp_path / "m", split=False, save_weights=False)
     assert not (tmp_path / "m").exists()
 
 
