@@ -8,6 +8,7 @@ import argparse
 import re
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from ..geometry import PATCH
 from ..knn import BACKENDS as KNN_BACKENDS
@@ -26,20 +27,24 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def bounded_int(text: str, low: int, high: Optional[int] = None, hint: str = "") -> int:
+    """An integer in ``[low, high]`` (no upper bound when ``high`` is None); ``hint`` follows the bound it breaks."""
+    v = _integer(text)
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}{hint}, got {v}")
+    if high is not None and v > high:
+        raise argparse.ArgumentTypeError(f"must be <= {high}{hint}, got {v}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    v = _integer(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return bounded_int(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    v = _integer(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return bounded_int(text, 0)
 
 
 MAX_THREADS = 1024  # a thread count beyond this is a typo (torch.set_num_threads(100000) crashes the process)
@@ -47,18 +52,12 @@ MAX_THREADS = 1024  # a thread count beyond this is a typo (torch.set_num_thread
 
 def thread_count(text: str) -> int:
     """A thread count: 1 .. MAX_THREADS, or 0 (the cores available) where the option's help says so."""
-    v = non_negative_int(text)
-    if v > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_THREADS} threads, got {v}")
-    return v
+    return bounded_int(text, 0, MAX_THREADS, " threads")
 
 
 def positive_thread_count(text: str) -> int:
     """A thread count of 1 .. MAX_THREADS."""
-    v = thread_count(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return bounded_int(text, 1, MAX_THREADS, " threads")
 
 
 def positive_float(text: str) -> float:

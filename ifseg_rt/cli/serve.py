@@ -13,22 +13,16 @@ from ..serve.repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS
 from ..serve.server import ServeOptions, serve
 from ..serve.tritonserver import ServerError
 from ..system import available_cores
-from .args import (HelpFormatter, check_output_file, examples, model_name, non_negative_int, positive_int,
-                   positive_thread_count, thread_count)
+from .args import (HelpFormatter, bounded_int, check_output_file, examples, model_name, non_negative_int,
+                   positive_int, positive_thread_count, thread_count)
 
 
 def _port(text: str) -> int:
-    v = positive_int(text)
-    if v > 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (1..65535), got {v}")
-    return v
+    return bounded_int(text, 1, 65535, " (a TCP port)")
 
 
 def _min_pixels(text: str) -> int:
-    v = positive_int(text)
-    if v < 256:
-        raise argparse.ArgumentTypeError(f"must be >= 256 (one 16x16 patch), got {v}")
-    return v
+    return bounded_int(text, 256, hint=" (one 16x16 patch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
