@@ -119,27 +119,33 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def _check_writable(p: Path, start: Path, flag: str, path) -> None:
+    """``p`` (a file, or a folder when ``start`` is ``p`` itself) can be written: the nearest existing folder from
+    ``start`` up is a folder, and it (or the existing file ``p``) really accepts a write."""
+    folder = start
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:  # the only reliable test (root passes os.access; sysfs, read-only mounts refuse new files)
+        if p.is_file():
+            with open(p, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".ifseg_rt-probe-"):
+                pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+
+
 def check_output_file(path, flag: str) -> None:
-    """Refuse, before any work, an output file path (``--json``) that is a folder or whose folder cannot be made."""
+    """Refuse, before any work, an output file path (``--json``) that is a folder or cannot be written."""
     if path is None:
         return
     p = Path(path)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{flag} {path} is a folder; give a file name, e.g. {p / 'results.json'}")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{flag} {path}: {parent} is a file, not a folder")
-    try:  # the only reliable test (root passes os.access; sysfs, read-only mounts refuse new files)
-        if p.exists():
-            with open(p, "ab"):
-                pass
-        else:
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".ifseg_rt-probe-"):
-                pass
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    _check_writable(p, p.parent, flag, path)
 
 
 def check_output_dir(path, flag: str) -> None:
@@ -147,16 +153,7 @@ def check_output_dir(path, flag: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"{flag} {path} is a file, not a folder")
-    parent = p
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{flag} {path}: {parent} is a file, not a folder")
-    try:  # the only reliable test (root passes os.access; sysfs, read-only mounts refuse new files)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".ifseg_rt-probe-"):
-            pass
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    _check_writable(p, p, flag, path)
 
 
 def add_label_offset_argument(p) -> None:
