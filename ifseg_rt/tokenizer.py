@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from .files import read_text
+
 FAIRSEQ_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
 HF_FILES = ("vocab.json", "merges.txt")
 
@@ -376,13 +378,8 @@ def read_fairseq_dict(path) -> list[str]:
 
 
 def _text_lines(path) -> list[str]:
-    """The lines of a UTF-8 text file, or ``ValueError`` naming the file and line."""
-    data = Path(path).read_bytes()
-    try:
-        return list(io.StringIO(data.decode("utf-8")))  # split at "\n" only, as iterating the file does
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); the BPE files are UTF-8") from None
+    """The lines of a UTF-8 text file, split at "\\n" only (as iterating the file does)."""
+    return list(io.StringIO(read_text(path, "; the BPE files are UTF-8")))
 
 
 def _read_json_vocab(path: Path) -> dict[str, int]:

@@ -320,6 +320,11 @@ def test_cli_output_folder_and_resume_faults(tiny_run_inputs, tmp_path, capsys):
     for lr in ("inf", "1e38"):
         with pytest.raises(UsageError, match=r"lr=.* must be in \(0, 1\]"):
             main(_cli(ckpt, bpe, tmp_path / "lr", "--lr", lr))
+    (tmp_path / "cats.txt").write_bytes(b"sky\ncaf\xe9\n")  # Latin-1
+    argv = _cli(ckpt, bpe, tmp_path / "latin1")
+    argv[argv.index("--categories"):argv.index("--categories") + 2] = ["--categories-file", str(tmp_path / "cats.txt")]
+    with pytest.raises(UsageError, match=r"cats.txt:2: not UTF-8 text \(byte 0xe9\); save the categories file"):
+        main(argv)
 
     out = tmp_path / "run"
     assert main(_cli(ckpt, bpe, out, "--stop-at", "2")) == 0

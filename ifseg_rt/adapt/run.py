@@ -27,7 +27,7 @@ import torch
 
 from ..system import versions
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..files import RUN_FILE, WEIGHTS_FILE, file_sha256
+from ..files import RUN_FILE, WEIGHTS_FILE, file_sha256, read_text
 from ..knn.settings import KnnSettings
 from ..model import OFAConfig, SegOFA, build_model
 from ..runtime import ImagePolicy, Segmenter
@@ -73,7 +73,7 @@ def read_categories_file(path) -> List[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"categories file not found: {path}")
-    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.split("#", 1)[0].strip() for ln in read_text(path, "; save the categories file as UTF-8").splitlines()]
     items = [item for ln in lines if ln for item in ln.split(",")]
     if not items:
         raise ValueError(f"no categories in {path}")

@@ -24,7 +24,7 @@ def normalize(features, dtype=np.float64):
     # in float64, each row divided by its largest |x| first: f * f would overflow to inf for float32 features beyond
     # ~1.8e19 (their rows would become zeros) and underflow for tiny ones
     g = f.astype(np.float64)
-    scale = np.max(np.abs(g), axis=-1, keepdims=True) if g.size else np.ones(g.shape[:-1] + (1,))
+    scale = np.max(np.abs(g), axis=-1, keepdims=True, initial=0.0)
     scale = np.where(scale > 0, scale, 1.0)
     g = g / scale
     norm = (np.sqrt(np.sum(g * g, axis=-1, keepdims=True)) * scale).astype(f.dtype)

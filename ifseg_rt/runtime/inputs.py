@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
+from ..files import read_text
 from .preprocess import IMAGE_EXTENSIONS
 
 LIST_SUFFIXES = (".txt", ".lst")  # files holding one image path or URI per line
@@ -97,12 +98,7 @@ def check_outputs_apart(inputs: Sequence[str], out_dir) -> None:
 def read_list_file(path: Path, *, allow_uris: bool = False) -> List[str]:
     """One image path or URI per line; relative paths are relative to the list file's folder."""
     out = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); a list file holds one "
-                         f"image path per line, saved as UTF-8") from None
+    text = read_text(path, "; a list file holds one image path per line, saved as UTF-8")
     for n, line in enumerate(text.splitlines(), 1):
         entry = line.strip()
         if not entry or entry.startswith("#"):

@@ -121,6 +121,8 @@ def _check_data(data: Any, datatype: str, where: str) -> None:
 
 
 def _utf8(text: str) -> bool:
+    if text.isascii():  # base64 image data: no copy
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -361,7 +363,7 @@ class HttpFront:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP | {"content-type"}}
         if body:  # what Triton parses: JSON, or a JSON header + binary tensors (a form Content-Type on a body of a
             # few MB made tritonserver crash: the front never forwards the client's)
-            binary = any(k.lower() == HEADER_LENGTH.lower() for k in request.headers)
+            binary = HEADER_LENGTH in request.headers  # case-insensitive
             headers["Content-Type"] = "application/octet-stream" if binary else "application/json"
         method = "GET" if request.method == "HEAD" else request.method  # Triton answers HEAD with an unreadable 405
         try:
