@@ -493,6 +493,13 @@ def check_english_vocabulary(cfg: OFAConfig, path) -> None:
                  if dataclasses.replace(ref, vocab_size=cfg.vocab_size, name=cfg.name) == cfg), None)
     if size is None:
         return
+    if abs(cfg.vocab_size - ENGLISH_OFA_VOCAB) == 1:  # a category table where none belongs, or one that went missing
+        raise CheckpointError(
+            f"{path} has the dimensions of OFA-{size} and a token table one row off the English OFA dictionary: its "
+            f"rows (encoder.embed_tokens.weight) and whether it holds IFSeg's category table "
+            f"(encoder.seg_embed_tokens.weight / decoder.seg_projection.weight) disagree. An OFA file has "
+            f"{ENGLISH_OFA_VOCAB} rows and no category table; an IFSeg file {ENGLISH_OFA_VOCAB + 1} rows (the <seg_0> "
+            f"slot, ifseg.md §3) and the table. Was a key added to or removed from the file?")
     raise CheckpointError(
         f"{path} has the dimensions of OFA-{size} but a {cfg.vocab_size}-symbol vocabulary, not the English OFA "
         f"dictionary ({ENGLISH_OFA_VOCAB} symbols: GPT-2 BPE + 1000 location bins + 8192 image codes). It is most "

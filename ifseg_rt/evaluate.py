@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .knn.settings import KnnSettings
-from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
+from .metrics import LABEL_MODES, LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
 from .runtime.model_dir import MANIFEST
 from .runtime.outputs import error_message
 from .runtime.preprocess import IMAGE_EXTENSIONS, ImagePolicy, load_image
@@ -109,6 +109,48 @@ def find_pairs(images_dir, labels_dir, *, limit: Optional[int] = None) -> List[T
     if limit is not None:
         stems = stems[:limit]
     return [(images[s], labels[s]) for s in stems]
+
+
+def check_pairs(pairs: Sequence[Tuple[Any, Any]]) -> None:
+    """Read the header of every image and label map of ``pairs`` (no pixels are decoded): each must be readable,
+    each label map single-channel, and equal in size to its image (as :func:`load_image` turns it upright). Meant for
+    a long job (adapting with validation) that would otherwise meet a bad pair only when it first validates.
+
+    Raises ``ValueError`` naming the bad files (the first five) and how many pairs are bad.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    def size(path, label: bool) -> Tuple[int, int]:
+        with Image.open(path) as im:
+            if label and im.mode not in LABEL_MODES:
+                raise ValueError(f"label maps must be single-channel (mode L, P or I), got mode {im.mode}")
+            try:  # EXIF orientations 5-8 swap the sides (load_image applies them; label maps are read as stored)
+                swap = not label and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            except Exception:  # unreadable EXIF block: load_image ignores it too
+                swap = False
+            return (im.width, im.height) if swap else (im.height, im.width)
+
+    bad: List[str] = []
+    for image_path, label_path in pairs:
+        try:
+            try:
+                hw = size(image_path, False)
+            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                raise ValueError(f"cannot read image {image_path}: {e}") from None
+            try:
+                lhw = size(label_path, True)
+            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                raise ValueError(f"cannot read label map {label_path}: {e}") from None
+            except ValueError as e:
+                raise ValueError(f"{label_path}: {e}") from None
+            if hw != lhw:
+                raise ValueError(f"label map {label_path} is {lhw[0]}x{lhw[1]} px but image {image_path} is "
+                                 f"{hw[0]}x{hw[1]} px")
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(pairs)} image/label pair(s) cannot be used: " + "; ".join(bad[:5]) +
+                         (" ..." if len(bad) > 5 else ""))
 
 
 def _by_stem(folder: Path, extensions: Sequence[str], what: str) -> Dict[str, Path]:

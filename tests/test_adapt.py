@@ -286,6 +286,42 @@ def test_cli_validation(tiny_run_inputs, tmp_path):
     assert sum("validation" in r for r in logged) == 2
 
 
+def test_bad_validation_pairs_are_refused_before_training(tiny_run_inputs, tmp_path):
+    """Every validation pair's headers are read before the first step: a colour label map, a label map of another
+    size and an unreadable image are all named, and no run is written. An EXIF-rotated photo's label map has the
+    upright size, as load_image reads the photo."""
+    from PIL import Image
+
+    from ifseg_rt.evaluate import check_pairs, find_pairs
+    from ifseg_rt.runtime.preprocess import load_image
+
+    ckpt, bpe = tiny_run_inputs
+    im, lb = tmp_path / "im", tmp_path / "lb"
+    im.mkdir(), lb.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(im / f"{i}.png")
+        Image.fromarray(rng.integers(0, 5, (40, 48), dtype=np.uint8)).save(lb / f"{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: 40 wide x 48 high as stored -> 48 x 40 upright
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(im / "4.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 5, (40, 48), dtype=np.uint8)).save(lb / "4.png")
+    check_pairs(find_pairs(im, lb))  # all good, the rotated one included
+    assert load_image(im / "4.jpg").shape[:2] == (40, 48)
+    Image.fromarray(rng.integers(0, 5, (40, 48, 3), dtype=np.uint8)).save(lb / "1.png")  # RGB colour map
+    Image.fromarray(rng.integers(0, 5, (40, 40), dtype=np.uint8)).save(lb / "2.png")  # another size
+    (im / "3.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    with pytest.raises(UsageError) as e:
+        main(_cli(ckpt, bpe, out, "--val-images", str(im), "--val-labels", str(lb)))
+    msg = str(e.value)
+    assert msg.startswith("3 of 5 image/label pair(s) cannot be used")
+    assert f"{lb / '1.png'}: label maps must be single-channel (mode L, P or I), got mode RGB" in msg
+    assert f"label map {lb / '2.png'} is 40x40 px but image {im / '2.png'} is 40x48 px" in msg
+    assert f"cannot read image {im / '3.png'}" in msg
+    assert not (out / "run.json").exists()
+
+
 def test_module_entry_points():
     import subprocess
     import sys

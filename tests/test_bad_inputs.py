@@ -203,6 +203,16 @@ def test_non_english_ofa_vocabulary_is_refused(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="Chinese OFA"):
         load_checkpoint(path, num_categories=3)  # the adaptation's entry point refuses it too
+    # an English OFA-tiny file with a stray IFSeg category table (or an IFSeg file that lost its own): one row off
+    with torch.device("meta"):
+        layout = build_model("tiny").state_dict()
+    state = {k: torch.zeros(v.shape, dtype=torch.float16 if v.is_floating_point() else v.dtype)
+             for k, v in layout.items()}
+    state["encoder.seg_embed_tokens.weight"] = torch.zeros(4, layout["encoder.embed_tokens.weight"].shape[1])
+    torch.save({"model": state}, tmp_path / "stray.pt")
+    with pytest.raises(CheckpointError, match=r"stray.pt has the dimensions of OFA-tiny and a token table one row off "
+                                              r"the English OFA dictionary.*An OFA file has 59457 rows"):
+        load_checkpoint(tmp_path / "stray.pt")
     check_english_vocabulary(get_config("base"), "ofa_base.pt")  # the English sizes pass
     check_english_vocabulary(dataclasses.replace(get_config("tiny"), d_model=128, heads=4), "custom")  # custom sizes too
 

@@ -400,11 +400,24 @@ def test_segment_cli_rejects_bad_batch_size(model_dir, tmp_path, capsys):
         assert "--batch-size: must be >= 1" in capsys.readouterr().err
 
 
-def test_unavailable_backends(model_dir):
+def test_unavailable_backends(model_dir, monkeypatch, capsys):
+    import ifseg_rt.runtime.backends as backends
+    from ifseg_rt.cli.serve import main as serve_main
     from ifseg_rt.runtime.backends import BackendUnavailable
 
-    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
-        Segmenter.load(model_dir, backend="onnxruntime", device="cuda")
+    if backends._no_nvidia_driver():  # a CUDA device is refused before any engine tries it: library, serve
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(BackendUnavailable, match=rf"device '{device}', but this machine has no NVIDIA GPU "
+                                                         rf"driver \(none of /proc/driver/nvidia/version, /dev/dxg"):
+                Segmenter.load(model_dir, device=device)
+        with pytest.raises(SystemExit):
+            serve_main(["--model", str(model_dir), "--device", "cuda"])
+        assert "device 'cuda', but this machine has no NVIDIA GPU driver" in capsys.readouterr().err
+        assert backends.resolve_device("auto") == "cpu"
+    monkeypatch.setattr(backends, "_no_nvidia_driver", lambda: False)  # as on a machine with a GPU driver
+    if not backends._ort_cuda():
+        with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+            Segmenter.load(model_dir, backend="onnxruntime", device="cuda")
     with pytest.raises(BackendUnavailable, match="tensorrt"):
         Segmenter.load(model_dir, backend="tensorrt", device="cpu")
     with pytest.raises(ValueError, match="backend must be one of"):

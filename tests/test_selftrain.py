@@ -253,7 +253,7 @@ def test_adapt_cli_self_trains_a_finished_run(nano_run, tmp_path, capsys):
     before = (run / "model.safetensors").read_bytes()
     pairs = write_dataset(tmp_path / "unlabelled", list(range(500, 509)), ["sky", "grass", "water", "ball"], size=64)
     assert main(["--out", str(run), "--self-train", str(pairs[0][0].parent), "--self-train-steps", "2",
-                 "--device", "cpu", "--no-progress"]) == 0
+                 "--self-train-batch-size", "2", "--val-short-side", "64", "--device", "cpu", "--no-progress"]) == 0
     assert "self-training" in capsys.readouterr().out
     rj = json.loads((run / "run.json").read_text())
     st = rj["self_training"][0]

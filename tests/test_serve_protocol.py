@@ -228,6 +228,48 @@ def test_client_arguments_and_a_server_that_is_not_triton():
         srv.close()
 
 
+def test_grpc_client_keeps_its_timeout_against_a_silent_server():
+    """A port that accepts connections and never answers: every gRPC call of the Client has timeout_s as its deadline
+    (the config read in the constructor used to wait for gRPC's own 20 s connection timeout instead)."""
+    pytest.importorskip("tritonclient.grpc")
+    import socket
+    import threading
+
+    from ifseg_rt.serve import Client, ServeError
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    stop, held = threading.Event(), []
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])  # kept open, never answered
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    url = f"grpc://127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        with pytest.raises(ServeError, match=r"reading the config of model 'ifseg' .* failed: no answer within "
+                                             r"timeout_s = 1 s \[status StatusCode.DEADLINE_EXCEEDED\]") as e:
+            Client(url, timeout_s=1)
+        assert "DEADLINE_EXCEEDED" in str(e.value.status)
+        with Client(url, model=None, timeout_s=1) as client:
+            assert client.is_ready() is False
+            with pytest.raises(ServeError, match=r"no answer within timeout_s = 1 s"):
+                client.adapt_status("v000000000000")
+    finally:
+        stop.set()
+        t.join(5)
+        for conn in held:
+            conn.close()
+        srv.close()
+
+
 def test_serve_cli_errors(tmp_path, capsys):
     from ifseg_rt.cli import cli, usage
     from ifseg_rt.cli.serve import main
@@ -239,7 +281,44 @@ def test_serve_cli_errors(tmp_path, capsys):
                         (["--repository", "r", "--instances", "2"], "--instances set(s) the served model"),
                         (["--model", "m", "--repository", "r"], "not allowed with argument"),
                         (["--model", "m", "--max-pixels", "100"], "must be >= 256"),
+                        (["--model", "m", "--max-body-bytes", "10"], "must be >= 1024 (below that every request"),
+                        (["--model", "m", "--max-request-bytes", "1023"], "must be >= 1024"),
                         (["--model", "m", "--name", "a b"], "model names are")):
         with pytest.raises(SystemExit):
             main(argv)
         assert match in capsys.readouterr().err, argv
+    from ifseg_rt.serve.server import ServeOptions, start_server
+
+    for bad in (10, -1, 2.5, True):  # the library refuses them too, before writing or starting anything
+        with pytest.raises(ValueError, match=rf"max_body_bytes must be 0 .* or an integer >= 1024, got {bad!r}"):
+            start_server(tmp_path / "missing", tmp_path / "work", ServeOptions(max_body_bytes=bad))
+    assert not (tmp_path / "work").exists()
+
+
+def test_shared_memory_is_checked_before_the_start(tmp_path, monkeypatch):
+    """The workers' shared memory (/dev/shm, 64 MB in a default Docker container) is compared with what they need:
+    too little to start them is an error before anything is written or started; too little for one request at the
+    size limits per worker is a warning; plenty, or an unreadable /dev/shm, passes."""
+    import ifseg_rt.serve.server as server_mod
+    from ifseg_rt.serve.server import ServeOptions, start_server
+    from ifseg_rt.serve.tritonserver import SHM_DEFAULT_BYTES, ServerError, check_shm, shm_free
+
+    mib = 1 << 20
+    assert SHM_DEFAULT_BYTES == 4 * mib
+    with pytest.raises(ServerError, match=r"3 model worker\(s\) need 12 MiB of shared memory to start; /dev/shm has "
+                                          r"11 MiB free \(a Docker container gets 64 MB unless started with --shm-size"):
+        check_shm(3, 100 * mib, 11 * mib)
+    warning = check_shm(2, 30 * mib, 64 * mib)  # 2 x (4 + 30) = 68 MiB
+    assert warning.startswith("warning: 2 model worker(s) each serving one request at the size limits") and \
+        "need 68 MiB of shared memory; /dev/shm has 64 MiB free" in warning
+    assert check_shm(2, 30 * mib, 68 * mib) is None and check_shm(2, 30 * mib, None) is None
+    assert shm_free(tmp_path / "missing") is None and shm_free(tmp_path) > 0
+    lines = []
+    monkeypatch.setattr(server_mod, "shm_free", lambda: 5 * mib)
+    with pytest.raises(ServerError, match=r"2 model worker\(s\) need 8 MiB"):
+        start_server(tmp_path / "missing", tmp_path / "work", ServeOptions(instances=2), announce=lines.append)
+    assert not (tmp_path / "work").exists()
+    monkeypatch.setattr(server_mod, "shm_free", lambda: 64 * mib)  # the defaults: 32 MiB images, 64 MiB labels
+    with pytest.raises(Exception, match="model directory not found"):
+        start_server(tmp_path / "missing", tmp_path / "work", ServeOptions(instances=1), announce=lines.append)
+    assert len(lines) == 1 and "need 100 MiB of shared memory; /dev/shm has 64 MiB free" in lines[0]

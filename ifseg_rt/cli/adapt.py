@@ -21,7 +21,7 @@ from ..adapt import run as R
 from ..adapt.options import PRECISIONS, AdaptOptions
 from ..adapt.selftrain import SelfTrainOptions, check_labels, self_train
 from ..adapt.trainer import WordGridTrainer
-from ..evaluate import find_pairs
+from ..evaluate import check_pairs, find_pairs
 from ..metrics import load_label
 from ..runtime.inputs import list_images
 from ..runtime.preprocess import ImagePolicy, load_image
@@ -193,6 +193,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(str(e)) from None
 
 
+def _validation(args: argparse.Namespace, every: int) -> R.Validation:
+    """The --val-* pairs, every header read now (a bad pair fails here, not at the first validation)."""
+    pairs = find_pairs(args.val_images, args.val_labels, limit=args.val_limit)
+    check_pairs(pairs)
+    return R.Validation(pairs=pairs, every=every, label_offset=args.label_offset, knn=args.val_knn,
+                        knn_backend=args.knn_backend, short_side=args.val_short_side)
+
+
 def _image_entry(args: argparse.Namespace, options: SelfTrainOptions, count: int) -> dict:
     """What run.json records about one training on images (and what --resume compares)."""
     mode = "supervised" if args.train_images else "seen-labels" if args.seen_labels else "self-train"
@@ -255,9 +263,7 @@ def _train_on_images(args: argparse.Namespace) -> int:
                          image_policy=policy, self_training=history_all + [entry])
     validation = None
     if args.val_images:
-        validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
-                                  every=0, label_offset=args.label_offset, knn=args.val_knn,
-                                  knn_backend=args.knn_backend, short_side=args.val_short_side)
+        validation = _validation(args, every=0)
 
     def validate(where: str) -> dict:
         rec = R.validate(trainer, validation, categories)
@@ -310,9 +316,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
                              f"--overwrite to write the run into it")
     validation = None
     if args.val_images:  # checked before any checkpoint is loaded
-        validation = R.Validation(pairs=find_pairs(args.val_images, args.val_labels, limit=args.val_limit),
-                                  every=args.val_every, label_offset=args.label_offset, knn=args.val_knn,
-                                  knn_backend=args.knn_backend, short_side=args.val_short_side)
+        validation = _validation(args, every=args.val_every)
     if args.resume:
         explicit = _explicit_dests(parser, argv)
         saved = R.read_run(out)

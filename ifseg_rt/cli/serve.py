@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..runtime.backends import BACKENDS, resolve_device
+from ..runtime.backends import BACKENDS, BackendUnavailable, resolve_device
 from ..serve import protocol as P
 from ..serve.adaptation import AdaptServiceOptions
 from ..serve.repository import MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS
@@ -23,6 +23,14 @@ def _port(text: str) -> int:
 
 def _min_pixels(text: str) -> int:
     return bounded_int(text, 256, hint=" (one 16x16 patch)")
+
+
+def _byte_limit(text: str) -> int:
+    return bounded_int(text, P.MIN_BYTES_LIMIT, hint=" (below that every request is refused)")
+
+
+def _body_limit(text: str) -> int:
+    return 0 if text.strip() == "0" else _byte_limit(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,14 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request still waiting for an instance after this is rejected instead of run (0: no limit)")
     g.add_argument("--max-queue-delay-us", type=non_negative_int, default=0,
                    help="how long the batcher may hold a request to fill a batch (0: batch what is waiting)")
-    g.add_argument("--max-request-bytes", type=positive_int, default=P.MAX_REQUEST_BYTES,
+    g.add_argument("--max-request-bytes", type=_byte_limit, default=P.MAX_REQUEST_BYTES,
                    help="largest encoded image accepted, checked before decoding")
     g.add_argument("--max-pixels", type=_min_pixels, default=P.MAX_PIXELS,
                    help="largest image accepted (width x height), read from the file header before decoding")
     g.add_argument("--max-output-pixels", type=_min_pixels, default=P.MAX_OUTPUT_PIXELS,
                    help="largest int32 'labels' output of one request (4 bytes a pixel); larger requests must ask for "
                         "'labels_png' (ifseg_rt's Client does so for large images)")
-    g.add_argument("--max-body-bytes", type=non_negative_int, default=0,
+    g.add_argument("--max-body-bytes", type=_body_limit, default=0,
                    help="largest HTTP request body, refused (413) from its Content-Length before it is read "
                         "(0: --max-request-bytes + 1 MiB, one image per request)")
     g.add_argument("--no-http-front", dest="http_front", action="store_false",
@@ -162,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if instances is None:
         try:
             on_gpu = resolve_device(args.device).startswith("cuda")
-        except ValueError as e:
+        except (ValueError, BackendUnavailable) as e:
             parser.error(str(e))
         instances = 1 if on_gpu else min(4, available_cores())
     options = ServeOptions(name=args.name, backend=args.backend, device=args.device, threads=args.threads,

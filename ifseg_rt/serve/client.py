@@ -177,7 +177,7 @@ class Client:
         if model in self._models:
             return self._models[model]
         config = self._call(lambda c: c.get_model_config(model) if self.protocol == "http"
-                            else c.get_model_config(model, as_json=True)["config"],
+                            else c.get_model_config(model, as_json=True, **self._deadline())["config"],
                             what=f"reading the config of model '{model}'")
         where = f"model '{model}' at {self.url}"
         inputs = {t.get("name"): t.get("data_type") for t in config.get("input", [])}
@@ -217,13 +217,20 @@ class Client:
                 self._clients.append(c)
         return c
 
+    def _deadline(self) -> Dict[str, float]:
+        """gRPC calls take their deadline per call (the HTTP client has its timeouts from its constructor)."""
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+
     def _call(self, fn, what: str):
         try:
             return fn(self._client())
         except self._exc as e:
             status = e.status()
-            raise ServeError(f"{what} at {self.url} failed: "
-                             f"{e.message() or e}" + (f" [status {status}]" if status else ""), status) from None
+            reason = e.message() or e
+            if "DEADLINE_EXCEEDED" in str(status):
+                reason = f"no answer within timeout_s = {self.timeout_s:g} s"
+            raise ServeError(f"{what} at {self.url} failed: {reason}" + (f" [status {status}]" if status else ""),
+                             status) from None
         except (OSError, ConnectionError) as e:
             raise ServeError(f"cannot reach Triton at {self.url}: {e}") from None
         except Exception as e:  # noqa: BLE001 - the transport's own parse errors (geventhttpclient, rapidjson)
@@ -249,7 +256,7 @@ class Client:
     def is_ready(self, model: Optional[str] = None) -> bool:
         """Whether the server has ``model`` (default: this client's) loaded and ready; False when unreachable."""
         try:
-            return bool(self._client().is_model_ready(model or self.model))
+            return bool(self._client().is_model_ready(model or self.model, **self._deadline()))
         except Exception:  # unreachable or refused: not ready, whatever the transport's exception type
             return False
 
@@ -320,7 +327,8 @@ class Client:
         else:
             inp.set_data_from_numpy(arr)
             outs = [tc.InferRequestedOutput(RESPONSE)]
-        r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs), what=f"the adaptation request to model '{ENDPOINT}'")
+        r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs, **self._deadline()),
+                       what=f"the adaptation request to model '{ENDPOINT}'")
         return json.loads(bytes(r.as_numpy(RESPONSE).reshape(-1)[0]))
 
     def adapt(self, categories: Union[str, Sequence[str]], *, steps: Optional[int] = None, seed: Optional[int] = None,
@@ -386,11 +394,7 @@ class Client:
             inp.set_data_from_numpy(arr)
             outs = [tc.InferRequestedOutput(n) for n in names]
         try:
-            c = self._client()
-            if self.protocol == "http":
-                r = c.infer(info.name, inputs=[inp], outputs=outs)
-            else:
-                r = c.infer(info.name, inputs=[inp], outputs=outs, client_timeout=self.timeout_s)
+            r = self._client().infer(info.name, inputs=[inp], outputs=outs, **self._deadline())
         except self._exc as e:
             status = str(e.status() or "")
             if status in ("400", "StatusCode.INVALID_ARGUMENT") and "unknown model" not in str(e.message()).lower():

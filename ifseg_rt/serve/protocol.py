@@ -62,6 +62,7 @@ PAD_LABEL = -1  # labels outside an item's own H0 x W0 when the items of one req
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # bytes per encoded item, checked before decoding
 MAX_PIXELS = 40_000_000  # px per decoded item (e.g. 8000 x 5000), read from the header before decoding
 MAX_OUTPUT_PIXELS = 16_777_216  # label pixels of one request's int32 'labels' output (64 MB), checked before work
+MIN_BYTES_LIMIT = 1024  # the smallest image or body limit: below it every request is refused (a typo, not a policy)
 BODY_JSON_BYTES = 1024 * 1024  # room for a request's JSON beside its largest image
 MAX_BODY_BYTES = MAX_REQUEST_BYTES + BODY_JSON_BYTES  # HTTP request body, checked by the front before reading it
 

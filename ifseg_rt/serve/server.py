@@ -25,7 +25,7 @@ from . import protocol as P
 from .adaptation import ENDPOINT, AdaptService, AdaptServiceOptions, ControlServer
 from .repository import (MAX_QUEUE_SIZE, QUEUE_TIMEOUT_MS, check_repository, write_adapt_endpoint,
                          write_serving_repository)
-from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer, WorkerWatch
+from .tritonserver import EXIT_TIMEOUT_S, READY_TIMEOUT_S, TritonServer, WorkerWatch, check_shm, shm_free
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,11 @@ def max_instances(device: str) -> int:
 
 
 def _body_bytes(options: ServeOptions) -> int:
-    return options.max_body_bytes or options.max_request_bytes + P.BODY_JSON_BYTES
+    v = options.max_body_bytes
+    if isinstance(v, bool) or not isinstance(v, int) or not (v == 0 or v >= P.MIN_BYTES_LIMIT):
+        raise ValueError(f"max_body_bytes must be 0 (max_request_bytes + {P.BODY_JSON_BYTES}) or an integer >= "
+                         f"{P.MIN_BYTES_LIMIT}, got {v!r}")
+    return v or options.max_request_bytes + P.BODY_JSON_BYTES
 
 
 def _threads(options: ServeOptions) -> int:
@@ -88,11 +92,16 @@ def start_server(model_dir: Union[None, str, Path], workdir: Union[str, Path], o
         raise ValueError("nothing to serve: give a model directory, or the base checkpoint to adapt on request")
     device = resolve_device(options.device)
     P.check_model_name(options.name)
+    body_bytes = _body_bytes(options)
     limit = max_instances(device)
     if not 1 <= options.instances <= limit:
         raise ValueError(f"instances must be in [1, {limit}] here (each is a process holding the model; at most "
                          f"{INSTANCES_PER_CORE} per core{', 16 on a GPU' if device.startswith('cuda') else ''}), got "
                          f"{options.instances}")
+    workers = (options.instances if model_dir is not None else 0) + (adapt.instances + 1 if adapt is not None else 0)
+    shm = check_shm(workers, options.max_request_bytes + 4 * options.max_output_pixels, shm_free())
+    if shm:
+        announce(shm)
     repo = Path(workdir) / "models"
     repo.mkdir(parents=True, exist_ok=True)
     spec = None
@@ -109,7 +118,7 @@ def start_server(model_dir: Union[None, str, Path], workdir: Union[str, Path], o
     server = TritonServer(repo, http_port=options.http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, address=options.address, log=log,
                           exit_timeout_s=options.exit_timeout_s, gpu_metrics=device.startswith("cuda"),
-                          http_front=options.http_front, max_body_bytes=_body_bytes(options))
+                          http_front=options.http_front, max_body_bytes=body_bytes)
     service = None
     try:
         if adapt is not None:

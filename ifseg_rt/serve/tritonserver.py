@@ -61,6 +61,8 @@ LOG_LINES = 400  # last lines of the server log kept for error messages
 # harmless log lines on a machine without a GPU, left out of error messages
 NOISE = ("CudaDriverHelper", "CUDA driver version", "Failed to initialize NVML", "model_config_content_name_")
 SHM_DIR = Path("/dev/shm")
+SHM_DEFAULT_BYTES = 4 * 1024 * 1024  # each python-backend worker's shared-memory region at its start
+SHM_GROWTH_BYTES = 1024 * 1024  # the step it grows by for larger requests
 SHM_PREFIX = "ifseg"  # the python backend's regions: ifseg<serve pid>_<token>_<uuid> (see TritonServer.command)
 _SHM_NAME = re.compile(rf"^{SHM_PREFIX}(\d+)_[0-9a-f]{{8}}_")
 STUB = "triton_python_backend_stub"
@@ -170,6 +172,35 @@ def clean_stale_shm(shm_dir: Path = SHM_DIR) -> List[str]:
             except OSError:
                 pass
     return removed
+
+
+def shm_free(shm_dir: Path = SHM_DIR) -> Optional[int]:
+    """Free bytes of the shared-memory filesystem (None where it cannot be read)."""
+    try:
+        return shutil.disk_usage(shm_dir).free
+    except OSError:
+        return None
+
+
+def check_shm(workers: int, request_bytes: int, free: Optional[int]) -> Optional[str]:
+    """The python backend moves every request and response through shared memory under /dev/shm, and a worker whose
+    region cannot grow dies of SIGBUS mid-request. Raise :class:`ServerError` when ``free`` bytes cannot hold the
+    ``workers``' starting regions; return a warning when they cannot hold one largest request per worker
+    (``request_bytes``: its image and outputs); None when they can, or ``free`` is unknown."""
+    if free is None:
+        return None
+    mib = 1024 * 1024
+    start = workers * SHM_DEFAULT_BYTES
+    advice = (f"/dev/shm has {free / mib:.0f} MiB free (a Docker container gets 64 MB unless started with "
+              f"--shm-size, e.g. --shm-size=1g)")
+    if free < start:
+        raise ServerError(f"{workers} model worker(s) need {start / mib:.0f} MiB of shared memory to start; {advice}")
+    peak = workers * (SHM_DEFAULT_BYTES + request_bytes)
+    if free < peak:
+        return (f"warning: {workers} model worker(s) each serving one request at the size limits (--max-request-bytes, "
+                f"--max-output-pixels) need {peak / mib:.0f} MiB of shared memory; {advice}. A worker that runs "
+                f"out dies mid-request: enlarge /dev/shm or lower the limits")
+    return None
 
 
 @dataclass(frozen=True)
@@ -315,8 +346,8 @@ class TritonServer:
                 f"--exit-timeout-secs={int(self.exit_timeout_s)}", f"--log-verbose={int(self.log_verbose)}",
                 # one shared-memory namespace per server: two servers on one machine must not share regions
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-                "--backend-config=python,shm-default-byte-size=4194304",
-                "--backend-config=python,shm-growth-byte-size=1048576"]
+                f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+                f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]
 
     def _backends(self, bundle: BundledTriton) -> Path:
         """A backend directory with the python backend and the stub of this interpreter beside it (where the

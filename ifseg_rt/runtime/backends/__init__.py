@@ -37,17 +37,24 @@ def _ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+# where Linux shows an NVIDIA GPU driver: the desktop/server driver, WSL 2's GPU paravirtualisation, Jetson's nvgpu
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/dxg", "/sys/module/nvgpu", "/dev/nvhost-ctrl-gpu")
+
+
 def _no_nvidia_driver() -> bool:
-    """True on Linux when no NVIDIA driver is loaded (then no CUDA device can exist); False where unsure."""
+    """True on Linux when no NVIDIA GPU driver is present (then no CUDA device can exist); False where unsure."""
     import os
     import sys
 
-    return sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version")
+    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
 
 
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when torch is installed and sees a GPU, else ``"cpu"``; other values are checked and
-    returned as given (``"cpu"``, ``"cuda"``, ``"cuda:N"``)."""
+    returned as given (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+
+    Raises ``ValueError`` for other values and :class:`BackendUnavailable` for a CUDA device on a Linux machine
+    without an NVIDIA GPU driver (before any engine, or a server's worker processes, try it)."""
     device = str(device)
     if device == "auto":
         if _no_nvidia_driver():  # cheap: spares a CPU-only run the ~1 s import of torch
@@ -60,6 +67,9 @@ def resolve_device(device: str) -> str:
         return "cpu"
     if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device != "cpu" and _no_nvidia_driver():
+        raise BackendUnavailable(f"device {device!r}, but this machine has no NVIDIA GPU driver (none of "
+                                 f"{', '.join(GPU_DRIVER_PATHS)} exists): use device 'cpu' or 'auto'")
     return device
 
 
