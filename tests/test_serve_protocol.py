@@ -305,8 +305,9 @@ def test_shared_memory_is_checked_before_the_start(tmp_path, monkeypatch):
 
     mib = 1 << 20
     assert SHM_DEFAULT_BYTES == 4 * mib
-    with pytest.raises(ServerError, match=r"3 model worker\(s\) need 12 MiB of shared memory to start; /dev/shm has "
-                                          r"11 MiB free \(a Docker container gets 64 MB unless started with --shm-size"):
+    with pytest.raises(ServerError, match=r"3 model worker\(s\) need 12 MiB of shared memory to start; /dev/shm "
+                                          r"has 11 MiB free \(a Docker container gets 64 MB unless started with "
+                                          r"--shm-size"):
         check_shm(3, 100 * mib, 11 * mib)
     warning = check_shm(2, 30 * mib, 64 * mib)  # 2 x (4 + 30) = 68 MiB
     assert warning.startswith("warning: 2 model worker(s) each serving one request at the size limits") and \

@@ -158,7 +158,8 @@ def serving_config(spec: ModelSpec, *, name: str = P.MODEL_NAME, backend: str = 
     if spec.root is None:
         raise ValueError("serving needs an exported model directory, not an in-memory model")
     for key, v, lo in (("max_batch_size", max_batch_size, 1), ("instances", instances, 1),
-                       ("max_queue_size", max_queue_size, 1), ("max_request_bytes", max_request_bytes, P.MIN_BYTES_LIMIT),
+                       ("max_queue_size", max_queue_size, 1),
+                       ("max_request_bytes", max_request_bytes, P.MIN_BYTES_LIMIT),
                        ("max_pixels", max_pixels, PATCH * PATCH), ("max_queue_delay_us", max_queue_delay_us, 0),
                        ("queue_timeout_ms", queue_timeout_ms, 0), ("max_output_pixels", max_output_pixels, 1),
                        ("threads", threads, 0)):
