@@ -8,6 +8,8 @@ import platform
 from pathlib import Path
 from typing import Optional
 
+MAX_THREADS = 1024  # a thread count beyond this is a typo (torch.set_num_threads(100000) crashes the process)
+
 
 def versions(*modules: str) -> dict:
     """``{"ifseg_rt": ..., "python": ..., module: version}`` for each of ``modules`` that is installed (read from

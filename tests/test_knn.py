@@ -350,9 +350,34 @@ def test_bad_inputs(backend):
         knn.knn_indices(f, 3, backend="gpu")
     with pytest.raises(ValueError, match="needs device arrays"):
         knn.knn_indices(f, 3, backend="cuda")
-    for bad in (1.7, "2", -1, True):
-        with pytest.raises(ValueError, match="num_threads must be None or an integer >= 0"):
+    for bad in (1.7, "2", -1, True, 1025, 2 ** 31):
+        with pytest.raises(ValueError, match=r"num_threads must be None or an integer >= 0 and <= 1024"):
             knn.knn_average(f, p, backend=backend, num_threads=bad)
+
+
+@pytest.mark.skipif("cpu" not in knn.available_backends(), reason="needs the compiled extension")
+@pytest.mark.parametrize("screen", ["fp32", "int16"])
+def test_cpu_never_indexes_outside_the_rows(screen):
+    """float64 features beyond float32's range (the cpu backend's precision) are refused by name; non-finite features
+    passed with check_finite=False give undefined neighbours but always indices of real rows (they used to come back
+    as 2**31 - 1, and the averaging then read outside the array and crashed the process)."""
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((50, 16)) * 1e39
+    with pytest.raises(ValueError, match=r"features \(float64, shape \(50, 16\)\) hold values beyond float32's range "
+                                         r"\(largest \|x\| = \d"):
+        knn.knn_average(big, np.full((50, 4), 0.25), backend="cpu", screen=screen)
+    ref = reference.knn_average(big, np.full((50, 4), 0.25), 3, 25)  # the float64 reference takes them
+    np.testing.assert_allclose(knn.knn_average(big, np.full((50, 4), 0.25), backend="numpy"), ref)
+    for n in (50, 700):
+        f = rng.standard_normal((n, 64)).astype(np.float32)
+        f[3, 2], f[9] = np.nan, np.inf
+        for threads in (1, 2):
+            idx = knn.knn_indices(f, 3, backend="cpu", screen=screen, check_finite=False, num_threads=threads)
+            assert idx.min() >= 0 and idx.max() < n
+            np.testing.assert_array_equal(idx[:, 0], np.arange(n))
+            out = knn.knn_average(f, np.full((n, 4), 0.25, np.float32), backend="cpu", screen=screen,
+                                  check_finite=False, num_threads=threads)
+            assert out.shape == (n, 4)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

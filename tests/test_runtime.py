@@ -238,8 +238,9 @@ def test_malformed_manifest(model_dir, tmp_path, path, value, msg):
 
 
 def test_thread_and_knn_backend_arguments_are_checked_at_load(model_dir):
-    for bad in (0, -3, 2.5, "2", True):
-        with pytest.raises(ValueError, match=r"threads must be an integer >= 1 .*got " + repr(bad).replace(".", r"\.")):
+    for bad in (0, -3, 2.5, "2", True, 1025, 2 ** 31):
+        with pytest.raises(ValueError, match=r"threads must be an integer >= 1 and <= 1024 .*got "
+                                             + repr(bad).replace(".", r"\.")):
             Segmenter.load(model_dir, backend="onnxruntime", threads=bad)
     with pytest.raises(ValueError, match="knn_backend must be one of .*got 'gpu'"):
         Segmenter.load(model_dir, backend="onnxruntime", knn_backend="gpu")

@@ -207,6 +207,9 @@ void knn_cpu(const KnnParams& p) {
   for (int64_t q = 0; q < 4 * p.batch; ++q) work[q].store(0);
   const float inf = std::numeric_limits<float>::infinity();
   const float inv_k = 1.0f / static_cast<float>(k);
+  // A slot no candidate filled (only NaN similarities, from non-finite features passed with check_finite=False) holds
+  // the fill index; it becomes the row itself, so that the averaging never reads outside the N rows.
+  auto valid = [n](int32_t j, int64_t i) { return j >= 0 && j < n ? j : int32_t(i); };
 
   auto worker = [&](int tid) {
     std::vector<float> row(c), grp(screened ? 0 : 16 * c);  // grp: 16 normalised rows until they are packed
@@ -305,18 +308,20 @@ void knn_cpu(const KnnParams& p) {
               auto bound = [&](int32_t j) {
                 return err[i] + err[j] + err[i] * err[j] + lo_norm[i] * lo_norm[j] + slack;
               };
+              auto in_range = [n](int32_t j) { return j >= 0 && j < n; };  // unfilled slots: see valid()
               float top_bound = 0.f;
-              for (int q = 0; q < L; ++q) top_bound = std::max(top_bound, bound(mi[q]));
+              for (int q = 0; q < L; ++q)
+                if (in_range(mi[q])) top_bound = std::max(top_bound, bound(mi[q]));
               const float floor = mv[L - 1] - top_bound;
               int kept = 0;
               for (int q = 0; q < len; ++q)
-                if (q < L || mv[q] + bound(mi[q]) >= floor) cand[i * len + kept++] = mi[q];
+                if (in_range(mi[q]) && (q < L || mv[q] + bound(mi[q]) >= floor)) cand[i * len + kept++] = mi[q];
               count[i] = kept;
               continue;
             }
           }
           nb[i * k] = int32_t(i);
-          for (int q = 0; q < L; ++q) nb[i * k + 1 + q] = mi[q];
+          for (int q = 0; q < L; ++q) nb[i * k + 1 + q] = valid(mi[q], i);
         }
         if (screened) {
           knn_detail::exact_dots(fn.get(), c, cand.data(), count.data(), len, lo, hi, exact.data());
@@ -328,7 +333,7 @@ void knn_cpu(const KnnParams& p) {
               if (better(v, j, mv[L - 1], mi[L - 1])) insert(mv.data(), mi.data(), L, v, j);
             }
             nb[i * k] = int32_t(i);
-            for (int q = 0; q < L; ++q) nb[i * k + 1 + q] = mi[q];
+            for (int q = 0; q < L; ++q) nb[i * k + 1 + q] = valid(mi[q], i);
           }
         }
         for (int64_t i = lo; i < hi; ++i)

@@ -18,6 +18,7 @@ from ..runtime.model_dir import PRECISIONS
 from ..runtime.outputs import TABLE_NAME
 from ..runtime.preprocess import MAX_PIXELS
 from ..serve.protocol import check_model_name
+from ..system import MAX_THREADS
 
 
 def _integer(text: str) -> int:
@@ -47,7 +48,6 @@ def non_negative_int(text: str) -> int:
     return bounded_int(text, 0)
 
 
-MAX_THREADS = 1024  # a thread count beyond this is a typo (torch.set_num_threads(100000) crashes the process)
 
 
 def thread_count(text: str) -> int:

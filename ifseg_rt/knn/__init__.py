@@ -54,6 +54,7 @@ import warnings
 import numpy as np
 
 from ..extension import extension
+from ..system import MAX_THREADS
 from . import reference
 from ._cuda import kernel_source
 from .settings import DEFAULT_ITERS, DEFAULT_K, DEFAULT_SCREEN, MAX_ITERS, SCREENS, KnnSettings
@@ -189,8 +190,9 @@ def _run(features, probs, k, iters, backend, num_threads, check_finite, screen=D
     if screen not in SCREENS:
         raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer))
-                                    or num_threads < 0):
-        raise ValueError(f"num_threads must be None or an integer >= 0 (0: the cores available), got {num_threads!r}")
+                                    or not 0 <= num_threads <= MAX_THREADS):
+        raise ValueError(f"num_threads must be None or an integer >= 0 and <= {MAX_THREADS} (0: the cores available), "
+                         f"got {num_threads!r}")
     device = _is_device_array(features)
     if probs is not None and _is_device_array(probs) != device:
         raise ValueError("features and probs must both be host arrays or both device arrays")
@@ -210,7 +212,15 @@ def _run(features, probs, k, iters, backend, num_threads, check_finite, screen=D
         return idx, out
 
     f3 = features.reshape(b, n, c)
-    f3 = np.ascontiguousarray(f3, dtype=np.float32 if f3.dtype == np.float64 else f3.dtype)
+    if f3.dtype == np.float64:
+        with np.errstate(over="ignore"):
+            f3 = np.ascontiguousarray(f3, dtype=np.float32)
+        if check_finite and not np.isfinite(f3).all():
+            raise ValueError(f"features (float64, shape {features.shape}) hold values beyond float32's range (largest "
+                             f"|x| = {np.abs(features).max():.3g}), in which backend='cpu' computes: scale them "
+                             f"(cosine similarity ignores the scale) or use backend='numpy'")
+    else:
+        f3 = np.ascontiguousarray(f3)
     idx = np.empty((b, n, k), dtype=np.int64)
     p3 = out = None
     if probs is not None:

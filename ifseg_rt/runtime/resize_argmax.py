@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..extension import extension
+from ..system import MAX_THREADS
 
 __all__ = ["BACKENDS", "interp_matrix", "resize_argmax"]
 
@@ -114,8 +115,10 @@ def _check(shape, grid, size):
 def _threads(threads) -> int:
     if threads is None:
         return 0
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise ValueError(f"threads must be None or an int >= 0 (0: all available cores), got {threads!r}")
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) \
+            or not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be None or an int in 0..{MAX_THREADS} (0: all available cores), got "
+                         f"{threads!r}")
     return int(threads)
 
 

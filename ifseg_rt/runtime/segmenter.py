@@ -22,7 +22,7 @@ import numpy as np
 
 from ..knn import BACKENDS as KNN_BACKENDS
 from ..knn.settings import KnnSettings
-from ..system import bf16_without_amx
+from ..system import MAX_THREADS, bf16_without_amx
 from .backends import BF16_BACKENDS, create_backend, installed, resolve_backend, resolve_device
 from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
@@ -103,8 +103,10 @@ class CellOutputs:
 
 
 def _check_threads(threads) -> None:
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise ValueError(f"threads must be an integer >= 1 (or None: the cores available), got {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or not 1 <= threads <= MAX_THREADS):
+        raise ValueError(f"threads must be an integer >= 1 and <= {MAX_THREADS} (or None: the cores available), got "
+                         f"{threads!r}")
 
 
 def _check_batch_size(batch_size) -> None:
