@@ -26,7 +26,7 @@ from .knn.settings import KnnSettings
 from .metrics import LABEL_MODES, LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
 from .runtime.model_dir import MANIFEST
 from .runtime.outputs import error_message
-from .runtime.preprocess import IMAGE_EXTENSIONS, ImagePolicy, load_image
+from .runtime.preprocess import IMAGE_EXTENSIONS, ImagePolicy, load_image, upright_size
 
 LABEL_EXTENSIONS = (".png",)
 
@@ -118,28 +118,24 @@ def check_pairs(pairs: Sequence[Tuple[Any, Any]]) -> None:
 
     Raises ``ValueError`` naming the bad files (the first five) and how many pairs are bad.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    def size(path, label: bool) -> Tuple[int, int]:
+    def label_size(path) -> Tuple[int, int]:  # label maps are read as stored (no EXIF orientation)
         with Image.open(path) as im:
-            if label and im.mode not in LABEL_MODES:
+            if im.mode not in LABEL_MODES:
                 raise ValueError(f"label maps must be single-channel (mode L, P or I), got mode {im.mode}")
-            try:  # EXIF orientations 5-8 swap the sides (load_image applies them; label maps are read as stored)
-                swap = not label and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            except Exception:  # unreadable EXIF block: load_image ignores it too
-                swap = False
-            return (im.width, im.height) if swap else (im.height, im.width)
+            return im.height, im.width
 
     bad: List[str] = []
     for image_path, label_path in pairs:
         try:
             try:
-                hw = size(image_path, False)
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                hw = upright_size(image_path)
+            except (OSError, SyntaxError) as e:
                 raise ValueError(f"cannot read image {image_path}: {e}") from None
             try:
-                lhw = size(label_path, True)
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                lhw = label_size(label_path)
+            except (OSError, SyntaxError) as e:
                 raise ValueError(f"cannot read label map {label_path}: {e}") from None
             except ValueError as e:
                 raise ValueError(f"{label_path}: {e}") from None

@@ -11,11 +11,12 @@ RUN_FILE = "run.json"  # an adaptation run directory's record (ifseg_rt.adapt.ru
 
 
 def read_text(path: Union[str, Path], hint: str = "") -> str:
-    """A UTF-8 text file's contents; ``ValueError`` naming the file and line of the first byte that is not UTF-8
-    (``hint`` ends the message, e.g. what the file should hold)."""
+    """A UTF-8 text file's contents, without the byte-order mark some editors (Notepad) put first; ``ValueError``
+    naming the file and line of the first byte that is not UTF-8 (``hint`` ends the message, e.g. what the file should
+    hold)."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}){hint}") from None

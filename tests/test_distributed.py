@@ -232,6 +232,96 @@ def test_eval_on_ray_reports_an_unusable_image(ray_local, data, model_dir):
         assert a.miou == b.miou
 
 
+@needs_ray
+def test_model_options_are_refused_on_the_driver(ray_local, data, model_dir, tmp_path):
+    """A precision or backend every actor would refuse is refused once, on the driver, before any actor starts: one
+    error line, no actor traceback (it used to print ~200 lines of Ray's before the cause)."""
+    root, pairs = data
+    for args, message in (
+            (_segment_args(data, model_dir, tmp_path / "o") + ["--ray", "--precision", "int8"],
+             "offers the CPU precisions ['fp32'], not 'int8'"),
+            (_segment_args(data, model_dir, tmp_path / "o") + ["--ray", "--backend", "tensorrt"],
+             "the tensorrt backend runs on device='cuda' only"),
+            (["eval", "--model", str(model_dir), "--images", str(root / "images"), "--labels", str(root / "labels"),
+              "--no-progress", "--ray", "--precision", "int8"], "offers the CPU precisions ['fp32'], not 'int8'")):
+        rc, stdout, stderr = _cli(args)
+        assert rc == 2 and _errors(stderr) == [f"error: {message}"] or message in _errors(stderr)[0], stderr
+        assert len(_errors(stderr)) == 1 and "Traceback" not in stderr and "RayTaskError" not in stderr, stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    with pytest.raises(ValueError, match="no image/label pairs to evaluate"):
+        distributed.evaluate_dataset([], str(model_dir), progress=False)
+
+
+def test_a_failed_ray_job_names_the_cause():
+    """A job that fails inside an actor (a full disk, a read-only folder) is reported with the innermost error's own
+    words, found under Ray's wrappers, not Ray's 'UDF failed to process a data block'."""
+    import types
+
+    from ifseg_rt.distributed.cluster import RayRun
+
+    class RayError(Exception):  # stands for ray.exceptions.RayError
+        pass
+
+    ctx = types.SimpleNamespace(enable_progress_bars=True)
+    ray = types.SimpleNamespace(exceptions=types.SimpleNamespace(RayError=RayError),
+                                data=types.SimpleNamespace(DataContext=types.SimpleNamespace(get_current=lambda: ctx)))
+    disk = OSError(28, "No space left on device", "/out/0001.png")
+    with pytest.raises(RuntimeError, match=r"^the Ray job failed: OSError: \[Errno 28\] No space left on device: "
+                                           r"'/out/0001.png'$"):
+        with RayRun(ray, False):
+            try:
+                raise disk
+            except OSError as e:
+                raise RayError("ray.exceptions.UserCodeException: UDF failed to process a data block.") from e
+    with pytest.raises(RuntimeError, match=r"^the Ray job failed: ValueError: bad model$"):
+        with RayRun(ray, False):
+            raise RayError("Traceback ...\nValueError: bad model\n")
+    assert ctx.enable_progress_bars is True  # restored
+
+
+def test_outputs_and_table_stay_apart_from_the_inputs(tmp_path):
+    """file:// URIs are local paths for the check, and the --ray table may neither be an input nor lack the .parquet
+    ending (it replaced an input photo with a Parquet file before)."""
+    from ifseg_rt.runtime.inputs import check_outputs_apart
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"")
+    inputs = [f"file://{photos / 'a.png'}", str(photos / "a.png")]
+    for out in (f"file://{photos}", str(photos), f"file://{tmp_path}"):
+        with pytest.raises(ValueError, match="holds the input"):
+            check_outputs_apart(inputs[:1], out)
+    with pytest.raises(ValueError, match=r"--table .*a.png: the table is a Parquet file; give a name ending in "
+                                         r"\.parquet"):
+        check_outputs_apart(inputs, tmp_path / "out", table=photos / "a.png")
+    with pytest.raises(ValueError, match=r"--table .*t.parquet is the input"):
+        check_outputs_apart(inputs + [str(photos / "t.parquet")], tmp_path / "out", table=photos / "t.parquet")
+    check_outputs_apart(inputs, tmp_path / "out", table=photos / "t.parquet")  # beside the inputs is fine
+    check_outputs_apart(["s3://bucket/a.png"], "s3://bucket/out", table="s3://bucket/t.parquet")
+
+
+def test_segment_checks_its_outputs_before_any_work(model_dir, data, tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        ro = "/proc/ifseg_rt_out"  # root writes anywhere except such file systems
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+    for args, message in ((["--out", str(ro)], "cannot write there"),
+                          (["--out", str(tmp_path / "o"), "--ray", "--table", str(tmp_path)], "is a folder"),
+                          (["--out", str(data[1][0][0])], "is a file, not a folder")):
+        rc, _, stderr = _cli(["segment", str(data[0] / "images"), "--model", str(model_dir), *args])
+        assert rc == 2 and message in stderr, stderr
+
+
+def test_a_list_file_with_a_byte_order_mark(data, tmp_path):
+    lst = tmp_path / "l.txt"
+    lst.write_bytes("\ufeff".encode() + f"{data[1][0][0]}\n{data[1][1][0]}\n".encode())  # as Notepad saves it
+    assert list_images([str(lst)]) == [str(data[1][0][0]), str(data[1][1][0])]
+
+
 # --- the local Ray -----------------------------------------------------------------------------------------------
 @needs_ray
 def test_local_ray_listens_on_loopback_only(ray_local):

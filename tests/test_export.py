@@ -170,6 +170,42 @@ def test_cli_rejects_bad_options(tmp_path, capsys, model_dir):
     assert "baked into the weights" in capsys.readouterr().err
 
 
+def test_cli_refuses_unusable_image_and_opset_flags_before_any_work(tmp_path, capsys, monkeypatch):
+    """An over-large --image-size (used to be a traceback), a fixed size with the paper policy's --short-side /
+    --max-long-side (used to drop them silently, even at their default values) and an --opset above the exporter's
+    (used to fail after the model was loaded): exit 2 with one error line, export() never called."""
+    import ifseg_rt.cli.export as cli
+    from torch.onnx import _constants
+
+    class Reached(Exception):
+        pass
+
+    def fake_export(*_a, **kw):
+        raise Reached(kw)
+
+    monkeypatch.setattr(cli, "export", fake_export)
+    top = _constants.ONNX_MAX_OPSET  # 21-23 export and run, beyond the TorchScript exporter's documented 20
+    run, out = str(make_run_dir(tmp_path)), str(tmp_path / "o")
+    for extra, msg in [(["--image-size", "2048x2048"], "fixed size 2048x2048"),
+                       (["--image-size", "64x64", "--short-side", "256"], "--short-side and --image-size"),
+                       (["--image-size", "64x64", "--short-side", "512"], "--short-side and --image-size"),
+                       (["--static-shape", "32x48", "--short-side", "256"], "--short-side and --static-shape"),
+                       (["--static-shape", "32x48", "--max-long-side", "64"], "--max-long-side and --static-shape"),
+                       (["--static-shape", "32x48", "--max-long-side", "2048"], "--max-long-side and --static-shape"),
+                       (["--opset", "99"], f"--opset must be <= {top}"),
+                       (["--opset", str(top + 1)], f"--opset must be <= {top}")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main([run, "--out", out, *extra])
+        assert e.value.code == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("python -m ifseg_rt.export: error: ") and msg in err[-1], (extra, err)
+    assert not (tmp_path / "o").exists()
+    for extra in (["--static-shape", "32x48", "--image-size", "32x48"], ["--opset", str(top)],
+                  ["--short-side", "256", "--max-long-side", "512"]):  # still valid: they reach export()
+        with pytest.raises(Reached):
+            cli.main([run, "--out", out, *extra])
+
+
 # --- TensorRT helpers (TensorRT itself cannot be installed here) ------------------------------------------------
 def test_tensorrt_module_without_tensorrt(monkeypatch):
     import sys

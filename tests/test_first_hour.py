@@ -79,6 +79,40 @@ def test_segment_rerun_continues_and_ctrl_c_says_how_far(model_dir, tmp_path, ca
     assert "wrote 3 label map(s)" in capsys.readouterr().out
 
 
+def test_segment_rerun_keeps_only_maps_of_the_same_image_and_model(model_dir, tmp_path, capsys):
+    """A re-run keeps a label map only when it records this input and this model: a new image that takes an existing
+    name (x.bmp sorts before x.png, so it becomes 'x' and x.png 'x_1'), another model (here: other kNN settings) and
+    a map of another size written by an older ifseg_rt (no records) are segmented again; long names work too."""
+    from ifseg_rt.runtime.outputs import MODEL_KEY, SOURCE_KEY
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photos / "x.png")
+    long_name = "a" * 240 + ".png"  # its temporary file's name would pass 255 bytes
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photos / long_name)
+    out = tmp_path / "labels"
+    args = ["segment", "--model", str(model_dir), str(photos), "--out", str(out), "--quiet"]
+    assert cli(args) == 0
+    with Image.open(out / "x.png") as im:
+        assert im.text[SOURCE_KEY] == str((photos / "x.png").resolve()) and len(im.text[MODEL_KEY]) == 16
+    capsys.readouterr()
+    Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)).save(photos / "x.bmp")
+    assert cli(args) == 0
+    text = capsys.readouterr().out
+    assert "x.bmp: 48x96" in text and "x.png: 64x64" in text and f"{long_name}: done before" in text
+    assert np.asarray(Image.open(out / "x.png")).shape == (48, 96)  # now x.bmp's map
+    assert np.asarray(Image.open(out / "x_1.png")).shape == (64, 64)
+    assert cli(args + ["--no-knn"]) == 0  # another model (no kNN post-processing): nothing kept
+    assert "wrote 3 label map(s)" in capsys.readouterr().out
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(out / "x_1.png")  # an older map without records, wrong size
+    Image.fromarray(np.zeros((48, 96), np.uint8)).save(out / "x.png")  # ... and one of the right size: kept
+    assert cli(args + ["--no-knn"]) == 0
+    text = capsys.readouterr().out
+    assert "x.bmp: done before (x.png kept)" in text and "x.png: 64x64" in text
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_folder_of_folders_gets_a_hint(tmp_path):
     from ifseg_rt.runtime.inputs import list_images
 

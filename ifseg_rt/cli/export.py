@@ -37,6 +37,16 @@ def _format(s: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _max_opset() -> int:
+    """The highest opset the installed torch exports (``ONNX_MAX_OPSET``: 23 in torch 2.13; above it the export fails
+    after the model is loaded; 21-23 export and run here, beyond the TorchScript exporter's documented 20)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return 20
+    return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ifseg_rt.export", formatter_class=HelpFormatter,
@@ -80,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax temperature before kNN averaging (default: the source's setting, else 1.0)")
     g.add_argument("--no-knn", action="store_true", help="disable kNN post-processing (plain logits arg-max)")
     g = p.add_argument_group("ONNX")
-    g.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 for LayerNormalization)")
+    g.add_argument("--opset", type=int, default=18,
+                   help=f"ONNX opset (>= 17 for LayerNormalization; <= {_max_opset()}, the installed torch exporter's "
+                        "highest)")
     g.add_argument("--static-shape", type=image_size, help="export a fixed HxW graph (positions constant-folded); "
                                                   "sets a fixed image policy of that size")
     g.add_argument("--normalize-features", action="store_true",
@@ -210,6 +222,12 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         parser.error(f"--min-agreement must be a fraction in [0, 1], got {args.min_agreement}")
     if args.image_size and args.static_shape and args.image_size != args.static_shape:
         parser.error("--image-size and --static-shape disagree; --static-shape alone fixes the image size")
+    fixed = "--image-size" if args.image_size else "--static-shape" if args.static_shape else None
+    paper = ("--short-side" if args.short_side is not None else
+             "--max-long-side" if args.max_long_side is not None else None)
+    if fixed and paper:
+        parser.error(f"{paper} and {fixed} contradict each other: {fixed} fixes the network input size, {paper} "
+                     f"sets the paper policy's resize; pass one of them")
     knn = {"k": args.knn_k, "iters": args.knn_iters, "temperature": args.temperature,
            "enabled": False if args.no_knn else None}
     try:
@@ -218,8 +236,14 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         parser.error(str(e))
     if args.opset < 17:
         parser.error(f"--opset must be >= 17 (LayerNormalization), got {args.opset}")
+    if args.opset > _max_opset():
+        parser.error(f"--opset must be <= {_max_opset()}, the highest the installed torch {torch.__version__} ONNX "
+                     f"exporter supports, got {args.opset}")
     if args.image_size:
-        policy = ImagePolicy(mode="fixed", size=args.image_size)
+        try:
+            policy = ImagePolicy(mode="fixed", size=args.image_size)
+        except ValueError as e:
+            parser.error(str(e))
     elif args.static_shape:
         policy = None
     elif args.short_side is None and args.max_long_side is None:

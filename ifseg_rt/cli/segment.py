@@ -8,10 +8,10 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..runtime import Segmenter
-from ..runtime.inputs import check_outputs_apart, list_images
+from ..runtime.inputs import check_outputs_apart, list_images, local_path
 from ..runtime.outputs import OutputDir, output_names, segment_files, summary_line
-from .args import (HelpFormatter, add_model_arguments, add_ray_arguments, check_ray_arguments, examples, positive_int,
-                   segmenter_options)
+from .args import (HelpFormatter, add_model_arguments, add_ray_arguments, check_output_dir, check_output_file,
+                   check_ray_arguments, examples, positive_int, segmenter_options)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,6 +37,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_ray_arguments(p, command="segment")
     args = p.parse_args(argv)
     check_ray_arguments(p, args)
+    try:  # local outputs (a folder, the --ray table) must be writable before any work
+        if local_path(args.out) is not None:
+            check_output_dir(local_path(args.out), "--out")
+        if args.table is not None and local_path(args.table) is not None:
+            check_output_file(local_path(args.table), "--table")
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     if args.ray is not None:
         return _segment_on_ray(args)
     try:

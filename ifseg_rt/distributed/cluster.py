@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..system import available_cores
@@ -198,6 +199,20 @@ def pool_options(ray, plan: PoolPlan) -> Dict[str, Any]:
                 num_gpus=plan.num_gpus or None, batch_format="pyarrow", zero_copy_batch=True)
 
 
+def check_model_options(model: str, device: str, load_options: Dict[str, Any]) -> None:
+    """On the driver, before any actor starts: what ``Segmenter.load`` would refuse in every actor (precision,
+    backend, model directory) is raised here, once, instead of as each actor's failure. Only for an exported model
+    directory the actors run on the CPU (a GPU plan's device may not exist on the driver)."""
+    from ..runtime import Segmenter
+    from ..runtime.inputs import is_uri
+    from ..runtime.model_dir import MANIFEST
+
+    if device != "cpu" or is_uri(model) or not (Path(model) / MANIFEST).is_file():
+        return
+    keys = ("backend", "precision", "knn_backend")
+    Segmenter.check_load(model, device="cpu", **{k: load_options[k] for k in keys if k in load_options})
+
+
 class RayRun:
     """One Ray Data execution: its progress bars (and INFO log lines) on or off, the previous state restored after;
     a failure of the job itself (e.g. an actor that cannot load the model) becomes a RuntimeError carrying the
@@ -217,7 +232,25 @@ class RayRun:
         self.ctx.enable_progress_bars, level = self.saved
         self.logger.setLevel(level)
         if exc is not None and isinstance(exc, self.ray.exceptions.RayError):
+            root = _root_cause(exc, self.ray.exceptions.RayError)
+            if root is not None:  # e.g. an OSError of a write in an actor: its own words (file and reason)
+                raise RuntimeError(f"the Ray job failed: {type(root).__name__}: {root}") from None
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)), lines[0] if lines else "(no error text)")
+            cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", ln)),
+                         lines[0] if lines else "(no error text)")
             raise RuntimeError(f"the Ray job failed: {cause}") from None
         return False
+
+
+def _root_cause(exc: BaseException, ray_error: type) -> Optional[BaseException]:
+    """The innermost exception under Ray's wrappers (``__cause__`` / ``__context__`` / a task error's ``cause``) that
+    is not itself one of Ray's, or None."""
+    seen = set()
+    found = None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if not isinstance(exc, ray_error) and type(exc).__module__.split(".")[0] != "ray":
+            found = exc
+        inner = getattr(exc, "cause", None)
+        exc = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+    return found

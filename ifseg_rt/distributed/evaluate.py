@@ -16,8 +16,8 @@ from ..knn.settings import KnnSettings
 from ..metrics import ConfusionMatrix, SegMetrics
 from ..runtime.inputs import is_uri
 from ..runtime.outputs import error_message
-from .cluster import (PoolPlan, RayRun, arrow_blocks, cluster_plan, init_ray, pool_options, require_ray,
-                      shutdown_ray)
+from .cluster import (PoolPlan, RayRun, arrow_blocks, check_model_options, cluster_plan, init_ray, pool_options,
+                      require_ray, shutdown_ray)
 from .storage import absolute_path
 
 
@@ -82,6 +82,8 @@ def evaluate_dataset(pairs: Sequence[Tuple[Any, Any]], model: str, *, address: O
 
     An image that cannot be scored is reported in ``failed`` (the metrics cover the others).
     """
+    if not pairs:
+        raise ValueError("no image/label pairs to evaluate")
     if "knn_overrides" in load_options:
         load_options["knn"] = load_options.pop("knn_overrides")
     model = absolute_path(model)
@@ -92,6 +94,7 @@ def evaluate_dataset(pairs: Sequence[Tuple[Any, Any]], model: str, *, address: O
     try:
         ray = require_ray()
         plan = cluster_plan(device, actors, threads, gpus_per_actor)
+        check_model_options(model, plan.device, load_options)
         blocks = arrow_blocks({"image": [absolute_path(i) for i, _ in pairs],
                                "label": [absolute_path(lab) for _, lab in pairs]},
                               plan.actors, 1)

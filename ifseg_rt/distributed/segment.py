@@ -12,8 +12,8 @@ from ..runtime import Segmenter
 from ..runtime.inputs import check_outputs_apart, is_uri, list_images
 from ..runtime.model_dir import load_model_dir
 from ..runtime.outputs import TABLE_NAME, ImageRecord, error_message, output_names, segment_files
-from .cluster import (PoolPlan, RayRun, arrow_blocks, cluster_plan, init_ray, pool_options, require_ray,
-                      shutdown_ray)
+from .cluster import (PoolPlan, RayRun, arrow_blocks, check_model_options, cluster_plan, init_ray, pool_options,
+                      require_ray, shutdown_ray)
 from .storage import (ArrowOutputDir, TableWriter, absolute_path, fetch, join_path, output_dir, records_table,
                       table_schema)
 
@@ -108,7 +108,7 @@ def segment_dataset(inputs: Sequence[str], model_dir: str, out_dir: str, *, over
     """
     spec = load_model_dir(model_dir)  # a bad model directory fails here, before Ray starts
     sources = list_images(inputs, allow_uris=True)
-    check_outputs_apart(sources, out_dir)
+    check_outputs_apart(sources, out_dir, table)
     names = output_names(sources)
     out_root = absolute_path(out_dir)
     table = absolute_path(table) if table else join_path(out_root, TABLE_NAME)
@@ -119,6 +119,7 @@ def segment_dataset(inputs: Sequence[str], model_dir: str, out_dir: str, *, over
     try:
         ray = require_ray()
         plan = cluster_plan(device, actors, threads, gpus_per_actor)
+        check_model_options(absolute_path(model_dir), plan.device, load_options)
         out = output_dir(out_root)
         if isinstance(out, ArrowOutputDir):
             out.fs.create_dir(out.path, recursive=True)

@@ -20,7 +20,8 @@ import fnmatch
 import glob
 import re
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+from urllib.parse import unquote, urlparse
 
 from ..files import read_text
 from .preprocess import IMAGE_EXTENSIONS
@@ -78,21 +79,37 @@ def list_images(inputs: Sequence[str], *, allow_uris: bool = False) -> List[str]
     return out
 
 
-def check_outputs_apart(inputs: Sequence[str], out_dir) -> None:
-    """Refuse an output folder that holds (or is) one of the local ``inputs``: its outputs could overwrite an input
-    (``photo.png`` -> ``photo.png``), and a re-run would take its own outputs for inputs. Raises ``ValueError`` naming
-    the first such input."""
-    if is_uri(str(out_dir)):
-        return
-    root = Path(out_dir).resolve()
+def local_path(item) -> Optional[Path]:
+    """The absolute local path of a path or ``file://`` URI; None for other URIs (remote storage)."""
+    text = str(item)
+    if is_uri(text):
+        parsed = urlparse(text)
+        if parsed.scheme.lower() != "file" or parsed.netloc not in ("", "localhost"):
+            return None
+        text = unquote(parsed.path)
+    return Path(text).resolve()
+
+
+def check_outputs_apart(inputs: Sequence[str], out_dir, table=None) -> None:
+    """Refuse an output folder that holds (or is) one of the local ``inputs`` (paths or ``file://`` URIs): its outputs
+    could overwrite an input (``photo.png`` -> ``photo.png``), and a re-run would take its own outputs for inputs; and
+    a ``table`` (segment --ray's Parquet file) that is an input or does not end in ``.parquet``. Raises ``ValueError``
+    naming the first such input."""
+    root = local_path(out_dir)
+    sheet = local_path(table) if table is not None else None
+    if table is not None and not str(table).partition("?")[0].lower().endswith(".parquet"):
+        raise ValueError(f"--table {table}: the table is a Parquet file; give a name ending in .parquet (any other "
+                         f"file of that name would be replaced)")
     for item in inputs:
-        if is_uri(str(item)):
+        p = local_path(item)
+        if p is None:
             continue
-        p = Path(item).resolve()
-        if p == root or root in p.parents:
+        if root is not None and (p == root or root in p.parents):
             raise ValueError(f"--out {out_dir} holds the input {item}: its outputs would overwrite inputs and a "
                              f"re-run would segment its own outputs; choose an output folder outside the inputs, "
-                             f"e.g. --out {Path(out_dir).name or 'out'}-labels next to it")
+                             f"e.g. --out {Path(str(out_dir)).name or 'out'}-labels next to it")
+        if sheet is not None and p == sheet:
+            raise ValueError(f"--table {table} is the input {item}: the table would replace it")
 
 
 def read_list_file(path: Path, *, allow_uris: bool = False) -> List[str]:

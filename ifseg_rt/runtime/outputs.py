@@ -7,7 +7,8 @@
 * :func:`encode_label_png` / :func:`encode_overlay_jpeg` are the bytes of ``<name>.png`` (palette label map, value =
   category index) and ``<name>.overlay.jpg`` (labels blended over the image, a legend below);
 * :class:`OutputDir` is a local output folder whose writes are atomic (a file that exists is complete), so a re-run
-  can skip the images whose outputs exist (``skip_existing``, the Ray path's resume);
+  can skip the images whose outputs exist (``skip_existing``, the Ray path's resume); every label map records which
+  input and which model (:func:`model_identity`) it is of, and a re-run keeps it only when both still match;
 * :func:`segment_files` segments a list of images ``batch_size`` at a time, writes their outputs and yields one
   :class:`ImageRecord` per input: a result, an error naming the input, or a skip.
 
@@ -16,7 +17,9 @@ Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +27,18 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .inputs import is_uri
 from .palette import label_image, label_png_info, plot
-from .preprocess import load_image
+from .preprocess import load_image, upright_size
 from .segmenter import SegmentationResult
 
 LABEL_SUFFIX = ".png"  # <name>.png: the label map
 OVERLAY_SUFFIX = ".overlay.jpg"  # <name>.overlay.jpg: labels over the image (--overlay)
 OVERLAY_QUALITY = 90  # JPEG quality of overlays
 TABLE_NAME = "segments.parquet"  # the per-image table segment --ray writes into the output folder
+SOURCE_KEY = "ifseg_rt:source"  # text chunks of segment's label maps: the input (absolute path or URI) ...
+MODEL_KEY = "ifseg_rt:model"  # ... and the model (model_identity) they are of
+TEMP_NAME_BYTES = 200  # longest temporary file name OutputDir uses (file systems allow 255 bytes a name)
 
 
 def output_names(sources: Sequence[Union[str, Path]]) -> List[str]:
@@ -53,11 +60,31 @@ def output_files(name: str, overlay: bool = False) -> List[str]:
     return [name + LABEL_SUFFIX] + ([name + OVERLAY_SUFFIX] if overlay else [])
 
 
-def encode_label_png(labels: np.ndarray, num_classes: int) -> bytes:
-    """``HxW`` labels -> the bytes of the palette PNG (:func:`~ifseg_rt.runtime.palette.label_image`)."""
+def encode_label_png(labels: np.ndarray, num_classes: int, *, source: Optional[str] = None,
+                     model: Optional[str] = None) -> bytes:
+    """``HxW`` labels -> the bytes of the palette PNG (:func:`~ifseg_rt.runtime.palette.label_image`); ``source`` and
+    ``model`` are recorded in it (:data:`SOURCE_KEY`, :data:`MODEL_KEY`) when given."""
+    info = label_png_info()
+    for key, value in ((SOURCE_KEY, source), (MODEL_KEY, model)):
+        if value is not None:
+            info.add_text(key, value)  # UTF-8 (iTXt) where Latin-1 cannot hold it
     buf = io.BytesIO()
-    label_image(labels, num_classes).save(buf, format="PNG", pnginfo=label_png_info())
+    label_image(labels, num_classes).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def model_identity(segmenter) -> str:
+    """A short hash of what decides a segmenter's labels: its model directory's manifest (the weights' hashes, the
+    categories, the image policy), the precision it runs and its kNN settings."""
+    what = {"manifest": segmenter.spec.raw, "categories": list(segmenter.categories),
+            "precision": segmenter.precision, "knn": segmenter.knn.to_dict()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_identity(source: str, local: Optional[str] = None) -> str:
+    """How a label map names its input: the URI, or the absolute path of the local file (``local``: where a relative
+    ``source`` was resolved)."""
+    return source if is_uri(source) else str(Path(local or source).resolve())
 
 
 def encode_overlay_jpeg(image: np.ndarray, labels: np.ndarray, categories: Sequence[str]) -> bytes:
@@ -97,7 +124,8 @@ class OutputDir:
     def write(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / name
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        stem = name if len(name.encode()) <= TEMP_NAME_BYTES else hashlib.sha256(name.encode()).hexdigest()
+        tmp = path.with_name(f".{stem}.{os.getpid()}.tmp")  # a name near 255 bytes must not fail for its temporary
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -164,7 +192,9 @@ def segment_files(segmenter, sources: Sequence[str], names: Sequence[str], out, 
     out : an :class:`OutputDir` (or any object with ``exists(name)``, ``read(name)``, ``write(name, bytes)``)
     overlay : also write the overlays
     batch_size : images per engine call (equal network sizes are batched)
-    skip_existing : leave an image whose outputs all exist as it is (its record reads the label map back)
+    skip_existing : leave an image whose outputs all exist as it is (its record reads the label map back), when its
+        label map records this source and this model (:func:`model_identity`); one without those records (an older
+        ifseg_rt's) is kept when its size is the image's. Any other is segmented again and replaced
     indices : each source's position in the whole input list (default 0, 1, ...)
     local_paths : ``{position in sources: local file}`` read instead of the source (a downloaded remote input);
         error messages still name the source
@@ -178,12 +208,13 @@ def segment_files(segmenter, sources: Sequence[str], names: Sequence[str], out, 
     indices = list(range(len(sources))) if indices is None else list(indices)
     local_paths = local_paths or {}
     m = len(segmenter.categories)
+    model = model_identity(segmenter)
     todo = []
     for i, (src, name) in enumerate(zip(sources, names)):
         if skip_existing and all(out.exists(f) for f in output_files(name, overlay)):
-            try:
-                labels = decode_label_png(out.read(name + LABEL_SUFFIX))
-            except (OSError, ValueError):  # not a label map we wrote: segment it again
+            labels = _kept_labels(out.read(name + LABEL_SUFFIX), source_identity(src, local_paths.get(i)), model,
+                                  local_paths.get(i, src))
+            if labels is None:  # another image's or another model's map, or not one we wrote: segment it again
                 todo.append(i)
                 continue
             counts = np.bincount(labels.ravel(), minlength=m)[:m]
@@ -201,8 +232,29 @@ def segment_files(segmenter, sources: Sequence[str], names: Sequence[str], out, 
                 reason = getattr(r, "reason", str(r)).replace(path, src)
                 yield ImageRecord(indices[i], src, name, error=error_message(src, reason))
                 continue
-            out.write(name + LABEL_SUFFIX, encode_label_png(r.labels, m))
+            out.write(name + LABEL_SUFFIX, encode_label_png(r.labels, m, source=source_identity(src, local_paths.get(i)),
+                                                            model=model))
             if overlay:
                 out.write(name + OVERLAY_SUFFIX, encode_overlay_jpeg(load_image(path), r.labels, r.categories))
             yield ImageRecord(indices[i], src, name, result=r, pixel_counts=r.pixel_counts(),
                               original_size=tuple(r.original_size), timings=dict(r.timings))
+
+
+def _kept_labels(data: bytes, source: str, model: str, path: str) -> Optional[np.ndarray]:
+    """The labels of an existing label map when a re-run may keep it (see :func:`segment_files`), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            text = dict(getattr(im, "text", {}))
+            labels = np.asarray(im).astype(np.int64)
+    except (OSError, ValueError):
+        return None
+    if SOURCE_KEY in text or MODEL_KEY in text:
+        return labels if text.get(SOURCE_KEY) == source and text.get(MODEL_KEY) == model else None
+    if is_uri(path):  # an older map of a remote input: nothing local to compare with
+        return labels
+    try:
+        return labels if upright_size(path) == labels.shape else None
+    except (OSError, SyntaxError):
+        return labels  # the input cannot be read now: keep the map, segmenting it would fail anyway

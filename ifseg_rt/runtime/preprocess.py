@@ -210,6 +210,20 @@ def load_image(image: ImageLike, *, max_pixels: Optional[int] = None) -> np.ndar
                     f"an HxWx3 uint8 array")
 
 
+def upright_size(path: Union[str, Path]) -> Tuple[int, int]:
+    """(H, W) of an image file as :func:`load_image` returns it (EXIF orientations 5-8 swap the sides), read from its
+    header without decoding pixels. Raises ``OSError`` (``PIL.UnidentifiedImageError`` included) for unreadable
+    files."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        try:
+            swap = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        except Exception:  # unreadable EXIF block: load_image ignores it too
+            swap = False
+        return (im.width, im.height) if swap else (im.height, im.width)
+
+
 def _upright(im):
     """Apply the EXIF orientation tag (rotate/flip to the displayed orientation); images without one are unchanged."""
     from PIL import ImageOps

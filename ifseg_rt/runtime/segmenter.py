@@ -23,7 +23,8 @@ import numpy as np
 from ..knn import BACKENDS as KNN_BACKENDS
 from ..knn.settings import KnnSettings
 from ..system import MAX_THREADS, bf16_without_amx
-from .backends import BF16_BACKENDS, create_backend, installed, resolve_backend, resolve_device
+from .backends import (BF16_BACKENDS, BackendUnavailable, create_backend, installed, resolve_backend,
+                       resolve_device)
 from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
 from .preprocess import ImageLike, load_image, network_input, token_grid
@@ -204,40 +205,8 @@ class Segmenter:
         ModelDirError for a missing, malformed, tampered or unloadable model directory (the message names the field
         or file); BackendUnavailable when the backend cannot run here
         """
-        _check_threads(backend_options.get("threads"))
-        _check_knn_backend(knn_backend)
-        spec = model_dir if isinstance(model_dir, ModelSpec) else load_model_dir(model_dir)
-        device = resolve_device(device)
+        spec, device, name, precision = cls._plan(model_dir, backend, device, precision, knn_backend, backend_options)
         on_gpu = device.startswith("cuda")
-        if not on_gpu:
-            if precision is None:  # the directory's default, unless the caller chose a backend that cannot run it
-                default = spec.precisions.get(spec.precision)
-                precision = spec.precision if default is not None and backend in ("auto", default.backend) \
-                    else "fp32"
-                if precision == "bf16" and default.backend == "openvino" and backend == "auto" \
-                        and not installed("openvino"):
-                    warnings.warn(f"{spec.source} defaults to bf16 on OpenVINO, which is not installed here: running "
-                                  f"fp32 on onnxruntime (pip install openvino for bf16)", RuntimeWarning, stacklevel=2)
-                    precision = "fp32"
-                elif precision == "bf16" and backend == "auto" and (slow := bf16_without_amx(default.backend)):
-                    # bf16 pays only with AMX: without it int8 (where offered) or fp32 is the faster choice
-                    faster = "int8" if "int8" in spec.precisions else "fp32"
-                    warnings.warn(f"{spec.source} defaults to bf16; {slow}: running "
-                                  f"{faster} on {spec.precisions[faster].backend} (pass precision='bf16' to insist)",
-                                  RuntimeWarning, stacklevel=2)
-                    precision = faster
-            # torch runs any weights in bfloat16 on request, OpenVINO any split graph (the agreement is recorded
-            # only for the engine the export measured)
-            on_request = precision == "bf16" and backend in BF16_BACKENDS
-            if precision not in spec.precisions and not on_request:
-                raise ModelDirError(f"{spec.source} offers the CPU precisions {sorted(spec.precisions)}, not "
-                                    f"{precision!r}; re-export it with --precision {precision}")
-            rec = spec.precisions.get(precision) or PrecisionSpec(precision, backend)
-            if backend == "auto" and precision != "fp32":
-                backend = rec.backend
-            elif backend not in ("auto", rec.backend) and precision != "fp32" and not on_request:
-                raise ValueError(f"precision {precision!r} runs on the {rec.backend} backend, not {backend!r}")
-        name = resolve_backend(backend, device, spec)
         if name == "tensorrt":
             backend_options.pop("threads", None)  # a CPU-thread count means nothing to a TensorRT engine
         if precision is not None:
@@ -252,6 +221,61 @@ class Segmenter:
         if seg.agreement is None and seg.precision == "fp32":  # the reference itself
             seg.agreement = {"pixels": 1.0, "reference": "fp32", "images": 0, "backend": seg.backend.name}
         return seg
+
+    @classmethod
+    def check_load(cls, model_dir: Union[str, Path, ModelSpec], backend: str = "auto", device: str = "cpu", *,
+                   precision: Optional[str] = None, knn_backend: str = "auto", **backend_options) -> str:
+        """What :meth:`load` checks before it builds an engine, without building one (a driver that will load the
+        model on other machines, e.g. ``segment --ray``): the model directory, the precision and backend choice, the
+        device, and that the backend's library is installed here. Raises the same errors; returns the backend's
+        name."""
+        _, device, name, _ = cls._plan(model_dir, backend, device, precision, knn_backend, dict(backend_options))
+        if name == "tensorrt" and not device.startswith("cuda"):
+            raise BackendUnavailable("the tensorrt backend runs on device='cuda' only")
+        if name == "openvino" and device != "cpu":
+            raise BackendUnavailable(f"the openvino backend runs on the CPU only, not {device!r}")
+        if not installed(name):
+            raise BackendUnavailable(f"the {name} backend needs `pip install {name}`, which is not installed here")
+        return name
+
+    @classmethod
+    def _plan(cls, model_dir, backend: str, device: str, precision: Optional[str], knn_backend: str,
+              backend_options: Dict[str, Any]) -> Tuple[ModelSpec, str, str, Optional[str]]:
+        """(spec, device, backend name, precision) of a :meth:`load`, every argument checked."""
+        _check_threads(backend_options.get("threads"))
+        _check_knn_backend(knn_backend)
+        spec = model_dir if isinstance(model_dir, ModelSpec) else load_model_dir(model_dir)
+        device = resolve_device(device)
+        on_gpu = device.startswith("cuda")
+        if not on_gpu:
+            if precision is None:  # the directory's default, unless the caller chose a backend that cannot run it
+                default = spec.precisions.get(spec.precision)
+                precision = spec.precision if default is not None and backend in ("auto", default.backend) \
+                    else "fp32"
+                if precision == "bf16" and default.backend == "openvino" and backend == "auto" \
+                        and not installed("openvino"):
+                    warnings.warn(f"{spec.source} defaults to bf16 on OpenVINO, which is not installed here: running "
+                                  f"fp32 on onnxruntime (pip install openvino for bf16)", RuntimeWarning, stacklevel=3)
+                    precision = "fp32"
+                elif precision == "bf16" and backend == "auto" and (slow := bf16_without_amx(default.backend)):
+                    # bf16 pays only with AMX: without it int8 (where offered) or fp32 is the faster choice
+                    faster = "int8" if "int8" in spec.precisions else "fp32"
+                    warnings.warn(f"{spec.source} defaults to bf16; {slow}: running "
+                                  f"{faster} on {spec.precisions[faster].backend} (pass precision='bf16' to insist)",
+                                  RuntimeWarning, stacklevel=3)
+                    precision = faster
+            # torch runs any weights in bfloat16 on request, OpenVINO any split graph (the agreement is recorded
+            # only for the engine the export measured)
+            on_request = precision == "bf16" and backend in BF16_BACKENDS
+            if precision not in spec.precisions and not on_request:
+                raise ModelDirError(f"{spec.source} offers the CPU precisions {sorted(spec.precisions)}, not "
+                                    f"{precision!r}; re-export it with --precision {precision}")
+            rec = spec.precisions.get(precision) or PrecisionSpec(precision, backend)
+            if backend == "auto" and precision != "fp32":
+                backend = rec.backend
+            elif backend not in ("auto", rec.backend) and precision != "fp32" and not on_request:
+                raise ValueError(f"precision {precision!r} runs on the {rec.backend} backend, not {backend!r}")
+        return spec, device, resolve_backend(backend, device, spec), precision
 
     @classmethod
     def from_model(cls, model, categories: Optional[Sequence[str]] = None, *, policy=None,
