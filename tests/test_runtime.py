@@ -203,7 +203,8 @@ def _set(d, path, value):
     ("knn.k", 0, "'knn.k' must be in [1, 33], got 0"),
     ("knn.iters", "25", "'knn.iters' must be an integer"),
     ("knn.iters", 10 ** 9, "'knn.iters' must be in [0, 1000], got 1000000000"),
-    ("knn.temperature", 0, "'knn.temperature' must be a number in (0,"),
+    ("knn.temperature", 0, "'knn.temperature' must be a number in [0.001,"),
+    ("knn.temperature", 1e-300, "'knn.temperature' must be a number in [0.001, 10000], got 1e-300"),
     ("image.policy", {"mode": "short_side", "size": None, "short_side": 40000, "max_long_side": 40000,
                       "multiple": 1}, "allows network inputs of up to 40000x40000 px = 6250000 cells"),
     ("image.policy", {"mode": "fixed", "size": [60000, 60000], "short_side": 512, "max_long_side": 2048,
@@ -235,6 +236,42 @@ def test_malformed_manifest(model_dir, tmp_path, path, value, msg):
     (d / "ifseg.json").write_text(json.dumps(m))
     with pytest.raises(ModelDirError, match=msg.replace("(", r"\(").replace("[", r"\[")):
         Segmenter.load(d, backend="onnxruntime")
+
+
+def test_from_model_and_infer_arguments(segofa, model_dir):
+    """from_model takes knn as load() does (a bool switched kNN on whatever it said), refuses a dict or a string where
+    settings, a policy or a list of names belong; infer() refuses one image where it takes a list (it iterated a
+    path's characters); the sharpest temperature still gives finite probabilities."""
+    from ifseg_rt.knn import KnnSettings
+    from ifseg_rt.runtime import ImageError
+
+    cats = list(CATEGORIES)
+    assert Segmenter.from_model(segofa, cats, knn=False).knn.enabled is False
+    assert Segmenter.from_model(segofa, cats, knn=True).knn == KnnSettings()
+    for kw, msg in (({"knn": {"k": 3}}, "knn must be None, a bool or a KnnSettings"),
+                    ({"policy": {"short_side": 64}}, "policy must be an ImagePolicy"),
+                    ({"categories": ",".join(cats)}, "categories must be a list of names")):
+        with pytest.raises(TypeError, match=msg):
+            Segmenter.from_model(segofa, **{"categories": cats, **kw})
+    with pytest.raises(ValueError, match=rf"{len(cats) - 1} category names for a model of {len(cats)} categories"):
+        Segmenter.from_model(segofa, cats[:-1])
+    seg = _small(Segmenter.load(model_dir, backend="onnxruntime", threads=1,
+                                knn=KnnSettings(enabled=False, temperature=1e-3)), size=(32, 48))
+    img = _image(32, 48)
+    for one in ("photo.png", img, b"\x89PNG"):
+        with pytest.raises(TypeError, match="infer takes a list of images"):
+            seg.infer(one)
+    assert len(seg.infer(im for im in [img, img])) == 2
+    assert isinstance(seg.infer(["missing.png"], return_exceptions=True)[0], ImageError)
+    p = seg.seg(img, return_probabilities=True).probabilities
+    assert np.isfinite(p).all() and np.allclose(p.sum(-1), 1, atol=1e-5)
+    s = KnnSettings(k=np.int64(5), iters=np.int32(2), temperature=np.float32(0.5))
+    assert (s.k, s.iters, s.temperature) == (5, 2, 0.5) and type(s.k) is int and type(s.temperature) is float
+    for bad in (10 ** 400, 1e-300, 0.0, float("nan"), np.bool_(True), "1"):
+        with pytest.raises(ValueError, match="'knn.temperature' must be a number in"):
+            KnnSettings(temperature=bad)
+    with pytest.raises(ModelDirError, match="fp16 runs on a GPU only"):
+        Segmenter.load(model_dir, precision="fp16")
 
 
 def test_thread_and_knn_backend_arguments_are_checked_at_load(model_dir):

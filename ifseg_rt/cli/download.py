@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..download import BPE_BASE_URL, OFA_BASE_URL, REGISTRY, DownloadError, download
+from ..download import BPE_BASE_URL, OFA_BASE_URL, REGISTRY, DownloadArgumentError, DownloadError, download
 from .args import HelpFormatter
 
 
@@ -31,9 +31,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         path = download(args.name, Path(args.to), url_base=args.url_base, bpe_base=args.bpe_base,
                         bpe=not args.no_bpe, progress=not args.no_progress)
-    except DownloadError as e:
+    except DownloadError as e:  # an unusable argument (found before any download): 2; a failed download: 1
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, DownloadArgumentError) else 1
     bpe_dir = Path(args.to) / "ofa-bpe"
     print("\nnext, adapt it to your categories (image-free; --device cuda on a GPU):\n  " + " ".join(
         ["python", "-m", "ifseg_rt", "adapt", "--checkpoint", shlex.quote(str(path)), "--bpe-dir",

@@ -7,8 +7,11 @@ and validate them through :class:`KnnSettings`. Torch-free.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping
+
+import numpy as np
 
 from ._cuda import MAX_L
 
@@ -18,6 +21,7 @@ DEFAULT_TEMPERATURE = 1.0  # softmax temperature before averaging
 MAX_K = MAX_L + 1  # the CUDA kernel keeps up to 33 neighbours per cell (knn_kernel.cuh); far above any useful value
 MAX_ITERS = 1000  # the averaging converges long before; a typo such as 10**9 would otherwise hang a request
 MAX_TEMPERATURE = 1e4
+MIN_TEMPERATURE = 1e-3  # sharper is the arg-max already; float32 logits / a denormal temperature become NaN
 # How the CPU backend finds the neighbours (``ifseg_rt.knn.knn_average(..., screen=)``): "int16" screens candidates with
 # 16-bit integer similarities and ranks them by their exact fp32 ones, "fp32" is the exact fp32 search, "auto" screens
 # where the CPU has AMX-INT8 (else fp32). An execution choice, not a model setting: not in KnnSettings.
@@ -47,14 +51,20 @@ class KnnSettings:
         for name, hi in (("k", MAX_K), ("iters", MAX_ITERS)):
             v = getattr(self, name)
             lo = 1 if name == "k" else 0
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"'knn.{name}' must be an integer, got {v!r}")
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"'knn.{name}' must be an integer, got {v!r} ({type(v).__name__})")
             if not lo <= v <= hi:
                 raise ValueError(f"'knn.{name}' must be in [{lo}, {hi}], got {v}")
+            object.__setattr__(self, name, int(v))  # numpy integers too, stored as int
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
-                or not 0 < t <= MAX_TEMPERATURE:
-            raise ValueError(f"'knn.temperature' must be a number in (0, {MAX_TEMPERATURE:g}], got {t!r}")
+        try:
+            ok = not isinstance(t, (bool, np.bool_)) and isinstance(t, numbers.Real) \
+                and math.isfinite(float(t)) and MIN_TEMPERATURE <= float(t) <= MAX_TEMPERATURE
+        except OverflowError:  # an int beyond float's range
+            ok = False
+        if not ok:
+            raise ValueError(f"'knn.temperature' must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
+                             f"{t!r}")
         object.__setattr__(self, "temperature", float(t))
 
     def k_for(self, cells: int) -> int:

@@ -3,7 +3,7 @@
 
 from .model_dir import ModelDirError, ModelSpec, load_model_dir
 from .preprocess import ImagePolicy, load_image
-from .segmenter import SegmentationResult, Segmenter
+from .segmenter import ImageError, SegmentationResult, Segmenter
 
-__all__ = ["Segmenter", "SegmentationResult", "ModelDirError", "ModelSpec", "load_model_dir", "ImagePolicy",
-           "load_image"]
+__all__ = ["Segmenter", "SegmentationResult", "ImageError", "ModelDirError", "ModelSpec", "load_model_dir",
+           "ImagePolicy", "load_image"]

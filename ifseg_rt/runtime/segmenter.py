@@ -27,7 +27,7 @@ from .backends import (BF16_BACKENDS, BackendUnavailable, create_backend, instal
                        resolve_device)
 from .model_dir import ModelDirError, ModelSpec, PrecisionSpec, load_model_dir, spec_for_model
 from .postprocess import cell_probabilities, cell_scores, is_torch, labels_from_scores
-from .preprocess import ImageLike, load_image, network_input, token_grid
+from .preprocess import ImageLike, ImagePolicy, load_image, network_input, token_grid
 
 STAGES = ("preprocess", "engine", "knn", "resize_argmax", "total")  # ms per image; the engine time of a batch is shared
 
@@ -268,8 +268,10 @@ class Segmenter:
             # only for the engine the export measured)
             on_request = precision == "bf16" and backend in BF16_BACKENDS
             if precision not in spec.precisions and not on_request:
+                how = ("fp16 runs on a GPU only (device='cuda')" if precision == "fp16" else
+                       f"re-export it with --precision {precision}")
                 raise ModelDirError(f"{spec.source} offers the CPU precisions {sorted(spec.precisions)}, not "
-                                    f"{precision!r}; re-export it with --precision {precision}")
+                                    f"{precision!r}; {how}")
             rec = spec.precisions.get(precision) or PrecisionSpec(precision, backend)
             if backend == "auto" and precision != "fp32":
                 backend = rec.backend
@@ -279,7 +281,7 @@ class Segmenter:
 
     @classmethod
     def from_model(cls, model, categories: Optional[Sequence[str]] = None, *, policy=None,
-                   knn: Optional[KnnSettings] = None, device: str = "cpu", dtype: Optional[str] = None,
+                   knn: Union[None, bool, KnnSettings] = None, device: str = "cpu", dtype: Optional[str] = None,
                    threads: Optional[int] = None, knn_backend: str = "auto") -> "Segmenter":
         """Wrap an in-memory :class:`~ifseg_rt.model.SegOFA` (with its prompt set) without exporting it: the torch
         backend runs it as it is (the caller's model is only switched to eval mode while it runs). Used by ``eval``
@@ -289,13 +291,25 @@ class Segmenter:
         ----------
         categories : names (default ``class_0 ...``)
         policy : :class:`~ifseg_rt.runtime.ImagePolicy` (default: the paper's short side 512)
-        knn : kNN settings (default: the paper's K = 3, 25 iterations)
+        knn : kNN settings (default: the paper's K = 3, 25 iterations; a bool switches them on/off)
         dtype : "fp32" (default), or "bf16"/"fp16" autocast
         """
         from .backends.torch_backend import TorchBackend
 
         _check_threads(threads)
+        if isinstance(categories, str):
+            raise TypeError(f"categories must be a list of names, e.g. {categories.split(',')[:2]!r}, not one string")
+        if policy is not None and not isinstance(policy, ImagePolicy):
+            raise TypeError(f"policy must be an ImagePolicy (e.g. ImagePolicy(short_side=512)), got "
+                            f"{type(policy).__name__}")
+        if isinstance(knn, bool):  # as load() takes it: the default settings, switched on or off
+            knn = KnnSettings(enabled=knn)
+        elif knn is not None and not isinstance(knn, KnnSettings):
+            raise TypeError(f"knn must be None, a bool or a KnnSettings (e.g. KnnSettings(k=5)), got "
+                            f"{type(knn).__name__}")
         names = list(categories) if categories is not None else [f"class_{i}" for i in range(model.num_categories)]
+        if len(names) != model.num_categories:
+            raise ValueError(f"{len(names)} category names for a model of {model.num_categories} categories")
         spec = spec_for_model(names, model.config.to_dict(), feature_dim=model.config.image_feature_dim,
                               policy=policy, knn=knn)
         backend = TorchBackend.from_model(model, spec, device=resolve_device(device), dtype=dtype, threads=threads)
@@ -334,8 +348,11 @@ class Segmenter:
 
         Holds every image's outputs at once: for long lists prefer :meth:`seg`, which post-processes as it goes.
         """
+        if isinstance(images, (str, bytes, bytearray, memoryview, np.ndarray, Path)) or hasattr(images, "getpixel"):
+            raise TypeError(f"infer takes a list of images; for one {type(images).__name__}, pass [image]")
+        images = list(images)  # any iterable of images (a generator too)
         out: List[Any] = [None] * len(images)
-        for i, o in self._stream(list(images), batch_size):
+        for i, o in self._stream(images, batch_size):
             if isinstance(o, ImageError) and not return_exceptions:
                 raise o
             out[i] = o
