@@ -389,6 +389,36 @@ def test_plan_pool():
 def test_output_names_are_decided_from_the_whole_list():
     assert output_names(["a/x.png", "b/x.png", "c/x_1.png", "x.jpg", "s3://b/y.png?region=eu", "y.tif"]) == \
         ["x", "x_1", "x_1_1", "x_2", "y", "y_1"]
+    assert output_names(["d/x?y=1.png", "s3://b/x?y=1.png"]) == ["x?y=1", "x"]  # '?' is part of a local name
+
+
+def test_ctrl_c_on_ray_says_how_far_it_got(monkeypatch, data, model_dir, tmp_path):
+    def interrupted(*a, on_progress=None, **k):
+        on_progress(7)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "segment_dataset", interrupted)
+    rc, _, stderr = _cli(["segment", str(data[0] / "images"), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                          "--ray"])
+    assert rc == 130 and "interrupted: 7 images done in" in stderr and "run the same command again" in stderr, stderr
+
+
+def test_an_unreachable_cluster_address_fails_at_once():
+    """Ray retries an address nobody listens on for minutes; the driver checks it first (a TCP connection)."""
+    import socket
+
+    from ifseg_rt.distributed.cluster import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for address in (f"127.0.0.1:{closed}", f"ray://127.0.0.1:{closed}"):
+        with pytest.raises(RuntimeError, match=rf"cannot reach the Ray cluster at --ray {address} \("):
+            check_reachable(address, timeout_s=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        check_reachable(f"ray://127.0.0.1:{s.getsockname()[1]}")
 
 
 def test_list_images(tmp_path):

@@ -106,15 +106,21 @@ def _segment_on_ray(args: argparse.Namespace) -> int:
 
     opts = segmenter_options(args)
     opts.pop("threads", None)  # per actor: from the pool plan
+    done = [0]
     try:
         summary = segment_dataset(args.inputs, args.model, args.out, overlay=args.overlay,
                                   batch_size=args.batch_size, address=args.ray, actors=args.actors,
                                   threads=args.threads, gpus_per_actor=args.gpus_per_actor, table=args.table,
                                   overwrite=args.overwrite, progress=not args.no_progress,
-                                  on_error=lambda e: print(f"error: {e}", file=sys.stderr), **opts)
+                                  on_error=lambda e: print(f"error: {e}", file=sys.stderr),
+                                  on_progress=lambda n: done.__setitem__(0, n), **opts)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # RayUnavailable, ModelDirError included
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{done[0]} images done in {args.out} (their label maps are written; the table "
+                                f"is not); run the same command again to continue (images whose outputs exist are "
+                                f"skipped)") from None
     p = summary.plan
     print(f"{summary.images} image(s) on {p.actors} actor(s) x {p.threads} thread(s)"
           + (f" x {p.num_gpus:g} GPU" if p.num_gpus else "") + f" in {summary.seconds:.1f} s")

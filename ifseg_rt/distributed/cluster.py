@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Dict, Optional
 from ..system import available_cores
 
 RAY_HINT = "pip install 'ifseg_rt[ray]'"
+CONNECT_TIMEOUT_S = 10.0  # an existing cluster's address must accept a connection within this
 MAX_BLOCK_ROWS = 256  # images per Ray Data block (one actor call); fewer for small inputs, to balance the actors
 BLOCKS_PER_ACTOR = 8  # aim for at least this many blocks per actor
 # Environment of a private local Ray, set before ray is first imported: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
@@ -87,7 +89,13 @@ def init_ray(address: Optional[str] = "local", *, num_cpus: Optional[int] = None
         return False
     level = logging.WARNING if quiet else logging.INFO
     if not local:
-        ray.init(address=address, logging_level=level)
+        if address != "auto":
+            check_reachable(address)
+        try:
+            ray.init(address=address, logging_level=level)
+        except ConnectionError as e:  # "auto" without a cluster on this machine; Ray's text names its own flags
+            raise RuntimeError(f"cannot connect to a Ray cluster at --ray {address}: {str(e).splitlines()[0]} "
+                               f"(start one with `ray start --head`, or use --ray local)") from None
         return True
     if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray was imported before require_ray could set it
@@ -105,6 +113,19 @@ def init_ray(address: Optional[str] = "local", *, num_cpus: Optional[int] = None
                            f"ifseg_rt could set {', '.join(f'{k}={v}' for k, v in LOCAL_ENV.items())}; set them "
                            f"before importing ray, or start Ray yourself (ray.init) and ifseg_rt uses it")
     return True
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """A cluster address (``host:port`` or ``ray://host:port``) must accept a TCP connection within ``timeout_s``:
+    Ray itself keeps retrying an unreachable one for minutes. Raises ``RuntimeError`` naming it."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at --ray {address} ({e}); is its head node running and "
+                           f"the port open from here?") from None
 
 
 def shutdown_ray() -> None:

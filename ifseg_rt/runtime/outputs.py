@@ -46,13 +46,18 @@ def output_names(sources: Sequence[Union[str, Path]]) -> List[str]:
     used = set()
     names = []
     for src in sources:
-        base = Path(str(src).partition("?")[0]).stem  # a URI's query string is not part of its name
+        base = Path(_without_query(src)).stem
         stem, k = base, 1
         while stem in used:
             stem, k = f"{base}_{k}", k + 1
         used.add(stem)
         names.append(stem)
     return names
+
+
+def _without_query(source) -> str:
+    """A URI without its query string (not part of its name); a local path as it is (``?`` is a legal character)."""
+    return str(source).partition("?")[0] if is_uri(str(source)) else str(source)
 
 
 def output_files(name: str, overlay: bool = False) -> List[str]:
@@ -170,11 +175,11 @@ def summary_line(record: ImageRecord, categories: Sequence[str]) -> str:
     """``name.png: 480x640 -> 512x683 (32x43 cells, HxW), sky 40%, road 31%, car 9%; 85 ms`` for a result;
     ``name.png: done before (NAME.png kept)`` for a skipped one."""
     if record.skipped:
-        return f"{Path(record.source.partition('?')[0]).name}: done before ({record.name}{LABEL_SUFFIX} kept)"
+        return f"{Path(_without_query(record.source)).name}: done before ({record.name}{LABEL_SUFFIX} kept)"
     r = record.result
     counts = record.pixel_counts / r.labels.size
     top = ", ".join(f"{categories[i]} {100 * counts[i]:.0f}%" for i in np.argsort(-counts)[:3] if counts[i] > 0)
-    return (f"{Path(record.source.partition('?')[0]).name}: {r.original_size[0]}x{r.original_size[1]} -> "
+    return (f"{Path(_without_query(record.source)).name}: {r.original_size[0]}x{r.original_size[1]} -> "
             f"{r.input_size[0]}x{r.input_size[1]} ({r.grid[0]}x{r.grid[1]} cells, HxW), {top}; "
             f"{r.timings['total']:.0f} ms")
 
