@@ -170,8 +170,11 @@ def test_onnxruntime_cuda_provider_must_load(model_dir, monkeypatch):
         def __getattr__(self, name):
             return getattr(self._session, name)
 
+    import ifseg_rt.runtime.backends as backends
+
     monkeypatch.setattr(ort, "InferenceSession", Session)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(backends, "_no_nvidia_driver", lambda: False)  # as on a machine with a GPU driver
     loaded[:] = ["CPUExecutionProvider"]  # available is not loaded: e.g. cuDNN missing, the session fell back
     with pytest.raises(BackendUnavailable, match=r"could not start its CUDA provider .*'CPUExecutionProvider'"):
         Segmenter.load(model_dir, backend="onnxruntime", device="cuda:1")
