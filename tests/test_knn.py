@@ -337,6 +337,10 @@ def test_bad_inputs(backend):
         knn.knn_indices(f.astype(np.int32), 3, backend=backend)
     with pytest.raises(TypeError, match="probs must be float32 or float64, got float16"):
         knn.knn_average(f, p.astype(np.float16), backend=backend)
+    with pytest.raises(TypeError, match=r"features is a masked array, whose mask kNN cannot honour"):
+        knn.knn_average(np.ma.masked_array(f, mask=f > 0), p, backend=backend)
+    with pytest.raises(TypeError, match=r"probs is a masked array"):
+        knn.knn_average(f, np.ma.masked_array(p), backend=backend)
     for bad in (np.nan, np.inf):
         g = f.copy()
         g[1, 3, 2] = bad

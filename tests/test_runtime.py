@@ -263,6 +263,14 @@ def test_from_model_and_infer_arguments(segofa, model_dir):
             seg.infer(one)
     assert len(seg.infer(im for im in [img, img])) == 2
     assert isinstance(seg.infer(["missing.png"], return_exceptions=True)[0], ImageError)
+    out = seg.infer([img])[0]
+    for bad, msg in ((dataclasses.replace(out, logits=out.logits.ravel()), r"need logits of shape \(6, 5\)"),
+                     (dataclasses.replace(out, features=out.features[:-1]), r"features of shape \(6, C\)"),
+                     (dataclasses.replace(out, grid=(2,)), "a \\(rows, columns\\) grid")):
+        with pytest.raises(ValueError, match=msg):
+            seg.finish(bad)
+    with pytest.raises(TypeError, match="finish takes the CellOutputs of Segmenter.infer"):
+        seg.finish(out.logits)
     p = seg.seg(img, return_probabilities=True).probabilities
     assert np.isfinite(p).all() and np.allclose(p.sum(-1), 1, atol=1e-5)
     s = KnnSettings(k=np.int64(5), iters=np.int32(2), temperature=np.float32(0.5))

@@ -147,6 +147,10 @@ def check_args(features, probs, k, iters):
 
 
 def _host_inputs(features, probs, check_finite):
+    for name, a in (("features", features), ("probs", probs)):
+        if isinstance(a, np.ma.MaskedArray):  # np.asarray would drop the mask and use the hidden values
+            raise TypeError(f"{name} is a masked array, whose mask kNN cannot honour; pass {name}.filled(value) or "
+                            f"leave the masked rows out")
     if _torch_tensor(features):
         features = features.detach()
         if str(features.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly

@@ -103,6 +103,21 @@ class CellOutputs:
     timings: Dict[str, float] = field(default_factory=dict)  # preprocess, engine
 
 
+def _check_cell_outputs(out: "CellOutputs", m: int) -> None:
+    """``out`` as :meth:`Segmenter.infer` makes it: N x M logits and N x C features for a grid of N cells."""
+    if not isinstance(out, CellOutputs):
+        raise TypeError(f"finish takes the CellOutputs of Segmenter.infer, got {type(out).__name__}")
+    try:
+        n = int(out.grid[0]) * int(out.grid[1])
+        shapes = tuple(out.logits.shape), tuple(out.features.shape)
+    except (TypeError, ValueError, IndexError, AttributeError):
+        raise ValueError(f"CellOutputs need array logits and features and a (rows, columns) grid, got grid "
+                         f"{out.grid!r}") from None
+    if shapes[0] != (n, m) or len(shapes[1]) != 2 or shapes[1][0] != n:
+        raise ValueError(f"CellOutputs of a {out.grid[0]}x{out.grid[1]} grid need logits of shape ({n}, {m}) and "
+                         f"features of shape ({n}, C), got {shapes[0]} and {shapes[1]}")
+
+
 def _check_threads(threads) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or not 1 <= threads <= MAX_THREADS):
@@ -362,6 +377,7 @@ class Segmenter:
                return_probabilities: bool = False) -> SegmentationResult:
         """Post-process one image's :class:`CellOutputs` (with the segmenter's kNN settings, or ``knn``)."""
         settings = self.knn if knn is None else self._knn(knn)
+        _check_cell_outputs(out, self.spec.num_categories)
         on_gpu = is_torch(out.logits) and out.logits.is_cuda
         t0 = time.perf_counter()
         with _device_of(out.logits):
