@@ -321,6 +321,12 @@ def test_client_errors(server, images, tmp_path):
     assert isinstance(out[0], ImageError) and "empty" in out[0].reason
     assert out[1].labels.shape == (64, 64)
     assert isinstance(out[2], ImageError) and out[2].index == 2
+    with pytest.raises(ImageError, match="image 1") as e:  # an item unreadable here: named by its index too
+        client.seg([images["scene3.png"], tmp_path / "missing.jpg"])
+    assert e.value.index == 1
+    with pytest.raises(ServeError, match=r"does not adapt on request \(it has no model 'ifseg_adapt'\): start it "
+                                         r"with serve --base"):
+        client.adapt(["sky", "grass"])
     assert client.is_ready()
     # a body above --max-body-bytes: 413 from its Content-Length alone (the body is never sent)
     with socket.create_connection(("127.0.0.1", server.ports["http"]), timeout=30) as s:

@@ -56,6 +56,12 @@ MALFORMED = {
     "priority beyond 64 bits": (json.dumps({"inputs": [_input()], "parameters": {"priority": 2 ** 70}}), "'priority'"),
     "a lone surrogate": (b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
                          "valid Unicode"),
+    # Triton's classification extension on the BYTES output killed tritonserver (SIGFPE); on the others it is noise
+    "classification": (json.dumps({"inputs": [_input()], "outputs": [{"name": "labels_png", "parameters": {
+        "classification": 2}}]}), "parameter 'classification' (Triton's classification extension) is not supported"),
+    "negative sequence_id": (json.dumps({"inputs": [_input()], "parameters": {"sequence_id": -5}}), "'sequence_id'"),
+    "sequence_id beyond 64 bits": (json.dumps({"inputs": [_input()], "parameters": {"sequence_id": 2 ** 70}}),
+                                   "'sequence_id'"),
 }
 # well-formed requests (valid KServe; the model may still refuse them): the front must not refuse any
 WELL_FORMED = {
@@ -64,7 +70,6 @@ WELL_FORMED = {
     "output parameters": {"inputs": [_input()], "outputs": [{"name": "grid", "parameters": {"binary_data": False}}],
                           "parameters": {"binary_data_output": False}},
     "custom parameters": {"inputs": [_input(parameters={"note": "a"})], "parameters": {"x": 1.5, "sequence_id": "s"}},
-    "classification": {"inputs": [_input()], "outputs": [{"name": "grid", "parameters": {"classification": 1}}]},
     "nested data": {"inputs": [_input(data=[["x"]])]},
 }
 
@@ -83,7 +88,7 @@ def test_well_formed_requests_pass_the_check():
                                      "parameters": {"binary_data_size": 8}}]}).encode()
     body = header + b"\x04\x00\x00\x00abcd"
     check_infer_request(body, str(len(header)))  # the binary extension: only the header is JSON
-    for bad in ("x", "0", str(len(body) + 1), "-3"):
+    for bad in ("x", "0", str(len(body) + 1), "-3", "1_5", "\u0661\u0665"):  # int() reads the last two; Triton not
         with pytest.raises(MalformedRequest, match=HEADER_LENGTH):
             check_infer_request(body, bad)
 
@@ -115,7 +120,8 @@ def test_the_front_normalises_what_it_forwards():
         def _answer(self):
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
-            seen.append((self.command, self.path, self.headers.get("Content-Type"), len(body)))
+            seen.append((self.command, self.path, self.headers.get("Content-Type"), len(body),
+                         self.headers.get("Accept-Encoding")))
             reply = b'{"ok": true}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -136,12 +142,12 @@ def test_the_front_normalises_what_it_forwards():
     try:
         body = json.dumps({"inputs": [_input()]}).encode()
         assert _post(url, body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 200
-        assert seen[-1] == ("POST", "/v2/models/ifseg/infer", "application/json", len(body))
+        assert seen[-1][:4] == ("POST", "/v2/models/ifseg/infer", "application/json", len(body))
         header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
                                          "parameters": {"binary_data_size": 8}}]}).encode()
         binary = header + b"\x04\x00\x00\x00abcd"
         assert _post(url, binary, {"Content-Type": "text/plain", HEADER_LENGTH: str(len(header))})[0] == 200
-        assert seen[-1][2:] == ("application/octet-stream", len(binary))
+        assert seen[-1][2:4] == ("application/octet-stream", len(binary))
         conn = http.client.HTTPConnection(url, timeout=10)
         conn.request("HEAD", "/v2/health/ready")
         r = conn.getresponse()
@@ -151,6 +157,35 @@ def test_the_front_normalises_what_it_forwards():
         assert status == 400 and "cannot be read" in answer["error"]
         assert _post(url, gzip.compress(body), {"Content-Encoding": "gzip"})[0] == 200  # real gzip: decompressed
         assert seen[-1][3] == len(body)
+        # Triton is asked for what the client accepts, identity when it says nothing (it gzipped answers for curl)
+        conn = http.client.HTTPConnection(url, timeout=10)
+        conn.putrequest("POST", "/v2/models/ifseg/infer", skip_accept_encoding=True)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        assert conn.getresponse().status == 200 and seen[-1][4] == "identity"
+        conn.close()
+        _post(url, body, {"Accept-Encoding": "gzip"})
+        assert seen[-1][4] == "gzip"
+        n = len(seen)
+        for path, code in (("/v2/models/ifseg/./infer", 400), ("/v2/./models/ifseg/infer", 400),
+                           ("/v2/models/x/../ifseg/infer", 400), ("/v2/models/ifseg/generate", 404),
+                           ("/v2/models/ifseg/versions/1/generate_stream", 404)):
+            conn = http.client.HTTPConnection(url, timeout=10)  # sent as written (urllib would normalise the path)
+            conn.request("POST", path, body=b"{", headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == code and ("'.' or '..' segments" if code == 400 else "generate extension") in \
+                json.loads(r.read())["error"], path
+            conn.close()
+        conn = http.client.HTTPConnection(url, timeout=10)
+        conn.putrequest("POST", "/v2/models/ifseg/infer")
+        for v in (str(len(header)), "5"):  # the front checked the first and forwarded the last
+            conn.putheader(HEADER_LENGTH, v)
+        conn.putheader("Content-Length", str(len(binary)))
+        conn.endheaders(binary)
+        r = conn.getresponse()
+        assert r.status == 400 and "given more than once" in json.loads(r.read())["error"]
+        conn.close()
+        assert len(seen) == n  # none of them reached the upstream
     finally:
         front.stop()
         upstream.shutdown()

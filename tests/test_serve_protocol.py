@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,34 @@ def test_shared_memory_is_checked_before_the_start(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="model directory not found"):
         start_server(tmp_path / "missing", tmp_path / "work", ServeOptions(instances=1), announce=lines.append)
     assert len(lines) == 1 and "need 100 MiB of shared memory; /dev/shm has 64 MiB free" in lines[0]
+
+
+def test_stop_after_a_crash_takes_the_orphaned_workers(tmp_path):
+    """tritonserver killed by a signal leaves its python-backend stubs orphaned in its session, holding its log pipe:
+    stop() must kill what is left of the session and not block on the pipe (`serve` used to hang there, ready file in
+    place, until the stub was killed by hand)."""
+    import subprocess
+    import threading
+
+    from ifseg_rt.serve.tritonserver import TritonServer
+
+    server = TritonServer(tmp_path, http_port=0, grpc_port=0, metrics_port=0, http_front=False)
+    pid_file = tmp_path / "stub.pid"
+    # "tritonserver": starts a "stub" that ignores SIGTERM and keeps stdout, then dies of SIGFPE
+    server.process = subprocess.Popen(
+        ["sh", "-c", f"sh -c 'trap \"\" TERM; echo $$ > {pid_file}; exec sleep 300' & sleep 0.3; kill -FPE $$"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    server._reader = threading.Thread(target=server._read, daemon=True)
+    server._reader.start()
+    assert server.process.wait(30) == -8
+    stub = int(pid_file.read_text())
+    done = threading.Thread(target=server.stop, daemon=True)
+    done.start()
+    done.join(60)
+    assert not done.is_alive(), "stop() blocked on the crashed server's log pipe"
+    try:
+        os.kill(stub, 0)
+        alive = Path(f"/proc/{stub}/stat").read_text().split()[2] != "Z"  # a zombie nobody reaps is gone
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive, "the orphaned worker outlived stop()"

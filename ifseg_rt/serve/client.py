@@ -284,10 +284,11 @@ class Client:
         for i, img in enumerate(image):
             try:
                 out.append(self._seg_one(img, i, return_probabilities, info, vocabulary))
-            except (ImageError, FileNotFoundError, TypeError, ValueError) as e:
+            except (ImageError, FileNotFoundError, TypeError, ValueError) as e:  # one naming the item, as seg() does
+                err = e if isinstance(e, ImageError) else ImageError(i, _describe(img), str(e))
                 if not return_exceptions:
-                    raise
-                out.append(e if isinstance(e, ImageError) else ImageError(i, _describe(img), str(e)))
+                    raise err from None
+                out.append(err)
         return out
 
     def _target(self, vocabulary: Optional[str]) -> _ModelInfo:
@@ -327,8 +328,14 @@ class Client:
         else:
             inp.set_data_from_numpy(arr)
             outs = [tc.InferRequestedOutput(RESPONSE)]
-        r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs, **self._deadline()),
-                       what=f"the adaptation request to model '{ENDPOINT}'")
+        try:
+            r = self._call(lambda c: c.infer(ENDPOINT, inputs=[inp], outputs=outs, **self._deadline()),
+                           what=f"the adaptation request to model '{ENDPOINT}'")
+        except ServeError as e:
+            if "unknown model" not in str(e).lower():
+                raise
+            raise ServeError(f"the server at {self.url} does not adapt on request (it has no model '{ENDPOINT}'): "
+                             f"start it with serve --base CHECKPOINT --bpe-dir DIR --adapt-dir DIR", e.status) from None
         return json.loads(bytes(r.as_numpy(RESPONSE).reshape(-1)[0]))
 
     def adapt(self, categories: Union[str, Sequence[str]], *, steps: Optional[int] = None, seed: Optional[int] = None,

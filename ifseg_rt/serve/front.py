@@ -38,6 +38,9 @@ from .telemetry import RefusalLog
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe binary extension: the JSON header's length in the body
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$")
+# Triton's generate extension maps JSON fields to tensors: no way to send an encoded image, and a malformed body is
+# a 500 there; ifseg_rt models answer /infer only
+GENERATE_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/generate(?:_stream)?$")
 MAX_DIMENSION = 2 ** 31  # a tensor dimension at or beyond this is no image batch (and was truncated to 32 bits)
 REFUSED = "ifseg_http_refused"
 RESPONSES = "ifseg_http_responses"
@@ -53,7 +56,10 @@ _REQUEST_PARAMS = {"binary_data_output": _BOOL, "priority": _INT, "timeout": _IN
                    "sequence_end": _BOOL}
 _SHM_PARAMS = {"shared_memory_region": _STR, "shared_memory_byte_size": _INT, "shared_memory_offset": _INT}
 _INPUT_PARAMS = {"binary_data_size": _INT, **_SHM_PARAMS}
-_OUTPUT_PARAMS = {"binary_data": _BOOL, "classification": _INT, **_SHM_PARAMS}
+_OUTPUT_PARAMS = {"binary_data": _BOOL, **_SHM_PARAMS}
+# Triton's classification extension: on a BYTES output (labels_png) it killed tritonserver (SIGFPE), on the others
+# it gives indices that mean nothing for a label map; no ifseg_rt output is a classification
+_REFUSED_OUTPUT_PARAMS = ("classification",)
 
 
 class MalformedRequest(ValueError):
@@ -83,8 +89,8 @@ def _check_params(params: Any, where: str, known: Dict[str, str]) -> None:
             if kind == _INT and not 0 <= v < 2 ** 64:  # Triton reads these as 64-bit unsigned
                 raise MalformedRequest(f"{where}: parameter '{key}' must be in [0, 2^64), not {v}")
         elif key == "sequence_id":
-            if not (_is_int(v) or isinstance(v, str)):
-                raise MalformedRequest(f"{where}: parameter 'sequence_id' must be an integer or a string")
+            if not ((_is_int(v) and 0 <= v < 2 ** 64) or isinstance(v, str)):
+                raise MalformedRequest(f"{where}: parameter 'sequence_id' must be an integer in [0, 2^64) or a string")
         elif not isinstance(v, (str, int, float)):  # bool is an int
             raise MalformedRequest(f"{where}: parameter '{key}' must be a string, number or boolean")
 
@@ -148,10 +154,10 @@ def check_infer_request(body: bytes, header_length: Optional[str] = None) -> Non
     MalformedRequest naming the field
     """
     if header_length is not None:
-        try:
-            n = int(header_length.strip())
-        except ValueError:
-            raise MalformedRequest(f"header {HEADER_LENGTH} must be an integer, not {header_length[:40]!r}") from None
+        text = header_length.strip()
+        if not (text.isascii() and text.isdigit()):  # int() also takes "1_5" and other scripts' digits; Triton not
+            raise MalformedRequest(f"header {HEADER_LENGTH} must be a decimal integer, not {header_length[:40]!r}")
+        n = int(text)
         if not 0 < n <= len(body):
             raise MalformedRequest(f"header {HEADER_LENGTH} = {n} is outside the body's {len(body)} bytes")
         body = body[:n]
@@ -196,6 +202,10 @@ def check_infer_request(body: bytes, header_length: Optional[str] = None) -> Non
             raise MalformedRequest(f"outputs[{i}] must be a JSON object with a string 'name'")
         if "parameters" in t:
             _check_params(t["parameters"], f"output '{t['name'][:64]}'", _OUTPUT_PARAMS)
+            refused = [k for k in _REFUSED_OUTPUT_PARAMS if k in t["parameters"]]
+            if refused:
+                raise MalformedRequest(f"output '{t['name'][:64]}': parameter '{refused[0]}' (Triton's classification "
+                                       f"extension) is not supported by ifseg_rt models")
 
 
 def bind(address: str, port: int) -> socket.socket:
@@ -339,6 +349,13 @@ class HttpFront:
 
         if self.draining:
             return self._refuse(503, "draining", "the server is shutting down", request)
+        if any(part in (".", "..") for part in request.path.split("/")):  # forwarded normalised: no check would see it
+            return self._refuse(400, "malformed", f"the path {request.path[:200]!r} has '.' or '..' segments", request)
+        if GENERATE_PATH.match(request.path):
+            return self._refuse(404, "malformed", "ifseg_rt models answer /v2/models/<name>/infer (KServe v2), not "
+                                "Triton's generate extension", request)
+        if len(request.headers.getall(HEADER_LENGTH, [])) > 1:
+            return self._refuse(400, "malformed", f"the header {HEADER_LENGTH} is given more than once", request)
         infer = request.method == "POST" and INFER_PATH.match(request.path) is not None
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
@@ -361,6 +378,8 @@ class HttpFront:
                 self.responses[400] += 1
                 return self._refuse(400, "malformed", str(e), request)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP | {"content-type"}}
+        if "Accept-Encoding" not in request.headers:  # else the client session asks Triton for gzip on its behalf
+            headers["Accept-Encoding"] = "identity"
         if body:  # what Triton parses: JSON, or a JSON header + binary tensors (a form Content-Type on a body of a
             # few MB made tritonserver crash: the front never forwards the client's)
             binary = HEADER_LENGTH in request.headers  # case-insensitive

@@ -582,10 +582,14 @@ class TritonServer:
                         self.process.kill()
                     self.process.wait()
             code = self.process.returncode
+            try:  # what is left of its session: python-backend stubs orphaned by a crash of Triton hold its log pipe
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             if self._reader is not None:
                 self._reader.join(timeout=5)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
+            if self.process.stdout is not None and (self._reader is None or not self._reader.is_alive()):
+                self.process.stdout.close()  # (a reader still blocked in read() holds its lock: close would wait)
         self._cleanup()
         return code
 
