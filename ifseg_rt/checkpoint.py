@@ -389,6 +389,15 @@ def load_checkpoint(path: Union[str, os.PathLike], *, num_categories: Optional[i
     -------
     LoadedCheckpoint with the model in eval mode
     """
+    try:  # before the file is read: a device or dtype the model cannot live on is the caller's typo
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or a torch.device), got {device!r}: {e}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}, but torch sees no CUDA GPU here (torch {torch.__version__}); use 'cpu'")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype (torch.float32, torch.bfloat16, ...), got "
+                         f"{dtype!r}")
     path = Path(path)
     if path.is_dir():
         for name in (WEIGHTS_FILE, "pytorch_model.bin", "checkpoint.pt"):
@@ -570,6 +579,13 @@ def save_checkpoint(model: Union[OFA, SegOFA], path: Union[str, os.PathLike], *,
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_checkpoint writes .safetensors files, got {path.name}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float16), got {dtype!r}: weights "
+                         f"cast to it would be lost")
+    if isinstance(categories, str):
+        raise TypeError(f"categories must be a list of names, not one string ({categories[:40]!r})")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the .safetensors file to write")
     state = checkpoint_state(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

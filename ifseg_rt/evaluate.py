@@ -15,6 +15,7 @@ numbers). Images and label maps are matched by file stem; scores are accumulated
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .files import RUN_FILE, read_text
 from .knn.settings import KnnSettings
 from .metrics import LABEL_MODES, LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
 from .runtime.model_dir import MANIFEST
@@ -39,7 +41,8 @@ def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", p
 
     Parameters
     ----------
-    policy : image policy for checkpoints (default: the paper's short side 512); an exported model keeps its own
+    policy : image policy for checkpoints (default: the one a run directory's run.json records, else the paper's
+        short side 512); an exported model keeps its own
     knn : fields overriding the model's kNN settings (``ifseg.json``, or those the checkpoint records, else the
         paper's K = 3, 25 iterations, temperature 1), e.g. ``{"k": 5}``
     precision : an exported model's precision ("fp32", "int8", "bf16"; default: its own), or the torch compute
@@ -85,6 +88,12 @@ def load_segmenter(model_path, *, device: str = "auto", backend: str = "auto", p
                                     max_length=model.config.max_positions)
         model.set_categories(prompt.src_ids, prompt.category_ids, update_table=False)
     settings = (loaded.knn or KnnSettings()).replace(**overrides)
+    if policy is None and path.is_dir() and (path / RUN_FILE).is_file():  # the size the run adapted / validated for
+        try:
+            recorded = json.loads(read_text(path / RUN_FILE)).get("image_policy")
+            policy = ImagePolicy.from_dict(recorded) if recorded else None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path / RUN_FILE}: its image_policy cannot be read ({e}); pass --short-side") from None
     return Segmenter.from_model(model, categories, policy=policy, knn=settings, device=dev, dtype=precision,
                                 threads=threads)
 

@@ -160,6 +160,8 @@ class OFATokenizer:
             if not Path(value).is_file():
                 raise FileNotFoundError(f"tokenizer file not found: {value} ({name}; the {kind} set is expected)")
         merges = _read_merges(Path(vocab_bpe if use_fs else merges_txt))
+        vocab_file = Path(encoder_json if use_fs else vocab_json)
+        check_merges(_read_json_vocab(vocab_file), merges, vocab_bpe if use_fs else merges_txt, vocab_file)
         if use_fs:
             return cls._from_fairseq(Path(encoder_json), merges, Path(dict_txt), num_codes, num_bins)
         return cls._from_hf(Path(vocab_json), merges, num_codes, num_bins)
@@ -404,6 +406,27 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             raise ValueError(f"{path}:{n}: expected a merge 'a b', got {line.rstrip()!r}")
         merges.append((parts[0], parts[1]))
     return merges
+
+
+_NOT_MERGED = re.compile(r"^(<.*>|madeupword\d+)$")  # symbols of a vocabulary that no merge makes (<|endoftext|>)
+
+
+def check_merges(vocab: dict[str, int], merges, merges_path, vocab_path) -> None:
+    """The merges and the vocabulary must be one tokenizer's: every merge joins two pieces of the vocabulary into a
+    third, and every piece longer than one character comes from a merge. A truncated vocab.bpe / merges.txt (or one
+    of another tokenizer) would otherwise split words differently without an error (the model then reads another
+    prompt). Raises ``ValueError`` naming the file and what differs."""
+    made = set()
+    for n, (a, b) in enumerate(merges, 1):
+        missing = [p for p in (a, b, a + b) if p not in vocab]
+        if missing:
+            raise ValueError(f"{merges_path}: merge {n} ('{a} {b}') uses {missing[0]!r}, which {vocab_path} does not "
+                             f"hold: the two files are not one tokenizer's")
+        made.add(a + b)
+    unmade = [p for p in vocab if len(p) > 1 and p not in made and not _NOT_MERGED.match(p)]
+    if unmade:
+        raise ValueError(f"{merges_path} has {len(merges)} merges, but {len(unmade)} piece(s) of {vocab_path} come from "
+                         f"none (e.g. {unmade[0]!r}): the merges file is truncated or of another tokenizer")
 
 
 def _byte_level_bpe(vocab: dict[str, int], merges, unk_token: str) -> Tokenizer:

@@ -381,3 +381,39 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="cannot read .*m.safetensors as safetensors"):
         load_checkpoint(path)
+
+
+def test_load_checkpoint_checks_device_and_dtype_before_reading(tmp_path):
+    """They used to fail inside torch (AssertionError 'Torch not compiled with CUDA', a TypeError) after the whole file
+    was read."""
+    import torch
+
+    from ifseg_rt.checkpoint import load_checkpoint
+
+    missing = tmp_path / "not-read.pt"  # never opened: the arguments fail first
+    for kw, msg in (({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+                    ({"dtype": torch.int64}, "dtype must be a floating-point torch dtype"),
+                    ({"dtype": "float16"}, "dtype must be a floating-point torch dtype")):
+        with pytest.raises(ValueError, match=msg):
+            load_checkpoint(missing, **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU here"):
+            load_checkpoint(missing, device="cuda")
+
+
+def test_save_checkpoint_refuses_what_it_would_lose(tmp_path):
+    import torch
+
+    from conftest import tiny_segofa
+
+    from ifseg_rt.checkpoint import save_checkpoint
+
+    model = tiny_segofa(3)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch dtype"):
+        save_checkpoint(model, tmp_path / "m.safetensors", dtype=torch.int8)  # wrote all-zero weights
+    with pytest.raises(TypeError, match="categories must be a list of names"):
+        save_checkpoint(model, tmp_path / "m.safetensors", categories="abc")  # 3 one-letter names
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        save_checkpoint(model, tmp_path / "d.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))

@@ -89,3 +89,25 @@ def test_bad_categories(value, message, capsys):
 def test_missing_model_is_reported(tmp_path, capsys):
     assert main(["--quick", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "lacks model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--lr", "1.5"], "--lr must be in (0, 1]"),
+                                           (["--lr", "nan"], "--lr must be in (0, 1]"),
+                                           (["--seed", "-1"], "--seed: must be >= 0")])
+def test_bad_options_are_refused_before_any_work(argv, message, tmp_path, capsys):
+    """They used to fail inside numpy / AdaptOptions after the scenes were rendered and the baseline scored."""
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--out", str(tmp_path / "o"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_is_not_the_nano_checkpoint_is_one_error_line(tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(NANO_DIR, bad)
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    assert main(["--quick", "--model", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.safetensors" in err and "Traceback" not in err

@@ -179,6 +179,11 @@ def test_export_uses_the_image_policy_the_run_records(tmp_path, capsys):
                 "--overwrite"]) == EXIT_USAGE
     assert "holds files that are not part of its model (notes.txt)" in capsys.readouterr().err
     assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+    # eval on the run directory itself scores at the same size (it used to take the paper's 512 px silently)
+    from ifseg_rt.evaluate import load_segmenter
+
+    assert load_segmenter(run_dir, device="cpu").spec.policy == ImagePolicy(short_side=256, max_long_side=1024)
+    assert load_segmenter(run_dir, device="cpu", policy=ImagePolicy(short_side=64)).spec.policy.short_side == 64
 
 
 def test_adapt_records_its_validation_policy(tmp_path):
@@ -224,6 +229,20 @@ def test_output_paths_are_checked_before_any_work(model_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             cli(cmd)
         assert e.value.code == EXIT_USAGE and f"--json {folder} is a folder" in capsys.readouterr().err
+    # an output file that is an input, or lies in one, would replace it (bench --json MODEL/ifseg.json broke the model)
+    manifest = (model_dir / "ifseg.json").read_bytes()
+    label = tmp_path / "photos" / "p0.png"
+    for cmd, out in ((["bench", "--model", str(model_dir)], model_dir / "ifseg.json"),
+                     (["eval", "--model", str(model_dir), "--images", str(tmp_path / "photos"), "--labels",
+                       str(tmp_path / "photos")], label)):
+        with pytest.raises(SystemExit) as e:
+            cli(cmd + ["--json", str(out)])
+        assert e.value.code == EXIT_USAGE and f"--json {out} is inside the input" in capsys.readouterr().err
+    assert (model_dir / "ifseg.json").read_bytes() == manifest and label.read_bytes()[:4] == b"\x89PNG"
+    for flags in (["--device", "cuda"], ["--no-knn"], ["--precision", "int8"], ["--batch-size", "2"]):
+        with pytest.raises(SystemExit) as e:  # bench --formats used to ignore them and record them as measured
+            cli(["bench", "--model", str(model_dir), "--formats", *flags])
+        assert e.value.code == EXIT_USAGE and "not apply with --formats" in capsys.readouterr().err, flags
     (tmp_path / "file").write_text("x")
     assert cli(["export", str(make_run_dir(tmp_path)), "--out", str(tmp_path / "file")]) == EXIT_USAGE
     assert "is a file; the export writes a directory" in capsys.readouterr().err

@@ -103,6 +103,29 @@ def test_cli_rejects_bad_size(capsys):
     assert "multiple of 16" in capsys.readouterr().err
 
 
+def test_cli_refuses_unusable_options_before_training(tmp_path, capsys):
+    """lr inf trained a NaN model (exit 0), lr -1/nan crashed inside torch, --eval-samples -1 crashed after the whole
+    training, --seed -1 inside numpy; an --out holding files (an adapted run, the shipped model) was overwritten.
+    `python -m ifseg_rt pretrain_nano` is a command too."""
+    from ifseg_rt.cli import COMMANDS, cli
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"an adapted model")
+    for argv, msg in ((["--lr", "inf"], "lr must be in (0, 1]"), (["--lr", "nan"], "lr must be in (0, 1]"),
+                      (["--lr", "-1"], "lr must be in (0, 1]"), (["--lr", "0"], "lr must be in (0, 1]"),
+                      (["--eval-samples", "-1"], "must be >= 0"), (["--seed", "-1"], "must be >= 0"),
+                      (["--out", str(tmp_path / "run")], "already holds files (model.safetensors)")):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "new"), "--steps", "1", *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"an adapted model"
+    assert not (tmp_path / "new").exists()
+    assert "pretrain_nano" in COMMANDS
+    with pytest.raises(SystemExit):  # dispatched to the command (an unknown command returns 2 with the usage)
+        cli(["pretrain_nano", "--out", str(tmp_path / "new"), "--lr", "inf"])
+    assert "lr must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_shipped_checkpoint_matches_its_card():
     model_file = SHIPPED / "model.safetensors"
     if not model_file.is_file():

@@ -344,3 +344,26 @@ def test_damaged_bpe_files_and_indistinguishable_names(tok, tmp_path):
     (d / "encoder.json").write_text('{"a": 1,', encoding="utf-8")
     with pytest.raises(ValueError, match=r"encoder.json: not valid JSON"):
         OFATokenizer.from_dir(d)
+
+
+def test_merges_and_vocabulary_must_be_one_tokenizer(tmp_path):
+    """A truncated vocab.bpe split 'sky' into two pieces without an error (another prompt for the model); a merge of
+    pieces the vocabulary lacks failed inside the tokenizers library."""
+    from conftest import write_tiny_bpe
+
+    from ifseg_rt.tokenizer import OFATokenizer
+
+    d = tmp_path / "bpe"
+    write_tiny_bpe(d)
+    full = OFATokenizer.from_dir(d)
+    lines = (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    (d / "vocab.bpe").write_text("\n".join(lines[:len(lines) // 2]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab.bpe has \d+ merges, but \d+ piece\(s\) of .*encoder.json come from "
+                                         r"none .*truncated or of another tokenizer"):
+        OFATokenizer.from_dir(d)
+    (d / "vocab.bpe").write_text("\n".join(lines + ["zz qq"]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"merge {len(lines)} \('zz qq'\) uses 'zz', which .*encoder.json does not "
+                                         rf"hold"):
+        OFATokenizer.from_dir(d)
+    (d / "vocab.bpe").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert OFATokenizer.from_dir(d).encode(" sky") == full.encode(" sky")

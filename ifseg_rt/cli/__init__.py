@@ -22,12 +22,13 @@ COMMANDS = {
     "demo": ("ifseg_rt.cli.demo", "main", "end-to-end demo on the embedded nano model and synthetic world"),
     "download": ("ifseg_rt.cli.download", "main", "fetch an official English OFA checkpoint + BPE files, checked"),
     "serve": ("ifseg_rt.cli.serve", "main", "Triton Inference Server (HTTP/gRPC) around an exported model"),
+    "pretrain_nano": ("ifseg_rt.cli.pretrain_nano", "main", "pretrain the embedded nano model on the synthetic world"),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m ifseg_rt COMMAND [options]     (or: ifseg-rt COMMAND [options])", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, (_, _, text) in COMMANDS.items()]
+    lines += [f"  {name:<13} {text}" for name, (_, _, text) in COMMANDS.items()]
     lines += ["", "options:", "  -h, --help     this message", "  -V, --version  the installed version", "",
               "Run `python -m ifseg_rt COMMAND --help` for a command's options and examples."]
     return "\n".join(lines)

@@ -148,6 +148,21 @@ def check_output_file(path, flag: str) -> None:
     _check_writable(p, p.parent, flag, path)
 
 
+def check_output_apart(path, flag: str, inputs) -> None:
+    """Refuse an output file that is one of the command's ``inputs`` (files or folders) or lies in one of them: the
+    model directory's manifest, a label map or the checkpoint being read would be replaced."""
+    if path is None:
+        return
+    out = Path(path).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).resolve()
+        if out == src or src in out.parents:
+            raise argparse.ArgumentTypeError(f"{flag} {path} is {'inside ' if out != src else ''}the input {item}: "
+                                             f"it would be overwritten; write it elsewhere")
+
+
 def check_output_dir(path, flag: str) -> None:
     """Refuse, before any work, an output folder that is a file, lies under a file, or cannot be written."""
     p = Path(path)
@@ -207,7 +222,7 @@ def segmenter_options(args: argparse.Namespace) -> dict:
             "knn": False if args.no_knn else None}
     if args.precision:
         opts["precision"] = args.precision
-    if args.threads and args.backend in ("onnxruntime", "torch", "auto"):
+    if args.threads and args.backend in ("onnxruntime", "openvino", "torch", "auto"):
         opts["threads"] = args.threads
     return opts
 

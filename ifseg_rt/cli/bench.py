@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..benchmark import available_cores, cpu_model, format_table, formats, measure
-from ..evaluate import find_pairs
+from ..evaluate import check_pairs, find_pairs
 from ..runtime import Segmenter
 from ..runtime.preprocess import MAX_PIXELS, load_image
 from ..system import amx_bf16
 from ..world import render_scene
-from .args import (HelpFormatter, add_model_arguments, check_output_file, examples, image_size, non_negative_int,
+from .args import (HelpFormatter, add_model_arguments, check_output_apart, check_output_file, examples, image_size, non_negative_int,
                    positive_int, segmenter_options)
 
 
@@ -50,8 +50,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--images and --labels go together")
     if args.images and not args.formats:
         p.error("--images/--labels score each row of --formats; pass --formats too")
+    if args.formats:  # it runs every backend x precision on the CPU, with and without kNN, one image at a time
+        ignored = [flag for flag, given in (("--device", args.device not in ("auto", "cpu")),
+                                            ("--backend", args.backend != p.get_default("backend")),
+                                            ("--precision", args.precision is not None),
+                                            ("--no-knn", args.no_knn), ("--no-verify", args.no_verify),
+                                            ("--batch-size", args.batch_size != p.get_default("batch_size")))
+                   if given]
+        if ignored:
+            p.error(f"{', '.join(ignored)} do(es) not apply with --formats, which times every backend x precision of "
+                    f"the model on the CPU, with and without kNN, one image at a time")
     try:
         check_output_file(args.json, "--json")
+        check_output_apart(args.json, "--json", [args.model, args.images, args.labels, *(args.image or [])])
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     try:
@@ -72,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             if args.images:
                 pairs = find_pairs(args.images, args.labels)
+                check_pairs(pairs)  # every pair's headers, before the first row is timed
             rows = formats(args.model, images, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                            pairs=pairs)
         except (ValueError, RuntimeError, ImportError, FileNotFoundError) as e:

@@ -11,7 +11,10 @@ from typing import Optional, Sequence
 from ..nano.demo import (NANO_DIR, QUICK, DemoSettings, format_results, parse_demo_categories, prepare_out,
                          run_demo)
 from ..world import CATEGORY_NAMES, DEFAULT_DEMO_CATEGORIES
-from .args import HelpFormatter, examples, patch_multiple, positive_int, positive_thread_count
+from ..adapt.options import MAX_LR
+from ..checkpoint import CheckpointError
+from .args import (HelpFormatter, check_output_dir, examples, non_negative_int, patch_multiple, positive_int,
+                   positive_thread_count)
 
 
 
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=positive_int, default=None, help=f"evaluation scenes (default: {d.images}; {q.images} with --quick)")
     p.add_argument("--size", type=patch_multiple, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
     p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
+    p.add_argument("--seed", type=non_negative_int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
     p.add_argument("--threads", type=positive_thread_count, default=None,
                    help="CPU threads for every engine (default: the idle cores available to this process)")
     p.add_argument("--self-train", type=positive_int, default=None, metavar="N",
@@ -62,8 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                if getattr(args, k) is not None}
     if changes.get("overlays", 0) < 0:
         parser.error("--overlays must be >= 0")
-    if "lr" in changes and not changes["lr"] > 0:
-        parser.error(f"--lr must be > 0, got {changes['lr']}")
+    if "lr" in changes and not 0 < changes["lr"] <= MAX_LR:  # NaN fails both comparisons
+        parser.error(f"--lr must be in (0, {MAX_LR:g}], got {changes['lr']}")
+    try:
+        check_output_dir(args.out, "--out")
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
     settings = DemoSettings(**{**base.__dict__, **changes})
     try:
         prepare_out(Path(args.out), args.overwrite)
@@ -72,6 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, CheckpointError) as e:  # a --model that is not the nano model's checkpoint and vocabulary
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print()
     print(f"{len(names)} categories: {', '.join(names)}; {settings.images} held-out scenes of {settings.size} px")
     print(format_results(results))

@@ -16,8 +16,8 @@ from ..runtime import ModelDirError
 from ..runtime.preprocess import ImagePolicy
 from . import UsageError
 from .args import (HelpFormatter, add_engine_arguments, add_knn_backend_argument, add_label_offset_argument,
-                   add_ray_arguments,
-                   check_output_file, check_ray_arguments, examples, non_negative_int, positive_int)
+                   add_ray_arguments, check_output_apart, check_output_file, check_ray_arguments, examples,
+                   non_negative_int, positive_int)
 
 IGNORED_WARNING = 0.5  # warn when more of the label pixels than this are ignore pixels
 
@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p, threads_help="CPU threads of the engine",
                          precision_help="an exported model's precision (default: the one it was exported for), or "
                                         "the compute precision of checkpoints (default fp32; bf16/fp16 = autocast)")
-    p.add_argument("--short-side", type=positive_int, default=512,
-                   help="checkpoints: resize the short image side to this (the paper's evaluation: 512)")
-    p.add_argument("--max-long-side", type=positive_int, default=2048,
-                   help="checkpoints: cap the long image side at this (the paper: 2048)")
+    p.add_argument("--short-side", type=positive_int, default=None,
+                   help="checkpoints: resize the short image side to this (default: the size a run directory "
+                        "recorded, else the paper's evaluation: 512)")
+    p.add_argument("--max-long-side", type=positive_int, default=None,
+                   help="checkpoints: cap the long image side at this (default: a run's, else the paper's 2048)")
     p.add_argument("--bpe-dir", default=None,
                    help="OFA BPE files, only for checkpoints that name their categories but carry no token ids")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -75,12 +76,16 @@ def main(argv=None) -> int:
         p.error("--batch-size applies to single-process eval; with --ray each actor scores one image at a time")
     try:
         check_output_file(args.json_out, "--json")
+        check_output_apart(args.json_out, "--json", [args.model, args.images, args.labels])
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     failed: List[str] = []
     try:
         pairs = find_pairs(args.images, args.labels, limit=args.limit)
-        policy = ImagePolicy(short_side=args.short_side, max_long_side=args.max_long_side)
+        policy = None  # a run directory's recorded policy, else the paper's
+        if args.short_side is not None or args.max_long_side is not None:
+            short = args.short_side or 512
+            policy = ImagePolicy(short_side=short, max_long_side=args.max_long_side or max(2048, short))
         knn = {"k": args.knn_k, "iters": args.knn_iters, "temperature": args.temperature}
         if args.ray is not None:  # the same per-image scoring (predict_pair) on a Ray actor pool
             out = evaluate_dataset(pairs, args.model, address=args.ray, actors=args.actors, threads=args.threads,

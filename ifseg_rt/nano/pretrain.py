@@ -60,6 +60,16 @@ class PretrainOptions:
     seed: int = 0
     threads: int = 2  # torch intra-op threads
 
+    def __post_init__(self):
+        from ..adapt.options import MAX_LR
+
+        for name, lo in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("size", 16), ("seed", 0), ("threads", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"pretraining {name} must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= MAX_LR):  # NaN fails both comparisons
+            raise ValueError(f"pretraining lr must be in (0, {MAX_LR:g}], got {self.lr}")
+
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
