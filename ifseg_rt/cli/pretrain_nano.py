@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..nano import pretrain as P
-from .args import check_output_dir, non_negative_int, patch_multiple, positive_int, positive_thread_count
+from .args import (HelpFormatter, check_output_dir, examples, non_negative_int, patch_multiple, positive_int,
+                   positive_thread_count)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = P.PretrainOptions()
-    p = argparse.ArgumentParser(prog="python -m ifseg_rt.pretrain_nano", description=P.__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ifseg_rt pretrain_nano", formatter_class=HelpFormatter,
+        description="Pretrain the embedded nano VL model on the synthetic world, OFA-style (captioning, VQA, region "
+                    "classification, box grounding); ~19 min on 2 cores with the defaults.",
+        epilog=examples("python -m ifseg_rt pretrain_nano --out my-nano",
+                        "python -m ifseg_rt pretrain_nano --out my-nano --steps 300 --batch-size 16"))
     p.add_argument("--out", default="export/nano", help="output folder (checkpoint, tokenizer, report, card)")
     p.add_argument("--steps", type=positive_int, default=d.steps, help="optimiser updates")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per update")
