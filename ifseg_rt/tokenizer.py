@@ -425,8 +425,8 @@ def check_merges(vocab: dict[str, int], merges, merges_path, vocab_path) -> None
         made.add(a + b)
     unmade = [p for p in vocab if len(p) > 1 and p not in made and not _NOT_MERGED.match(p)]
     if unmade:
-        raise ValueError(f"{merges_path} has {len(merges)} merges, but {len(unmade)} piece(s) of {vocab_path} come from "
-                         f"none (e.g. {unmade[0]!r}): the merges file is truncated or of another tokenizer")
+        raise ValueError(f"{merges_path} has {len(merges)} merges, but {len(unmade)} piece(s) of {vocab_path} come "
+                         f"from none (e.g. {unmade[0]!r}): the merges file is truncated or of another tokenizer")
 
 
 def _byte_level_bpe(vocab: dict[str, int], merges, unk_token: str) -> Tokenizer:

@@ -16,8 +16,8 @@ from ..runtime import Segmenter
 from ..runtime.preprocess import MAX_PIXELS, load_image
 from ..system import amx_bf16
 from ..world import render_scene
-from .args import (HelpFormatter, add_model_arguments, check_output_apart, check_output_file, examples, image_size, non_negative_int,
-                   positive_int, segmenter_options)
+from .args import (HelpFormatter, add_model_arguments, check_output_apart, check_output_file, examples, image_size,
+                   non_negative_int, positive_int, segmenter_options)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=positive_int, default=None, help=f"evaluation scenes (default: {d.images}; {q.images} with --quick)")
     p.add_argument("--size", type=patch_multiple, default=None, help=f"scene side in px, multiple of 16 (default: {d.size}; {q.size} with --quick)")
     p.add_argument("--overlays", type=int, default=None, help=f"overlay PNGs to write (default: {d.overlays}; {q.overlays} with --quick)")
-    p.add_argument("--seed", type=non_negative_int, default=1, help="seed of the adaptation (word grids, dropout, new modules)")
+    p.add_argument("--seed", type=non_negative_int, default=1,
+                   help="seed of the adaptation (word grids, dropout, new modules)")
     p.add_argument("--threads", type=positive_thread_count, default=None,
                    help="CPU threads for every engine (default: the idle cores available to this process)")
     p.add_argument("--self-train", type=positive_int, default=None, metavar="N",

@@ -237,8 +237,8 @@ def segment_files(segmenter, sources: Sequence[str], names: Sequence[str], out, 
                 reason = getattr(r, "reason", str(r)).replace(path, src)
                 yield ImageRecord(indices[i], src, name, error=error_message(src, reason))
                 continue
-            out.write(name + LABEL_SUFFIX, encode_label_png(r.labels, m, source=source_identity(src, local_paths.get(i)),
-                                                            model=model))
+            source = source_identity(src, local_paths.get(i))
+            out.write(name + LABEL_SUFFIX, encode_label_png(r.labels, m, source=source, model=model))
             if overlay:
                 out.write(name + OVERLAY_SUFFIX, encode_overlay_jpeg(load_image(path), r.labels, r.categories))
             yield ImageRecord(indices[i], src, name, result=r, pixel_counts=r.pixel_counts(),
