@@ -184,7 +184,10 @@ def test_cli_refuses_unusable_image_and_opset_flags_before_any_work(tmp_path, ca
         raise Reached(kw)
 
     monkeypatch.setattr(cli, "export", fake_export)
+    from ifseg_rt.export.exporter import MAX_OPSET
+
     top = _constants.ONNX_MAX_OPSET  # 21-23 export and run, beyond the TorchScript exporter's documented 20
+    assert MAX_OPSET == top  # our bound follows the installed torch's (private) one
     run, out = str(make_run_dir(tmp_path)), str(tmp_path / "o")
     for extra, msg in [(["--image-size", "2048x2048"], "fixed size 2048x2048"),
                        (["--image-size", "64x64", "--short-side", "256"], "--short-side and --image-size"),

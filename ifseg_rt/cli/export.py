@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..export.exporter import export, resolve_format, validate_args
+from ..export.exporter import MAX_OPSET, MIN_OPSET, export, resolve_format, validate_args
 from ..export.precision import BF16_ENGINES, PrecisionGateError
 from ..knn.settings import KnnSettings
 from ..runtime.model_dir import MANIFEST, PRECISIONS
@@ -35,16 +35,6 @@ def _format(s: str) -> str:
         return resolve_format(s)["arg"]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _max_opset() -> int:
-    """The highest opset the installed torch exports (``ONNX_MAX_OPSET``: 23 in torch 2.13; above it the export fails
-    after the model is loaded; 21-23 export and run here, beyond the TorchScript exporter's documented 20)."""
-    try:
-        from torch.onnx import _constants
-    except ImportError:
-        return 20
-    return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-knn", action="store_true", help="disable kNN post-processing (plain logits arg-max)")
     g = p.add_argument_group("ONNX")
     g.add_argument("--opset", type=int, default=18,
-                   help=f"ONNX opset (>= 17 for LayerNormalization; <= {_max_opset()}, the installed torch exporter's "
+                   help=f"ONNX opset (>= {MIN_OPSET} for LayerNormalization; <= {MAX_OPSET}, the torch exporter's "
                         "highest)")
     g.add_argument("--static-shape", type=image_size, help="export a fixed HxW graph (positions constant-folded); "
                                                   "sets a fixed image policy of that size")
@@ -234,11 +224,11 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         KnnSettings().replace(**knn)  # bounds, before minutes of export work
     except ValueError as e:
         parser.error(str(e))
-    if args.opset < 17:
-        parser.error(f"--opset must be >= 17 (LayerNormalization), got {args.opset}")
-    if args.opset > _max_opset():
-        parser.error(f"--opset must be <= {_max_opset()}, the highest the installed torch {torch.__version__} ONNX "
-                     f"exporter supports, got {args.opset}")
+    if args.opset < MIN_OPSET:
+        parser.error(f"--opset must be >= {MIN_OPSET} (LayerNormalization), got {args.opset}")
+    if args.opset > MAX_OPSET:
+        parser.error(f"--opset must be <= {MAX_OPSET}, the highest the torch {torch.__version__} ONNX exporter "
+                     f"supports, got {args.opset}")
     if args.image_size:
         try:
             policy = ImagePolicy(mode="fixed", size=args.image_size)

@@ -69,6 +69,10 @@ from .precision import MIN_AGREEMENT, PrecisionGateError, add_precisions, calibr
 
 ONNX_INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes; protobuf's 2 GB cap, with headroom for the graph
 DEFAULT_OPSET = 18  # >= 17 for LayerNormalization
+MIN_OPSET = 17  # LayerNormalization
+# the highest opset torch 2.13 exports (its ONNX_MAX_OPSET, a private constant; above it the export fails after the
+# model is loaded); 21-23 export and run here, beyond the TorchScript exporter's documented 20
+MAX_OPSET = 23
 PARITY_ATOL = 1e-3  # max |onnxruntime - torch| on logits/features accepted at export time (fp32)
 
 _COMMON = ("categories", "bpe_dir", "prompt_prefix", "image_policy", "knn", "save_weights", "force", "precision")
@@ -216,8 +220,9 @@ def export_onnx(model: SegOFA, path: Union[str, Path], *, opset: int = DEFAULT_O
     scripted function that becomes an ONNX ``If`` (``torch.export`` cannot express it without rewriting the model
     around ``torch.cond``).
     """
-    if opset < 17:
-        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization; the highest torch "
+                         f"exports), got {opset}")
     path = Path(path)
     grid = None if static_shape is None else token_grid(*static_shape)
     wrapper = IFSegOnnxModel(model, normalize_features=normalize_features, static_grid=grid,
