@@ -25,7 +25,7 @@ import numpy as np
 
 from .files import RUN_FILE, read_text
 from .knn.settings import KnnSettings
-from .metrics import LABEL_MODES, LABEL_OFFSETS, ConfusionMatrix, SegMetrics, load_label
+from .metrics import LABEL_OFFSETS, ConfusionMatrix, SegMetrics, check_label_mode, load_label
 from .runtime.model_dir import MANIFEST
 from .runtime.outputs import error_message
 from .runtime.preprocess import IMAGE_EXTENSIONS, ImagePolicy, load_image, upright_size
@@ -131,8 +131,7 @@ def check_pairs(pairs: Sequence[Tuple[Any, Any]]) -> None:
 
     def label_size(path) -> Tuple[int, int]:  # label maps are read as stored (no EXIF orientation)
         with Image.open(path) as im:
-            if im.mode not in LABEL_MODES:
-                raise ValueError(f"label maps must be single-channel (mode L, P or I), got mode {im.mode}")
+            check_label_mode(im, path)
             return im.height, im.width
 
     bad: List[str] = []
@@ -146,8 +145,6 @@ def check_pairs(pairs: Sequence[Tuple[Any, Any]]) -> None:
                 lhw = label_size(label_path)
             except (OSError, SyntaxError) as e:
                 raise ValueError(f"cannot read label map {label_path}: {e}") from None
-            except ValueError as e:
-                raise ValueError(f"{label_path}: {e}") from None
             if hw != lhw:
                 raise ValueError(f"label map {label_path} is {lhw[0]}x{lhw[1]} px but image {image_path} is "
                                  f"{hw[0]}x{hw[1]} px")

@@ -81,6 +81,12 @@ def decode_labels(label: np.ndarray, num_classes: int, *, label_offset: int = 1,
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # single-channel PIL modes a label map may have
 
 
+def check_label_mode(im, path) -> None:
+    """``ValueError`` naming ``path`` unless the opened PIL image ``im`` is single-channel (:data:`LABEL_MODES`)."""
+    if im.mode not in LABEL_MODES:
+        raise ValueError(f"{path}: label maps must be single-channel (mode L, P or I), got mode {im.mode}")
+
+
 def load_label(path: Union[str, Path], num_classes: int, *, label_offset: Optional[int] = 1) -> np.ndarray:
     """Read a PNG label map (palette or grayscale, 8 or 16 bit) and :func:`decode_labels` it (``label_offset=None``:
     :func:`label_offset_of` the file: 0 for the maps ifseg_rt writes, else 1)."""
@@ -91,8 +97,7 @@ def load_label(path: Union[str, Path], num_classes: int, *, label_offset: Option
         with Image.open(path) as im:  # opened once: the offset mark and the pixels
             if label_offset is None:
                 label_offset = _offset_of(im)
-            if im.mode not in LABEL_MODES:
-                raise ValueError(f"{path}: label maps must be single-channel (mode L, P or I), got mode {im.mode}")
+            check_label_mode(im, path)
             arr = np.asarray(im)
     except OSError as e:
         raise ValueError(f"cannot read label map {path}: {e}") from None

@@ -161,14 +161,14 @@ class OFATokenizer:
                 raise FileNotFoundError(f"tokenizer file not found: {value} ({name}; the {kind} set is expected)")
         merges = _read_merges(Path(vocab_bpe if use_fs else merges_txt))
         vocab_file = Path(encoder_json if use_fs else vocab_json)
-        check_merges(_read_json_vocab(vocab_file), merges, vocab_bpe if use_fs else merges_txt, vocab_file)
+        vocab = _read_json_vocab(vocab_file)
+        check_merges(vocab, merges, vocab_bpe if use_fs else merges_txt, vocab_file)
         if use_fs:
-            return cls._from_fairseq(Path(encoder_json), merges, Path(dict_txt), num_codes, num_bins)
-        return cls._from_hf(Path(vocab_json), merges, num_codes, num_bins)
+            return cls._from_fairseq(vocab, merges, Path(dict_txt), num_codes, num_bins)
+        return cls._from_hf(vocab, vocab_file, merges, num_codes, num_bins)
 
     @classmethod
-    def _from_fairseq(cls, encoder_json: Path, merges, dict_txt: Path, num_codes: int, num_bins: int):
-        encoder = _read_json_vocab(encoder_json)
+    def _from_fairseq(cls, encoder: dict, merges, dict_txt: Path, num_codes: int, num_bins: int):
         dict_symbols = read_fairseq_dict(dict_txt)
         n_raw = max(encoder.values(), default=-1) + 1
         vocab = dict(encoder)
@@ -200,8 +200,7 @@ class OFATokenizer:
         )
 
     @classmethod
-    def _from_hf(cls, vocab_json: Path, merges, num_codes: int, num_bins: int):
-        vocab = _read_json_vocab(vocab_json)
+    def _from_hf(cls, vocab: dict, vocab_json: Path, merges, num_codes: int, num_bins: int):
         n = len(vocab)
         base = [None] * n
         for sym, i in vocab.items():
